@@ -1,0 +1,1 @@
+"""Scripts that measure and write results (JSON + markdown + plots); mra-bench."""

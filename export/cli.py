@@ -1,0 +1,165 @@
+"""mra-export: parse arguments, call the library, turn exceptions into one line.
+
+  mra-export --model CKPT --target onnx|trt --out BUNDLE [options]
+  mra-export --bundle BUNDLE --target trt             (engines on the device, no torch)
+  mra-export make-tiny OUT [--preset tiny|7b|x]       (random checkpoints for tests/demos)
+  mra-export plan-memory --bundle BUNDLE              (Jetson memory budget)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  mra-export make-tiny demo/ckpt
+  mra-export --model demo/ckpt --target onnx --out demo/bundle --precision fp32,int8
+  mra-export --model CKPT --target trt --out BUNDLE --precision fp16
+  mra-export --bundle BUNDLE --target trt --precision int8   # on a Jetson
+"""
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _csv(kind, allowed=None):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if allowed is not None and t not in allowed]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(f"{kind} | got {text!r}, expected one or more of {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def _thresholds(text: str) -> dict[str, float]:
+    """'0.995' (every reduced precision) or 'fp16=0.999,int8=0.98'."""
+    try:
+        if "=" not in text:
+            return {p: float(text) for p in ("fp16", "int8")}
+        pairs = (t.split("=") for t in text.split(","))
+        out = {k.strip(): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--min-cosine | got {text!r}, expected 0.995 or fp16=0.999,int8=0.98") from None
+    if set(out) - set(PRECISIONS):
+        raise argparse.ArgumentTypeError(f"--min-cosine | unknown precision in {text!r}")
+    return out
+
+
+def _batch(text: str) -> tuple[int, int, int]:
+    try:
+        a, b, c = (int(t) for t in text.split(","))
+        assert 1 <= a <= b <= c
+        return a, b, c
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"--batch | got {text!r}, expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX") from None
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from mra.quantize.gguf_types import GGUF_TYPES
+
+    p = argparse.ArgumentParser(
+        prog="mra-export", description="Turn a LLaVA-HR checkpoint into a deployable bundle: the vision tower "
+        "(ConvNeXt + CLIP ViT + MR-Adapters + projector) as verified ONNX graphs / TensorRT engines, and the "
+        "LLM as GGUF for llama.cpp. Subcommands: make-tiny, plan-memory (see `mra-export make-tiny --help`).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="LLaVA-HR checkpoint directory (config.json, *.safetensors)")
+    src.add_argument("--bundle", type=Path, help="existing bundle: build TensorRT engines from its ONNX graphs")
+    p.add_argument("--target", choices=("onnx", "trt"), default="onnx", help="onnx: ONNX graphs; trt: also TensorRT engines")
+    p.add_argument("--out", type=Path, help="bundle directory to write (with --model)")
+    p.add_argument("--image-size", type=int, help="input side S (default: the checkpoint's input_image_size)")
+    p.add_argument("--precision", type=_csv("--precision", PRECISIONS),
+                   help="vision precisions, comma-separated (default: fp32 for onnx, fp16 for trt)")
+    p.add_argument("--calib-images", type=Path, help="folder of calibration photos for INT8 (default: built-in photos)")
+    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--calib-count", type=int, default=16, help="calibration images to use (default 16)")
+    p.add_argument("--min-cosine", type=_thresholds, default={},
+                   help="validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.999,int8=0.98")
+    p.add_argument("--max-rel-err", type=float, default=1e-4, help="FP32 validation threshold (default 1e-4)")
+    p.add_argument("--llm-quant", type=_csv("--llm-quant", (*GGUF_TYPES, "none")), default=["Q4_K_M"],
+                   help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default Q4_K_M)")
+    p.add_argument("--llm-only", action="store_true", help="build only the LLM part of the bundle")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    g = p.add_argument_group("TensorRT (--target trt)")
+    g.add_argument("--batch", type=_batch, default=(1, 1, 4), help="optimization profile MIN,OPT,MAX (default 1,1,4)")
+    g.add_argument("--workspace-mb", type=int, help="builder workspace limit in MiB")
+    g.add_argument("--timing-cache", type=Path, help="timing cache file to read and update")
+    g.add_argument("--dla-core", type=int, help="Jetson DLA core (GPU fallback for unsupported layers)")
+    g.add_argument("--builder-optimization-level", type=int, choices=range(0, 6), metavar="0-5")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def options_from(a: argparse.Namespace):
+    from mra.export.bundle import ExportOptions
+
+    if a.model and not a.out:
+        raise SystemExit("mra-export: error: --out BUNDLE is required with --model")
+    quants = [] if a.llm_quant == ["none"] else a.llm_quant
+    return ExportOptions(
+        out=a.out or a.bundle, model=a.model, target=a.target, image_size=a.image_size,
+        precisions=a.precision or (["fp16"] if a.target == "trt" else ["fp32"]),
+        calib_images=a.calib_images, calib_method=a.calib_method, calib_count=a.calib_count,
+        min_cosine=a.min_cosine, max_rel_err=a.max_rel_err, llm_quants=quants, llm_only=a.llm_only,
+        force=a.force, progress=not a.quiet, trt_batch=a.batch, trt_workspace_mb=a.workspace_mb,
+        trt_timing_cache=a.timing_cache, trt_dla_core=a.dla_core, trt_opt_level=a.builder_optimization_level)
+
+
+def make_tiny_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="mra-export make-tiny",
+                                description="Write a random LLaVA-HR checkpoint in the released layout.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--preset", choices=("tiny", "7b", "x"), default="tiny",
+                   help="tiny (seconds, for tests/demos), 7b (LLaVA-HR-7B shapes), x (LLaVA-HR-X shapes)")
+    p.add_argument("--parts", type=_csv("--parts", ("vision", "llm")), default=["vision", "llm"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-mb", type=int, help="safetensors shard size (default: one file for tiny, 2000 MB else)")
+    a = p.parse_args(argv)
+    from tqdm import tqdm
+
+    from mra.model.tiny import make_checkpoint
+
+    with tqdm(desc="writing tensors", unit="tensor", disable=a.preset == "tiny") as bar:
+        make_checkpoint(a.out, a.preset, a.parts, a.seed, a.shard_mb, progress=bar.update)
+    print(a.out)
+
+
+SUBCOMMANDS = {"make-tiny": make_tiny_main}
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    for noisy in ("onnxruntime", "onnx", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            _setup_logging(False, False)
+            SUBCOMMANDS[argv[0]](argv[1:])
+            return 0
+        a = export_parser().parse_args(argv)
+        _setup_logging(a.quiet, a.verbose)
+        from mra.export.bundle import export
+
+        out = export(options_from(a))
+        logging.getLogger("mra.export").info("bundle written: %s", out)
+        return 0
+    except KeyboardInterrupt:
+        print("mra-export: interrupted; nothing was left behind", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; -v shows the traceback
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"mra-export: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

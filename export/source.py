@@ -1,0 +1,24 @@
+"""What the manifest records about the source checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from mra.model import check_image_size, num_image_tokens, read_config, vision_config
+from mra.runtime.manifest import Manifest
+
+
+def describe_source(ckpt: Path, image_size: int | None) -> Manifest:
+    cfg = read_config(ckpt)
+    vc = vision_config(cfg)
+    s = image_size or vc.image_size
+    check_image_size(vc.vit, s)
+    source = {
+        "path": str(Path(ckpt).resolve()),
+        "name": Path(ckpt).resolve().name,
+        "config_sha256": hashlib.sha256((Path(ckpt) / "config.json").read_bytes()).hexdigest(),
+        "vision_tower": cfg.get("mm_vision_tower"),
+        "vision_tower_slow": cfg.get("vision_tower_slow"),
+    }
+    return Manifest.new(source, s, num_image_tokens(vc.vit, s), vc.llm_hidden_size)

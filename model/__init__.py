@@ -1,0 +1,26 @@
+"""The LLaVA-HR vision side in torch, built from a released checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import CheckpointError, CheckpointReader, read_config
+from .config import ConfigError, VisionConfig, check_image_size, num_image_tokens, vision_config
+from .tower import MRAVisionTower
+
+
+def load_vision(checkpoint_dir: str | Path, image_size: int | None = None) -> MRAVisionTower:
+    """The vision tower + MR-Adapters + projector of a checkpoint, in eval mode, float32.
+
+    forward(pixel_values [B, 3, S, S]) -> image embeddings [B, N, D_llm], N = max(S/32, 24)^2.
+    """
+    reader = CheckpointReader(checkpoint_dir)
+    cfg = vision_config(reader.config)
+    tower = MRAVisionTower(cfg, image_size)
+    return tower.load_from(reader).eval()
+
+
+__all__ = [
+    "load_vision", "MRAVisionTower", "CheckpointReader", "CheckpointError", "ConfigError",
+    "VisionConfig", "vision_config", "read_config", "check_image_size", "num_image_tokens",
+]

@@ -1,0 +1,10 @@
+"""The torch-free runtime: preprocessing, vision backends, llama.cpp, the Pipeline API.
+
+Importing this package must never import torch (a Jetson or an app installs numpy,
+pillow, onnxruntime or tensorrt, and llama-cpp-python only).
+"""
+
+from .errors import MraError
+from .preprocess import load_image, preprocess_batch, preprocess_image
+
+__all__ = ["MraError", "load_image", "preprocess_image", "preprocess_batch"]

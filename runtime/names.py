@@ -1,0 +1,38 @@
+"""Names shared by export and runtime: graph I/O, artifact files, manifest keys,
+preprocessing constants and the LLaVA ``v1`` prompt. Torch-free on purpose: the
+exporter writes what the runtime reads, so both import the names from here."""
+
+# --- vision graph ---------------------------------------------------------
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "image_embeds"
+ONNX_OPSET = 17
+
+# --- bundle files ---------------------------------------------------------
+MANIFEST_FILE = "mra.json"
+MANIFEST_FORMAT = 1
+VISION_ONNX = {"fp32": "vision.onnx", "fp16": "vision.fp16.onnx", "int8": "vision.int8.onnx"}
+
+
+def llm_gguf_file(quant: str) -> str:
+    return f"llm.{quant}.gguf"
+
+
+def trt_engine_file(precision: str, gpu_tag: str) -> str:
+    return f"vision.{precision}.{gpu_tag}.plan"
+
+
+# --- preprocessing (image_aspect_ratio "pad", CLIPImageProcessor) ----------
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PAD_COLOR = (122, 116, 104)  # tuple(int(x * 255) for x in CLIP_MEAN), as the reference does
+RESAMPLE = "bicubic"
+
+# --- prompt (conversation template "v1") -----------------------------------
+IMAGE_MARKER = "<image>"
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROLES = ("USER", "ASSISTANT")
+SEP = " "
+SEP2 = "</s>"
