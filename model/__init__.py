@@ -15,7 +15,10 @@ def load_vision(checkpoint_dir: str | Path, image_size: int | None = None) -> MR
     forward(pixel_values [B, 3, S, S]) -> image embeddings [B, N, D_llm], N = max(S/32, 24)^2.
     """
     reader = CheckpointReader(checkpoint_dir)
-    cfg = vision_config(reader.config)
+    try:
+        cfg = vision_config(reader.config)
+    except ConfigError as e:  # name the file: "config.json <field> | ..." -> "<dir>/config.json <field> | ..."
+        raise ConfigError(f"{reader.dir}/{e}" if str(e).startswith("config.json") else str(e)) from None
     tower = MRAVisionTower(cfg, image_size)
     return tower.load_from(reader).eval()
 

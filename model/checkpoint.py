@@ -43,14 +43,31 @@ class CheckpointReader:
         st = sorted(self.dir.glob("*.safetensors"))
         bins = sorted(self.dir.glob("pytorch_model*.bin"))
         if st:
+            self._check_index("model.safetensors.index.json")
             self._index(st, self._safetensors_keys)
         elif bins:
+            self._check_index("pytorch_model.bin.index.json")
             self._index(bins, self._bin_keys)
         else:
             raise CheckpointError(
                 f"checkpoint {self.dir} | no *.safetensors or pytorch_model*.bin weights found")
 
     # --- indexing -----------------------------------------------------------
+    def _check_index(self, name: str) -> None:
+        """A shard the HF index lists but the directory lacks is an incomplete download: say so,
+        rather than report the first missing key."""
+        path = self.dir / name
+        if not path.is_file():
+            return
+        try:
+            files = set(json.loads(path.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path} | not a valid weight index ({_first_line(e)})") from None
+        missing = sorted(f for f in files if not (self.dir / f).is_file())
+        if missing:
+            raise CheckpointError(f"{path} | lists {len(missing)} shard(s) missing from the directory: "
+                                  f"{', '.join(missing)}; incomplete download?")
+
     def _index(self, files: list[Path], keys_of) -> None:
         for f in files:
             for k in keys_of(f):
@@ -62,7 +79,8 @@ class CheckpointReader:
         try:
             h = safe_open(str(f), framework="pt")
         except Exception as e:  # SafetensorError is not exported under a stable name
-            raise CheckpointError(f"{f} | unreadable safetensors file ({e}); truncated download?") from None
+            raise CheckpointError(
+                f"{f} | unreadable safetensors file ({_first_line(e)}); truncated download?") from None
         self._open[f] = h
         size = f.stat().st_size
         # safetensors checks offsets lazily: a truncated file must fail here, not mid-export.
@@ -76,18 +94,19 @@ class CheckpointReader:
 
     def _bin_keys(self, f: Path):
         try:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0]
             raise CheckpointError(
-                f"{f} | refused by torch.load(weights_only=True): the pickle holds more than tensors "
-                f"({first}); convert it to safetensors from a trusted source") from None
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise CheckpointError(f"{f} | unreadable: {str(e).splitlines()[0]}") from None
-            sd = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+                f"{f} | refused by torch.load(weights_only=True): {_refusal_reason(e)}; the pickle holds more than "
+                "tensors, so it was not loaded: use a safetensors checkpoint from a trusted source") from None
         except Exception as e:
-            raise CheckpointError(f"{f} | unreadable: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"{f} | unreadable: {_first_line(e)} (truncated or not a torch checkpoint?)") from None
         if not isinstance(sd, dict):
             raise CheckpointError(f"{f} | expected a state dict, got {type(sd).__name__}")
         self._open[f] = sd
@@ -109,11 +128,16 @@ class CheckpointReader:
         f = self._where[key]
         h = self._open[f]
         try:
-            return h.get_tensor(key) if hasattr(h, "get_tensor") else h[key]
+            t = h.get_tensor(key) if hasattr(h, "get_tensor") else h[key]
         except Exception as e:
-            raise CheckpointError(f"{f} | cannot read key {key}: {e}") from None
+            raise CheckpointError(f"{f} | cannot read key {key}: {_first_line(e)}") from None
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{f} | key {key} holds a {type(t).__name__}, expected a tensor")
+        return t
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self._where:
+            raise CheckpointError(f"checkpoint {self.dir} | missing key {key}")
         h = self._open[self._where[key]]
         if hasattr(h, "get_slice"):
             return tuple(h.get_slice(key).get_shape())
@@ -125,3 +149,17 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{self._where[key]} | key {key} has shape {list(t.shape)}, expected {list(shape)}")
         return t
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _refusal_reason(e: BaseException) -> str:
+    """The line of torch's weights_only message that names what was refused (its first line is
+    generic advice to retry with weights_only=False, which we never do)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "unsupported" in ln.lower()]
+    other = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation"))]
+    return (named or other or lines or [type(e).__name__])[0]

@@ -9,6 +9,7 @@ sizes are described.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 
@@ -75,7 +76,10 @@ def num_image_tokens(vit: ViTConfig, image_size: int) -> int:
 
 def check_image_size(vit: ViTConfig, image_size: int) -> None:
     """Accept exactly the S the reference accepts (its asserts and reshapes)."""
-    if not isinstance(image_size, int) or image_size < 32 or image_size % 32:
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral):
+        raise ConfigError(f"image size | got {image_size!r} ({type(image_size).__name__}), expected an integer "
+                          "multiple of 32 (e.g. 384, 768, 1024, 1536)")
+    if image_size < 32 or image_size % 32:
         raise ConfigError(f"image size | got {image_size}, expected a multiple of 32 (e.g. 384, 768, 1024, 1536)")
     fast = fast_image_size(image_size)
     if fast % vit.patch_size:
@@ -112,9 +116,13 @@ def convnext_config(cfg: dict) -> ConvNeXtConfig:
     block = cfg.get("vision_tower_slow_config")
     if block:
         try:
-            return ConvNeXtConfig(tuple(block["depths"]), tuple(block["dims"]), float(block.get("norm_eps", 1e-6)))
+            c = ConvNeXtConfig(tuple(block["depths"]), tuple(block["dims"]), float(block.get("norm_eps", 1e-6)))
         except KeyError as e:
             raise ConfigError(f"config.json vision_tower_slow_config | missing {e.args[0]!r}") from None
+        if len(c.depths) != 4 or len(c.dims) != 4:
+            raise ConfigError(f"config.json vision_tower_slow_config | got depths {list(c.depths)} and dims "
+                              f"{list(c.dims)}, expected 4 stages each (the adapters use the stride-32 stage 4)")
+        return c
     name = cfg.get("vision_tower_slow")
     base = _base_name(name or "")
     if base not in CONVNEXT_PRESETS:

@@ -44,11 +44,13 @@ class Block(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, in_dim: int, dim: int, depth: int, eps: float):
+    def __init__(self, in_dim: int, dim: int, depth: int, eps: float, stride: int):
         super().__init__()
+        # timm downsamples (LayerNorm2d + 2x2 stride-2 conv) in every stage after the first, even
+        # where the width does not change; the first stage keeps the stem's resolution.
         self.downsample = (
-            nn.Sequential(LayerNorm2d(in_dim, eps=eps), nn.Conv2d(in_dim, dim, 2, 2))
-            if in_dim != dim else nn.Identity())
+            nn.Sequential(LayerNorm2d(in_dim, eps=eps), nn.Conv2d(in_dim, dim, stride, stride))
+            if stride > 1 or in_dim != dim else nn.Identity())
         self.blocks = nn.Sequential(*(Block(dim, eps) for _ in range(depth)))
 
     def forward(self, x):
@@ -60,7 +62,8 @@ class ConvNeXt(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, c.dims[0], 4, 4), LayerNorm2d(c.dims[0], eps=c.norm_eps))
         ins = (c.dims[0],) + tuple(c.dims[:-1])
-        self.stages = nn.Sequential(*(Stage(i, d, n, c.norm_eps) for i, d, n in zip(ins, c.dims, c.depths)))
+        self.stages = nn.Sequential(*(Stage(i, d, n, c.norm_eps, 1 if k == 0 else 2)
+                                      for k, (i, d, n) in enumerate(zip(ins, c.dims, c.depths))))
 
     def forward(self, x):
         return self.stages(self.stem(x))

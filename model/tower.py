@@ -15,7 +15,7 @@ from torch import nn
 from .adapters import Fusion, MRAdapter
 from .checkpoint import CheckpointError, CheckpointReader
 from .clip_vit import CLIPViT
-from .config import VisionConfig, check_image_size, fast_image_size, grids, num_image_tokens
+from .config import ConfigError, VisionConfig, check_image_size, fast_image_size, grids, num_image_tokens
 from .convnext import ConvNeXt
 from .projector import mlp2x_gelu
 
@@ -44,8 +44,13 @@ def checkpoint_key(name: str) -> list[str]:
 class MRAVisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig, image_size: int | None = None):
         super().__init__()
-        s = image_size or cfg.image_size
+        s = cfg.image_size if image_size is None else image_size
         check_image_size(cfg.vit, s)
+        s = int(s)
+        n = cfg.vit.num_hidden_layers
+        if n % 4 or n == 0:
+            raise ConfigError(
+                f"ViT num_hidden_layers | got {n}, expected a multiple of 4 (adapters after L/4, L/2, 3L/4)")
         self.cfg, self.image_size = cfg, s
         self.fast_size = fast_image_size(s)
         g_fast, _ = grids(cfg.vit, s)
@@ -55,10 +60,7 @@ class MRAVisionTower(nn.Module):
         self.align_stages_latent = nn.ModuleList(MRAdapter(d_fast, d_slow, g_fast) for _ in range(3))
         self.align_stages = nn.ModuleList([Fusion(d_fast, d_slow, g_fast)])
         self.projector = mlp2x_gelu(d_fast, cfg.llm_hidden_size)
-        n = cfg.vit.num_hidden_layers
-        if n % 4:
-            raise CheckpointError(f"ViT num_hidden_layers | got {n}, expected a multiple of 4 (adapters at L/4, L/2, 3L/4)")
-        self.quarter = n // 4
+        self.quarter = cfg.vit.num_hidden_layers // 4
 
     @property
     def num_tokens(self) -> int:
@@ -93,7 +95,9 @@ class MRAVisionTower(nn.Module):
 
 def used_checkpoint_keys(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Every key the vision side reads and its shape, in the preferred spelling."""
-    out = {checkpoint_key(n)[0]: tuple(p.shape) for n, p in MRAVisionTower(cfg).state_dict().items()}
+    with torch.device("meta"):  # shapes only: a real-size tower would allocate gigabytes
+        tower = MRAVisionTower(cfg)
+    out = {checkpoint_key(n)[0]: tuple(p.shape) for n, p in tower.state_dict().items()}
     g0 = cfg.vit.image_size // cfg.vit.patch_size
     out[POSITION_KEY] = (g0 * g0 + 1, cfg.vit.hidden_size)
     return out

@@ -9,7 +9,7 @@ from PIL import Image
 
 # Colour photos of varied content and aspect ratio (square, landscape, portrait).
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "hubble_deep_field.jpg", "retina.jpg", "immunohistochemistry.png"]
+          "hubble_deep_field.jpg", "retina.jpg", "ihc.png"]  # immunohistochemistry
 
 
 def photo_dir() -> Path:
