@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from mra.model import check_image_size, num_image_tokens, read_config, vision_config
+from mra.model import check_image_size, num_image_tokens, read_config, read_vision_config
 from mra.runtime.manifest import Manifest
 
 
 def describe_source(ckpt: Path, image_size: int | None) -> Manifest:
     cfg = read_config(ckpt)
-    vc = vision_config(cfg)
+    vc = read_vision_config(ckpt)
     s = image_size or vc.image_size
     check_image_size(vc.vit, s)
     source = {

@@ -9,21 +9,25 @@ from .config import ConfigError, VisionConfig, check_image_size, num_image_token
 from .tower import MRAVisionTower
 
 
+def read_vision_config(checkpoint_dir: str | Path) -> VisionConfig:
+    """The tower architecture of a checkpoint; errors name the checkpoint's config.json."""
+    try:
+        return vision_config(read_config(checkpoint_dir))
+    except ConfigError as e:  # "config.json <field> | ..." -> "<dir>/config.json <field> | ..."
+        raise ConfigError(f"{Path(checkpoint_dir)}/{e}" if str(e).startswith("config.json") else str(e)) from None
+
+
 def load_vision(checkpoint_dir: str | Path, image_size: int | None = None) -> MRAVisionTower:
     """The vision tower + MR-Adapters + projector of a checkpoint, in eval mode, float32.
 
     forward(pixel_values [B, 3, S, S]) -> image embeddings [B, N, D_llm], N = max(S/32, 24)^2.
     """
     reader = CheckpointReader(checkpoint_dir)
-    try:
-        cfg = vision_config(reader.config)
-    except ConfigError as e:  # name the file: "config.json <field> | ..." -> "<dir>/config.json <field> | ..."
-        raise ConfigError(f"{reader.dir}/{e}" if str(e).startswith("config.json") else str(e)) from None
-    tower = MRAVisionTower(cfg, image_size)
+    tower = MRAVisionTower(read_vision_config(checkpoint_dir), image_size)
     return tower.load_from(reader).eval()
 
 
 __all__ = [
     "load_vision", "MRAVisionTower", "CheckpointReader", "CheckpointError", "ConfigError",
-    "VisionConfig", "vision_config", "read_config", "check_image_size", "num_image_tokens",
+    "VisionConfig", "vision_config", "read_vision_config", "read_config", "check_image_size", "num_image_tokens",
 ]
