@@ -34,6 +34,9 @@ class ExportOptions:
     max_rel_err: float = 1e-4  # FP32 ONNX (and TensorRT FP32)
     llm_quants: list[str] = field(default_factory=lambda: ["Q4_K_M"])
     llm_only: bool = False
+    # Per GGUF type overrides of the LLM validation bars, e.g. {"Q4_K_M": {"kl_mean": 0.1}}
+    # (defaults: mra.export.llm_validate.THRESHOLDS).
+    llm_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     force: bool = False
     progress: bool = True
     # TensorRT
@@ -46,6 +49,10 @@ class ExportOptions:
 
 def export(opts: ExportOptions) -> Path:
     """Run the export `opts` describes; returns the bundle path."""
+    if opts.target == "trt" and not opts.llm_only:  # fail fast: before any export work or folder
+        from mra.export.trt_build import require_tensorrt
+
+        require_tensorrt()
     if opts.model is None:
         return _extend(opts)
     out = Path(opts.out)

@@ -81,6 +81,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-quant", type=_csv("--llm-quant", (*GGUF_TYPES, "none")), default=["Q4_K_M"],
                    help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default Q4_K_M)")
     p.add_argument("--llm-only", action="store_true", help="build only the LLM part of the bundle")
+    p.add_argument("--llm-max-kl", type=float, help="LLM validation of quantized GGUFs: highest mean "
+                   "KL(transformers || llama.cpp) over the prompt positions (default per type, see README)")
+    p.add_argument("--llm-min-top1", type=float, help="LLM validation of quantized GGUFs: lowest top-1 agreement "
+                   "with transformers (default per type)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     g = p.add_argument_group("TensorRT (--target trt)")
     g.add_argument("--batch", type=_batch, default=(1, 1, 4), help="optimization profile MIN,OPT,MAX (default 1,1,4)")
@@ -104,8 +108,15 @@ def options_from(a: argparse.Namespace):
         precisions=a.precision or (["fp16"] if a.target == "trt" else ["fp32"]),
         calib_images=a.calib_images, calib_method=a.calib_method, calib_count=a.calib_count,
         min_cosine=a.min_cosine, max_rel_err=a.max_rel_err, llm_quants=quants, llm_only=a.llm_only,
+        llm_thresholds=_llm_bars(a, quants),
         force=a.force, progress=not a.quiet, trt_batch=a.batch, trt_workspace_mb=a.workspace_mb,
         trt_timing_cache=a.timing_cache, trt_dla_core=a.dla_core, trt_opt_level=a.builder_optimization_level)
+
+
+def _llm_bars(a: argparse.Namespace, quants: list[str]) -> dict[str, dict[str, float]]:
+    """--llm-max-kl / --llm-min-top1 as per-type overrides for the quantized GGUF types."""
+    bar = {k: v for k, v in (("kl_mean", a.llm_max_kl), ("top1", a.llm_min_top1)) if v is not None}
+    return {q: bar for q in quants if bar and q not in ("F32", "F16")}
 
 
 def make_tiny_main(argv: list[str]) -> None:
@@ -127,13 +138,19 @@ def make_tiny_main(argv: list[str]) -> None:
     print(a.out)
 
 
-SUBCOMMANDS = {"make-tiny": make_tiny_main}
+def plan_memory_main(argv: list[str]) -> None:
+    from mra.export.plan_memory import plan_memory_main as main
+
+    main(argv)
+
+
+SUBCOMMANDS = {"make-tiny": make_tiny_main, "plan-memory": plan_memory_main}
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
-    for noisy in ("onnxruntime", "onnx", "torch"):
+    for noisy in ("onnxruntime", "onnx", "torch", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

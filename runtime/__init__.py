@@ -5,6 +5,7 @@ pillow, onnxruntime or tensorrt, and llama-cpp-python only).
 """
 
 from .errors import MraError
+from .pipeline import ChatSession, Pipeline, Timings
 from .preprocess import load_image, preprocess_batch, preprocess_image
 
-__all__ = ["MraError", "load_image", "preprocess_image", "preprocess_batch"]
+__all__ = ["MraError", "Pipeline", "ChatSession", "Timings", "load_image", "preprocess_image", "preprocess_batch"]

@@ -1,0 +1,46 @@
+"""The random model the backend and LLM tables run, written with the tiny factory and
+exported with the project's own exporter (nothing here exports by itself).
+
+``quick``: the tiny checkpoint. Full: the real LLaVA-HR-7B vision tower with a two-layer
+slice of the 7B LLM (hidden 4096, MLP 11008, 32 heads, vocabulary 32000): every matrix the
+LLM multiplies has the real 7B shape, so the measured prefill rate per FLOP is the 7B's,
+and the 4096-wide image embeddings feed it directly (for the logit-drift check)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+BENCH_PRESET = "bench-7b-2layer"
+
+
+def register_bench_preset() -> str:
+    """Add the full-run preset to the tiny factory's registry (idempotent)."""
+    from mra.model.tiny import PRESETS, LlamaShape
+
+    if BENCH_PRESET not in PRESETS:
+        PRESETS[BENCH_PRESET] = dataclasses.replace(PRESETS["7b"], llm=LlamaShape(4096, 11008, 2, 32, 32000))
+    return BENCH_PRESET
+
+
+def make_bench_checkpoint(out: Path, quick: bool) -> Path:
+    from mra.model.tiny import make_checkpoint
+
+    if (out / "config.json").is_file():
+        return out
+    return make_checkpoint(out, "tiny" if quick else register_bench_preset())
+
+
+def make_bench_bundle(ckpt: Path, out: Path, precisions: list[str], quants: list[str], trt: bool,
+                      calib_count: int) -> Path:
+    """A bundle with every vision precision and GGUF type the tables compare."""
+    from mra.export.bundle import ExportOptions, export
+    from mra.runtime.names import MANIFEST_FILE
+
+    if (out / MANIFEST_FILE).is_file():
+        return out
+    opts = ExportOptions(out=out, model=ckpt, target="trt" if trt else "onnx", precisions=list(precisions),
+                         llm_quants=list(quants), calib_count=calib_count, progress=False, force=True,
+                         # The benchmark measures drift; it does not gate on it.
+                         min_cosine={p: 0.0 for p in precisions if p != "fp32"})
+    return export(opts)

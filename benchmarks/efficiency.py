@@ -1,0 +1,110 @@
+"""The MRA efficiency table: every vision configuration on the same backend and precision,
+with its visual tokens, FLOPs (analytic, checked against FlopCounterMode), latency, the
+fraction of the machine's GEMM limit it reaches, the LLM prefill those tokens cost, and
+the time to first token that results."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .cases import CLAIM_PAIR, VisionCase
+from .flops import LLAMA_13B, LLAMA_7B, counted_flops
+from .gemm_peak import PhysicalLimit
+from .llm_bench import PrefillCost
+from .runners import TorchRunner, export_fp32_onnx
+from .timing import time_call
+
+log = logging.getLogger("mra.benchmarks")
+
+BACKENDS = ("onnxruntime", "torch")
+
+
+def flop_rows(cases: list[VisionCase]) -> list[dict]:
+    """Analytic FLOPs per component against FlopCounterMode's count of the torch model."""
+    rows = []
+    for c in cases:
+        counted = counted_flops(c.build, c.image_size)
+        rows.append({**c.row(), "analytic_gflops": c.flops.total / 1e9, "counted_gflops": counted / 1e9,
+                     "rel_diff": abs(counted - c.flops.total) / counted,
+                     "parts_gflops": {k: v / 1e9 for k, v in c.flops.parts.items()}})
+    return rows
+
+
+def time_case(case: VisionCase, backend: str, threads: int, warmup: int, repeats: int, work: Path) -> dict:
+    """Median latency of one image through ``case`` on ``backend`` (random weights, FP32)."""
+    import torch
+
+    torch.manual_seed(0)
+    module = case.build()
+    x = np.random.default_rng(0).standard_normal((1, 3, case.image_size, case.image_size), dtype=np.float32)
+    tmp = Path(tempfile.mkdtemp(prefix="eff-", dir=work))
+    try:
+        if backend == "onnxruntime":
+            from mra.runtime.ort_backend import OrtRunner
+
+            path = export_fp32_onnx(module, case.image_size, tmp / "vision.onnx")
+            del module
+            gc.collect()
+            runner = OrtRunner(path, providers=["CPUExecutionProvider"], threads=threads)
+        elif backend == "torch":
+            runner = TorchRunner(module, threads)
+        else:
+            raise ValueError(f"efficiency backend | got {backend!r}, expected one of {', '.join(BACKENDS)}")
+        with runner:
+            out = runner.infer(x)
+            if out.shape[1] != case.tokens:
+                raise RuntimeError(f"{case.name} | produced {out.shape[1]} tokens, expected {case.tokens}")
+            t = time_call(lambda: runner.infer(x), warmup, repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        gc.collect()
+    return {"latency": t.to_dict(), "runner": runner.name}
+
+
+def efficiency_rows(cases: list[VisionCase], timings: dict[str, dict], prefill: dict[int, PrefillCost],
+                    limit: PhysicalLimit) -> list[dict]:
+    rows = []
+    for c in cases:
+        lat = timings[c.name]["latency"]["median_s"]
+        p = prefill[c.tokens]
+        p7, p13 = p.extrapolate(LLAMA_7B), p.extrapolate(LLAMA_13B)
+        achieved = c.flops.total / lat
+        rows.append({
+            **c.row(), "llm": c.llm, "gflops": c.flops.total / 1e9, "vision_s": lat,
+            "achieved_gflop_s": achieved / 1e9, "fraction_of_peak": achieved / limit.fp32,
+            "prompt_positions": p.positions, "prefill_bench_s": p.seconds,
+            "prefill_7b_s_extrapolated": p7, "prefill_13b_s_extrapolated": p13,
+            "ttft_7b_s_extrapolated": lat + p7, "ttft_13b_s_extrapolated": lat + p13,
+            "ttft_own_llm_s_extrapolated": lat + (p13 if c.llm == "13b" else p7),
+        })
+    return rows
+
+
+def conclusion(rows: list[dict]) -> dict:
+    """Does the paper's direction hold here: 1024 tokens at 1024 px for far less than a plain
+    ViT at 1022? Compared on vision latency and on time to first token with the 7B LLM."""
+    by = {r["name"]: r for r in rows}
+    mra, plain = (by.get(n) for n in CLAIM_PAIR)
+    if mra is None or plain is None:
+        return {"holds": None, "sentence": "The efficiency table lacks the MRA@1024 / plain@1022 pair."}
+    vision_x = plain["vision_s"] / mra["vision_s"]
+    ttft_x = plain["ttft_7b_s_extrapolated"] / mra["ttft_7b_s_extrapolated"]
+    flops_x = plain["gflops"] / mra["gflops"]
+    holds = mra["tokens"] < plain["tokens"] and vision_x > 1 and ttft_x > 1
+    verdict = "holds" if holds else "does NOT hold"
+    sentence = (
+        f"On this device the paper's direction {verdict}: MRA at 1024 px gives the LLM {mra['tokens']} visual "
+        f"tokens where a plain ViT-L at 1022 px gives {plain['tokens']} ({plain['tokens'] / mra['tokens']:.1f}x), "
+        f"its vision tower needs {flops_x:.1f}x fewer FLOPs and runs {vision_x:.2f}x "
+        f"{'faster' if vision_x >= 1 else 'slower'} ({mra['vision_s']:.2f} s vs {plain['vision_s']:.2f} s), and "
+        f"the time to first token with a 7B LLM (prefill extrapolated by FLOPs) is {ttft_x:.2f}x "
+        f"{'shorter' if ttft_x >= 1 else 'longer'} ({mra['ttft_7b_s_extrapolated']:.1f} s vs "
+        f"{plain['ttft_7b_s_extrapolated']:.1f} s).")
+    return {"holds": holds, "vision_speedup": vision_x, "ttft_7b_speedup": ttft_x, "flops_ratio": flops_x,
+            "token_ratio": plain["tokens"] / mra["tokens"], "sentence": sentence}

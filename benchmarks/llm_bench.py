@@ -1,0 +1,163 @@
+"""LLM speed: prefill and decode tokens/s per GGUF type, with the runtime's LlamaSession
+and with bare llama-cpp-python (``llama_cpp.Llama``); and the prefill cost of a LLaVA
+prompt (the v1 system prompt, N image rows, a question) for the token counts of the
+efficiency table, extrapolated to the 7B and 13B models by FLOPs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .flops import LlamaDims, llama_prefill_flops
+
+QUESTION = "Describe the image in detail."
+
+
+@dataclass(frozen=True)
+class LlmSpeed:
+    quant: str
+    engine: str  # "mra runtime" | "llama-cpp-python"
+    prompt_tokens: int
+    decode_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    file_mb: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gguf_dims(path: Path) -> LlamaDims:
+    """The LLaMA shape from a GGUF's metadata (what prefill FLOPs depend on)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    arch = _field(r, "general.architecture")
+
+    def get(key: str) -> int:
+        return int(_field(r, f"{arch}.{key}"))
+
+    heads, kv_heads, hidden = get("attention.head_count"), get("attention.head_count_kv"), get("embedding_length")
+    vocab = next(int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight")
+    return LlamaDims(hidden, get("feed_forward_length"), get("block_count"), vocab, kv_heads * hidden // heads)
+
+
+def _field(r, key: str):
+    f = r.fields[key]
+    v = f.parts[f.data[0]]
+    return bytes(v).decode() if v.dtype == np.uint8 else v[0]
+
+
+def _random_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(3, n_vocab, n).tolist()
+
+
+def runtime_speed(path: Path, quant: str, threads: int, prompt_tokens: int, decode_tokens: int,
+                  repeats: int) -> LlmSpeed:
+    from mra.runtime.llm import LlamaSession, Sampler
+
+    with LlamaSession(path, n_ctx=prompt_tokens + decode_tokens + 8, n_threads=threads) as s:
+        prompt = [s.bos] + _random_tokens(prompt_tokens - 1, s.n_vocab)
+        s.eval_tokens(prompt[:8])  # warm-up: weights paged in, buffers allocated
+        pre, dec = [], []
+        for _ in range(repeats):
+            s.reset()
+            t0 = time.perf_counter()
+            s.eval_tokens(prompt)
+            t1 = time.perf_counter()
+            sampler = Sampler()
+            try:  # the Pipeline's decode loop: sample, feed back
+                for _ in range(decode_tokens - 1):
+                    s.eval_tokens([s.sample(sampler)])
+                s.sample(sampler)
+            finally:
+                sampler.close()
+            t2 = time.perf_counter()
+            pre.append(len(prompt) / (t1 - t0))
+            dec.append((decode_tokens - 1) / (t2 - t1))
+    return LlmSpeed(quant, "mra runtime", prompt_tokens, decode_tokens, statistics.median(pre),
+                    statistics.median(dec), path.stat().st_size / 2**20)
+
+
+def bare_speed(path: Path, quant: str, threads: int, prompt_tokens: int, decode_tokens: int,
+               repeats: int) -> LlmSpeed:
+    """The same measurement with llama-cpp-python's high-level ``Llama`` (greedy generate)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=prompt_tokens + decode_tokens + 8, n_threads=threads,
+                          n_threads_batch=threads, n_batch=512, verbose=False)
+    try:
+        prompt = [llm.token_bos()] + _random_tokens(prompt_tokens - 1, llm.n_vocab())
+        llm.eval(prompt[:8])
+        pre, dec = [], []
+        for _ in range(repeats):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            t1 = time.perf_counter()
+            tok, n = int(np.argmax(llm.scores[llm.n_tokens - 1])), 0
+            while n < decode_tokens - 1:
+                llm.eval([tok])
+                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                n += 1
+            t2 = time.perf_counter()
+            pre.append(len(prompt) / (t1 - t0))
+            dec.append(n / (t2 - t1))
+    finally:
+        llm.close()
+    return LlmSpeed(quant, "llama-cpp-python", prompt_tokens, decode_tokens, statistics.median(pre),
+                    statistics.median(dec), path.stat().st_size / 2**20)
+
+
+def v1_prompt_items(session, n_image_tokens: int, seed: int = 0) -> list:
+    """The LLaVA v1 prompt with one image of ``n_image_tokens`` random embedding rows, as
+    the Pipeline would hand it to llama.cpp."""
+    from mra.runtime.llm import Embeddings
+    from mra.runtime.prompt import Conversation, ImageSlot, tokenize_parts
+
+    conv = Conversation()
+    conv.add_user(QUESTION, with_image=True)
+    units = tokenize_parts(conv.parts(), session.tokenize, session.bos, session.eos)
+    rows = np.random.default_rng(seed).standard_normal((n_image_tokens, session.n_embd), dtype=np.float32) * 0.02
+    emb = Embeddings(("bench", n_image_tokens, seed), rows)
+    return [emb if isinstance(u, ImageSlot) else u for u in units]
+
+
+@dataclass(frozen=True)
+class PrefillCost:
+    image_tokens: int
+    positions: int  # image rows + text tokens
+    seconds: float  # measured on the bench LLM (median)
+    flops: int  # of that prefill on the bench LLM
+    rate: float  # flops / seconds
+
+    def extrapolate(self, dims: LlamaDims) -> float:
+        """Seconds for the same prompt on a model of ``dims``, at the measured FLOP rate."""
+        return llama_prefill_flops(dims, self.positions) / self.rate
+
+
+def prefill_costs(path: Path, image_tokens: list[int], threads: int, repeats: int) -> dict[int, PrefillCost]:
+    """Median prefill time of the v1 prompt with each image-token count, from an empty cache."""
+    from mra.runtime.llm import LlamaSession
+
+    dims = gguf_dims(path)
+    n_ctx = max(image_tokens) + 256
+    out: dict[int, PrefillCost] = {}
+    with LlamaSession(path, n_ctx=n_ctx, n_threads=threads) as s:
+        s.prefill(v1_prompt_items(s, 16))  # warm-up
+        for n in sorted(set(image_tokens)):
+            items = v1_prompt_items(s, n)
+            runs = []
+            for _ in range(repeats):
+                s.reset()
+                t0 = time.perf_counter()
+                stats = s.prefill(items)
+                runs.append(time.perf_counter() - t0)
+            sec = statistics.median(runs)
+            flops = llama_prefill_flops(dims, stats.positions)
+            out[n] = PrefillCost(n, stats.positions, sec, flops, flops / sec)
+    return out

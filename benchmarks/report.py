@@ -1,0 +1,182 @@
+"""REPORT.md from results.json: the machine, the physical limit, and one markdown table per
+measurement. Pure formatting: every number comes from the results dict."""
+
+from __future__ import annotations
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _g(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _dims(d: dict) -> str:
+    return f"hidden {d['hidden']}, MLP {d['intermediate']}, {d['layers']} layers, vocabulary {d['vocab']}"
+
+
+def machine_md(m: dict) -> str:
+    gpus = ", ".join(f"{g['name']} ({g['memory']})" for g in m.get("gpus", [])) or "none"
+    libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())
+    return "\n".join([
+        f"- CPU: {m['cpu']} ({m['arch']}), {m['usable_cores']} usable cores, {m['threads_used']} threads used; "
+        f"SIMD: {', '.join(m['simd']) or 'n/a'}; INT8 dot-product (VNNI): {'yes' if m['vnni'] else 'no'}",
+        f"- Memory: {m['memory_gib']} GiB; GPU: {gpus}",
+        f"- OS: {m['os']}, Python {m['python']}",
+        f"- Libraries: {libs}",
+    ])
+
+
+def limit_md(lim: dict) -> str:
+    rows = [[x["dtype"], x["library"], x["n"], _g(x["ops_per_s"] / 1e9)] for x in lim["measurements"]]
+    return (_table(["type", "library", "n (square)", "G(FL)OP/s, best"], rows)
+            + f"\n\nAttainable: **{lim['fp32_flops'] / 1e9:.1f} GFLOP/s FP32**"
+            + (f", **{lim['int8_ops'] / 1e9:.1f} GOP/s INT8**" if lim.get("int8_ops") else "")
+            + f" on {lim['threads']} threads.")
+
+
+def flops_md(rows: list[dict]) -> str:
+    body = [[r["name"], r["image_size"], r["tokens"], _g(r["analytic_gflops"]), _g(r["counted_gflops"]),
+             f"{r['rel_diff']:.2e}",
+             ", ".join(f"{k} {v:.3g}" for k, v in r["parts_gflops"].items())] for r in rows]
+    return _table(["config", "S", "tokens", "GFLOPs (analytic)", "GFLOPs (FlopCounterMode)", "rel. diff",
+                   "analytic parts (GFLOPs)"], body)
+
+
+def efficiency_md(e: dict) -> str:
+    body = [[r["name"], r["image_size"], r["tokens"], _g(r["gflops"]), _s(r["vision_s"]),
+             _g(r["achieved_gflop_s"]), f"{100 * r['fraction_of_peak']:.0f} %", _s(r["prefill_bench_s"]),
+             _s(r["prefill_7b_s_extrapolated"]), _s(r["prefill_13b_s_extrapolated"]),
+             _s(r["ttft_7b_s_extrapolated"]), _s(r["ttft_13b_s_extrapolated"])] for r in e["rows"]]
+    probe = e["prefill_llm"]
+    return "\n".join([
+        f"Vision backend: **{e['backend']}**, FP32, batch 1, median of {e['repeats']} runs after "
+        f"{e['warmup']} warm-up. Prefill: the LLaVA v1 prompt (system + image rows + question) measured on "
+        f"the bench LLM, a {probe['model']} (`{probe['file']}`, {_dims(probe['dims'])}), and **extrapolated** to LLaVA-HR's 7B / 13B "
+        "LLMs by FLOPs at the measured rate. TTFT = vision + prefill (preprocessing and sampling excluded).",
+        "",
+        _table(["config", "S", "visual tokens", "vision GFLOPs", "vision latency", "achieved GFLOP/s",
+                "of FP32 peak", "prefill (bench LLM, measured)", "prefill 7B (extrapolated)",
+                "prefill 13B (extrapolated)", "TTFT 7B (extrapolated)", "TTFT 13B (extrapolated)"], body),
+        "",
+        f"**{e['conclusion']['sentence']}**",
+    ])
+
+
+def backends_md(b: dict) -> str:
+    body = []
+    for r in b["rows"]:
+        acc = r.get("accuracy", {})
+        drift = r.get("logit_drift", {})
+        body.append([r["backend"], r["precision"], _s(r["latency"]["median_s"]), _g(r["throughput_img_s"], 2),
+                     _g(r["peak_rss_mb"], 0), _g(r["peak_rss_mb"] - r["rss_before_load_mb"], 0),
+                     _g(r.get("achieved_gop_s"), 1), f"{100 * r['fraction_of_peak']:.0f} %",
+                     f"{acc.get('cosine', float('nan')):.6f}", f"{acc.get('rel_err', float('nan')):.2e}",
+                     f"{drift.get('max_abs', float('nan')):.3e}",
+                     {True: "yes", False: "no"}.get(drift.get("top1_same"), "-")])
+    return "\n".join([
+        f"Model: {b['model']} at S = {b['image_size']} ({b['tokens']} tokens, {b['gflops']:,.1f} GFLOPs); "
+        f"batch-1 median of {b['repeats']} runs after {b['warmup']} warm-up; throughput at batch {b['batch']}; "
+        "each backend in its own process (peak RSS includes the libraries; 'model + run' is the growth after "
+        "importing them). Accuracy against torch FP32 on real photos; logit drift: next-token logits of the "
+        f"v1 prompt through `{b['drift_llm']}` via the Pipeline, with each backend's embeddings.",
+        "",
+        _table(["backend", "precision", "latency", f"images/s (batch {b['batch']})", "peak RSS MB",
+                "model + run MB", "achieved G(FL)OP/s", "of peak", "cosine vs torch", "rel. err",
+                "logit max abs drift", "same top-1"], body),
+    ])
+
+
+def llm_md(x: dict) -> str:
+    body = [[r["quant"], r["engine"], _g(r["file_mb"], 0), _g(r["prefill_tok_s"], 1), _g(r["decode_tok_s"], 1)]
+            for r in x["rows"]]
+    return "\n".join([
+        f"Model: {x['model']} ({_dims(x['dims'])}); prompt {x['prompt_tokens']} tokens, then {x['decode_tokens']} "
+        "greedy tokens; median of repeats.",
+        "", _table(["GGUF", "engine", "file MB", "prefill tok/s", "decode tok/s"], body)])
+
+
+def render(results: dict) -> str:
+    meta = results["meta"]
+    parts = [f"# mra-bench report ({meta['mode']} run)", "",
+             f"Command: `{meta['command']}`  ", f"Started {meta['started']}, took {meta['duration_s'] / 60:.1f} min.",
+             "", "## Machine", "", machine_md(results["machine"])]
+    if "physical_limit" in results:
+        parts += ["", "## Physical limit (dense GEMM)", "", limit_md(results["physical_limit"])]
+    if "flops" in results:
+        parts += ["", "## Vision FLOPs: analytic vs counted", "",
+                  "FLOPs = 2 x multiply-accumulates of matrix products and convolutions (FlopCounterMode's "
+                  "convention); element-wise work is not counted.", "", flops_md(results["flops"])]
+    if "efficiency" in results:
+        parts += ["", "## MRA efficiency: dual pathway vs plain high-resolution ViT", "",
+                  efficiency_md(results["efficiency"]), "", "![latency](latency_vs_resolution.png)",
+                  "![tokens](tokens_vs_resolution.png)"]
+    if "backends" in results:
+        parts += ["", "## Backends and precisions", "", backends_md(results["backends"])]
+    if "llm" in results:
+        parts += ["", "## LLM (GGUF) speed", "", llm_md(results["llm"])]
+    if results.get("skipped"):
+        parts += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in results["skipped"].items()]
+    return "\n".join(parts) + "\n"
+
+
+README_BEGIN = "<!-- mra-bench:performance:begin (generated by `mra-bench --readme README.md`) -->"
+README_END = "<!-- mra-bench:performance:end -->"
+
+
+def performance_md(results: dict, results_dir: str = "benchmarks/results") -> str:
+    """The README's short Performance section: the machine, the efficiency table's key
+    numbers and its conclusion, and where the full report is."""
+    m, meta = results["machine"], results["meta"]
+    lines = [README_BEGIN, "## Performance", "",
+             f"Measured by `{meta['command']}` ({meta['mode']} run, {meta['duration_s'] / 60:.0f} min) on "
+             f"{m['cpu']}, {m['usable_cores']} cores / {m['threads_used']} threads, {m['memory_gib']} GiB"
+             + (f", {', '.join(g['name'] for g in m['gpus'])}" if m["gpus"] else ", no GPU")
+             + f"; full tables, plots and the machine in [{results_dir}/REPORT.md]({results_dir}/REPORT.md).", ""]
+    if "efficiency" in results:
+        e = results["efficiency"]
+        lines += [f"Vision on {e['backend']}, batch 1; LLM prefill extrapolated from a measured bench LLM to 7B "
+                  "by FLOPs.", "",
+                  _table(["config", "visual tokens", "vision GFLOPs", "vision latency", "TTFT 7B (extrapolated)"],
+                         [[r["name"], r["tokens"], _g(r["gflops"], 0), _s(r["vision_s"]),
+                           _s(r["ttft_7b_s_extrapolated"])] for r in e["rows"]]),
+                  "", e["conclusion"]["sentence"], ""]
+    if "backends" in results:
+        b = results["backends"]
+        lines += [f"Backends on {b['model']} at {b['image_size']} px:", "",
+                  _table(["backend", "latency", "cosine vs torch FP32"],
+                         [[f"{r['backend']} {r['precision']}", _s(r["latency"]["median_s"]),
+                           f"{r['accuracy']['cosine']:.5f}"] for r in b["rows"]]), ""]
+    if "llm" in results:
+        x = results["llm"]
+        lines += [f"LLM `{x['model']}` (llama.cpp via the runtime):", "",
+                  _table(["GGUF", "prefill tok/s", "decode tok/s"],
+                         [[r["quant"], _g(r["prefill_tok_s"]), _g(r["decode_tok_s"])]
+                          for r in x["rows"] if r["engine"] == "mra runtime"]), ""]
+    return "\n".join(lines + [README_END]) + "\n"
+
+
+def update_readme(path, results: dict, results_dir: str = "benchmarks/results") -> None:
+    """Replace the generated Performance section of ``path``, or append it at the end."""
+    from pathlib import Path
+
+    from mra.runtime.files import atomic_write_text
+
+    text = Path(path).read_text()
+    section = performance_md(results, results_dir)
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        tail = rest.split(README_END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, text)

@@ -1,0 +1,208 @@
+"""Export-time checks of a GGUF LLM: llama.cpp against transformers on the same weights.
+
+Logits: next-token logits at every position of a few prompts, llama.cpp (with an F32 KV
+cache, so that the numbers measure the weights and not the cache: the default F16 cache
+alone adds about 1e-2 absolute error) against the float32 transformers reference.
+Tokenization: llama.cpp's tokenizer against SentencePiece's on varied text; a vocabulary
+without byte fallback would make llama.cpp abort the process on characters outside it, so
+such texts are detected with SentencePiece first and never given to llama.cpp.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mra.runtime.compare import compare
+from mra.runtime.errors import MraError
+from mra.runtime.names import ROLES, SYSTEM_PROMPT
+
+from .gguf_vocab import SpmVocab
+
+log = logging.getLogger("mra.export")
+
+# Prompts whose logits are compared (BOS is added): the v1 chat prompt, prose, code,
+# digits and non-ASCII text, so that every position sees varied context.
+LOGIT_PROMPTS = (
+    f"{SYSTEM_PROMPT} {ROLES[0]}: What is shown in this picture? Describe it in detail. {ROLES[1]}:",
+    "The capital of France is Paris. The capital of Japan is",
+    "def mean(values):\n    return sum(values) / len(values)\n",
+    "Prices rose 3.5% in 2023; Café Zürich sold 1,024 cups. 東京の天気は晴れです。",
+)
+# Texts for tokenizer parity: ASCII, digits, whitespace runs, newlines, accents, CJK,
+# emoji (byte fallback), literal special-token text and the image marker.
+TOKENIZER_TEXTS = (
+    "Hello world! This is a simple test.",
+    "0123456789 3.14159 1,000,000 2024-05-17 0x1F 1e-5",
+    "a  b   c    d     e\t\ttabs\t and  double  spaces",
+    "line one\nline two\n\n\n  indented line\r\nwindows line",
+    " leading space and trailing spaces   ",
+    "Café naïve façade señor Zürich São Paulo Ærøskøbing",
+    "東京は日本の首都です。北京是中国的首都。서울은 한국의 수도입니다.",
+    "emoji 😀🎉👍🏽 and symbols ∑∫√ ©® ₿ — “quotes” …",
+    "USER: <image>\nWhat is in the image? ASSISTANT: A cat.</s>",
+    "<s> literal </s> control text <unk>",
+)
+
+# Validation bars per GGUF type. F32 is the exactness check: 1e-3 max-norm relative error of
+# the logits. F16 also bounds the relative error (llama.cpp rounds activations to F16 in its
+# F16 matmuls: about 8e-4 measured). Quantized types are judged on distributions: mean
+# KL(ref || gguf) over all prompt positions and top-1 agreement. Measured on tiny random
+# checkpoints (3 seeds, 228 positions; K-quants fall back to Q5_0/Q5_1/Q8_0 there):
+#   F16 rel 7-8e-4, KL 2e-7 | Q8_0 KL 1.4e-4, top-1 0.96-0.97 | Q5_K_M KL 2.8-3.1e-3, 0.86-0.89
+#   Q4_K_M KL 3.7-4.1e-3, 0.86-0.89 | Q4_0 KL 1.5-1.7e-2, 0.70-0.75.
+# The KL bars are about 10x those numbers and the top-1 floors 0.15-0.25 below them: a tiny
+# random model has flat distributions with many near-ties, so its top-1 is noisy, and real
+# weights with peaked distributions drift differently; `mra-export --llm-max-kl/--llm-min-top1`
+# lower the bar where a real checkpoint needs it (the numbers are in the manifest either way).
+THRESHOLDS: dict[str, dict[str, float]] = {
+    "F32": {"rel_err": 1e-3},
+    "F16": {"rel_err": 1e-2, "kl_mean": 1e-4},
+    "Q8_0": {"kl_mean": 2e-3, "top1": 0.9},
+    "Q6_K": {"kl_mean": 1e-2, "top1": 0.8},
+    "Q5_K_M": {"kl_mean": 3e-2, "top1": 0.7},
+    "Q4_K_M": {"kl_mean": 5e-2, "top1": 0.6},
+    "Q4_0": {"kl_mean": 1.5e-1, "top1": 0.5},
+}
+
+
+def logit_drift(got: list[np.ndarray], ref: list[np.ndarray]) -> dict:
+    """max-norm relative error, top-1 agreement and KL(ref || got) over all positions."""
+    g = np.concatenate([np.asarray(x, np.float64) for x in got])
+    r = np.concatenate([np.asarray(x, np.float64) for x in ref])
+    c = compare(g, r)
+    lp_r = r - _logsumexp(r)
+    lp_g = g - _logsumexp(g)
+    kl = (np.exp(lp_r) * (lp_r - lp_g)).sum(-1)
+    return {"positions": int(len(r)), "max_abs": c["max_abs"], "rel_err": c["rel_err"], "cosine": c["cosine"],
+            "top1": float((g.argmax(-1) == r.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
+            "kl_max": float(kl.max())}
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def check_thresholds(metrics: dict, bars: dict[str, float]) -> list[str]:
+    """The bars a measurement misses, as readable lines (top1 is a floor, the rest ceilings)."""
+    out = []
+    for k, bar in bars.items():
+        v = metrics[k]
+        if (v < bar) if k == "top1" else (v > bar):
+            out.append(f"{k} {v:.3g}, expected {'>=' if k == 'top1' else '<='} {bar:g}")
+    return out
+
+
+class SpTokenizer:
+    """SentencePiece with the checkpoint's BOS rule: the reference tokenizer."""
+
+    def __init__(self, vocab: SpmVocab):
+        import sentencepiece as spm
+
+        self.vocab = vocab
+        self.sp = spm.SentencePieceProcessor(model_file=str(vocab.model_path))
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return ([self.vocab.bos_id] if bos and self.vocab.add_bos else []) + list(self.sp.encode(text))
+
+    def encodable(self, text: str) -> bool:
+        """False when SentencePiece needs <unk>: llama.cpp without byte pieces would abort on it."""
+        return self.vocab.byte_fallback or self.vocab.unk_id not in self.sp.encode(text)
+
+
+@dataclass
+class LlamaCppModel:
+    """A GGUF opened in llama.cpp for parity runs: logits at every position, F32 KV cache."""
+    path: Path
+    n_ctx: int = 512
+    n_threads: int | None = None
+
+    def __enter__(self) -> "LlamaCppModel":
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(
+            model_path=str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx, logits_all=True,
+            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=self.n_threads,
+            n_gpu_layers=0, verbose=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.llm.close()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        if len(ids) > self.n_ctx:
+            raise MraError(f"llama.cpp parity run | prompt of {len(ids)} tokens, expected <= n_ctx {self.n_ctx}")
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+    def tokenize(self, text: str, bos: bool) -> list[int]:
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False))
+
+
+def tokenization_parity(model: LlamaCppModel, tok: SpTokenizer, texts=TOKENIZER_TEXTS) -> dict:
+    """Compare llama.cpp's ids with SentencePiece's (BOS included) on each text."""
+    v = tok.vocab
+    checked, mismatches, skipped, explained = 0, [], [], []
+    for text in texts:
+        if not tok.encodable(text):
+            skipped.append(text)  # never call llama.cpp on it: it would abort the process
+            continue
+        ref = tok.encode(text, bos=True)
+        got = model.tokenize(text, bos=v.add_bos)
+        checked += 1
+        if got != ref:
+            entry = {"text": text, "sentencepiece": ref[:40], "llama_cpp": got[:40]}
+            if v.collapses_whitespace and _has_extra_whitespace(text):
+                explained.append(entry)
+            else:
+                mismatches.append(entry)
+    return {"texts": len(texts), "checked": checked, "identical": checked - len(mismatches) - len(explained),
+            "mismatches": mismatches, "whitespace_collapse_mismatches": explained,
+            "skipped_unencodable": skipped, "passed": not mismatches and checked > 0}
+
+
+def _has_extra_whitespace(text: str) -> bool:
+    return bool(re.search(r"  |^ | $", text))
+
+
+@dataclass
+class LlmReferenceRun:
+    """The reference side, computed once per export and shared by every GGUF type."""
+    prompts: list[str]
+    ids: list[list[int]]
+    logits: list[np.ndarray]
+
+
+def reference_run(ckpt_dir: Path, tok: SpTokenizer, prompts=LOGIT_PROMPTS) -> LlmReferenceRun:
+    from .llm_reference import LlamaReference
+
+    usable = [p for p in prompts if tok.encodable(p)]
+    if not usable:
+        raise MraError(f"{tok.vocab.model_path} | SentencePiece needs <unk> for every validation prompt: the "
+                       "vocabulary does not cover plain English text; is it the right tokenizer.model?")
+    ids = [tok.encode(p, bos=True) for p in usable]
+    return LlmReferenceRun(list(usable), ids, LlamaReference(ckpt_dir).logits(ids))
+
+
+def validate_gguf(path: Path, quant: str, ref: LlmReferenceRun, tok: SpTokenizer,
+                  bars: dict[str, float] | None = None) -> dict:
+    """Run the GGUF in llama.cpp on the reference prompts and texts; the manifest's validation."""
+    bars = dict(THRESHOLDS[quant] if bars is None else bars)
+    n_ctx = max(64, max(len(i) for i in ref.ids))
+    with LlamaCppModel(Path(path), n_ctx=n_ctx) as m:
+        got = [m.logits(ids) for ids in ref.ids]
+        tokens = tokenization_parity(m, tok)
+    metrics = logit_drift(got, ref.logits)
+    failures = check_thresholds(metrics, bars)
+    if not tokens["passed"]:
+        failures.append(f"tokenization differs from SentencePiece on {len(tokens['mismatches'])} of "
+                        f"{tokens['checked']} texts")
+    return {"logits": metrics, "tokenization": tokens, "prompts": len(ref.ids), "kv_cache": "f32",
+            "reference": "transformers LlamaDecoderLayer float32", "threshold": bars,
+            "failures": failures, "passed": not failures}

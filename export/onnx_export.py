@@ -1,0 +1,245 @@
+"""torch -> ONNX for the vision tower (ConvNeXt + CLIP ViT + MR-Adapters + projector), and
+the `--target onnx` step of a bundle: vision.onnx, vision.fp16.onnx, vision.int8.onnx, each
+validated against the torch model before it enters the manifest.
+
+Which exporter. torch 2.13 defaults to the dynamo (torch.export) exporter; this module uses
+the TorchScript one (``dynamo=False``), which 2.13 still ships (with a deprecation warning).
+Measured on the tiny tower at S = 1024: both give the same numbers (rel. error 6e-6 against
+torch), but the dynamo exporter
+- emits opset 18 and its conversion down to 17 fails (ReduceMean axes), while opset 17 is
+  what TensorRT 8.6 (JetPack 6.0) parses; TensorRT 10 would accept 18;
+- needs a batch-2 example to keep the batch axis dynamic, and takes 10x longer
+  (19 s vs 1.9 s on the tiny tower; minutes more on the 7B one), which the test suite and
+  the 16 GB / 2-core export budget feel.
+The TorchScript graph carries Shape/Gather/Concat chains for the batch axis in reshapes,
+which TensorRT and onnxruntime fold; every other dimension is static, the position
+embeddings are a folded constant, and there are no training ops. The graph's input and
+output shapes are stamped ``[batch, 3, S, S]`` and ``[batch, N, D]`` after export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from mra.quantize.onnx_io import EXTERNAL_DATA_BYTES, external_files, save_onnx
+from mra.runtime.errors import MraError
+from mra.runtime.names import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
+
+log = logging.getLogger("mra.export")
+
+BATCH_AXIS = "batch"
+PRODUCER = "mra-edge"
+
+
+@dataclass(frozen=True)
+class VisionGraphSpec:
+    """The export contract of the vision graph: names, shapes and opset."""
+    image_size: int
+    num_tokens: int
+    embed_dim: int
+    opset: int = ONNX_OPSET
+
+    @classmethod
+    def of(cls, tower, opset: int = ONNX_OPSET) -> "VisionGraphSpec":
+        return cls(tower.image_size, tower.num_tokens, tower.cfg.llm_hidden_size, opset)
+
+    @property
+    def input_shape(self) -> list:
+        return [BATCH_AXIS, 3, self.image_size, self.image_size]
+
+    @property
+    def output_shape(self) -> list:
+        return [BATCH_AXIS, self.num_tokens, self.embed_dim]
+
+
+def export_onnx(tower, path: str | os.PathLike, image_size: int | None = None, *, opset: int = ONNX_OPSET,
+                external_data: bool | None = None, progress: bool = False) -> VisionGraphSpec:
+    """Export ``tower`` (an MRAVisionTower, float32) to an FP32 ONNX graph at ``path``.
+
+    external_data: keep the weights in ``<path>.data`` (None: only past ~1.8 GB, which the
+    LLaVA-HR-7B tower is). The graph is written under a temporary name and renamed."""
+    import onnx
+    import torch
+    from tqdm import tqdm
+
+    if image_size is not None and image_size != tower.image_size:
+        raise MraError(f"export_onnx | image_size {image_size}, but the tower was built for {tower.image_size}; "
+                       "build it with load_vision(ckpt, image_size)")
+    spec = VisionGraphSpec.of(tower, opset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_params = sum(p.numel() for p in tower.parameters())
+    big = n_params * 4 > EXTERNAL_DATA_BYTES
+    steps = tqdm(total=3, desc=f"export {path.name}", unit="step", disable=not progress, leave=False)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.trace-", dir=path.parent))
+    try:
+        steps.set_postfix_str("tracing")
+        traced = scratch / path.name
+        # Batch 2, so that no size-1 axis is mistaken for a broadcast; any values do.
+        example = torch.randn(2, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings on static grid sizes; the legacy exporter's notice
+            torch.onnx.export(
+                tower.eval(), (example,), str(traced), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+                dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
+                training=torch.onnx.TrainingMode.EVAL, export_params=True)
+        steps.update()
+        steps.set_postfix_str("checking")
+        # Over 2 GiB the exporter wrote one file per weight beside the graph; onnx.load reads them back.
+        model = onnx.load(str(traced))
+        _stamp(model, spec)
+        steps.update()
+        steps.set_postfix_str("saving")
+        save_onnx(model, path, external_data=big if external_data is None else external_data)
+        del model
+        onnx.checker.check_model(str(path))  # the path form accepts graphs over 2 GiB
+        steps.update()
+    finally:
+        steps.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return spec
+
+
+def _stamp(model, spec: VisionGraphSpec) -> None:
+    """Static I/O shapes (only the batch axis is free) and provenance in the metadata."""
+    import onnx
+
+    for vi, shape in ((model.graph.input[0], spec.input_shape), (model.graph.output[0], spec.output_shape)):
+        dims = vi.type.tensor_type.shape.dim
+        del dims[:]
+        for d in shape:
+            dims.add().CopyFrom(onnx.TensorShapeProto.Dimension(
+                **({"dim_param": d} if isinstance(d, str) else {"dim_value": d})))
+    model.producer_name = PRODUCER
+    from mra import __version__
+
+    model.producer_version = __version__
+    onnx.helper.set_model_props(model, {"mra.image_size": str(spec.image_size),
+                                        "mra.num_tokens": str(spec.num_tokens),
+                                        "mra.embed_dim": str(spec.embed_dim)})
+
+
+def describe_onnx(path: str | os.PathLike) -> dict:
+    """I/O names, dtypes and shapes, opset and external data files of a graph, for the manifest."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def io(vi) -> dict:
+        t = vi.type.tensor_type
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"inputs": [io(v) for v in model.graph.input], "outputs": [io(v) for v in model.graph.output],
+            "opset": opset, "external_data": external_files(path)}
+
+
+# --- the `--target onnx` step of a bundle ----------------------------------------------------
+
+# Which INT8 flavours the bundle carries (quantize/int8.py makes both); the first is
+# vision.int8.onnx. Measurements behind the choice: see the module docstring of quantize/int8.py.
+BUNDLE_INT8_FLAVOURS = ("trt",)
+PRECISION_ORDER = ("fp32", "fp16", "int8")
+
+
+def export_vision_onnx(opts, work: Path, manifest) -> None:
+    """Write vision.onnx (always: the source of every other graph and of TensorRT engines)
+    and the FP16 / INT8 graphs ``opts.precisions`` asks for into ``work``, validate each on
+    real photos against torch, and add one manifest entry per graph. A graph that misses its
+    threshold raises MraError; the caller then discards ``work``."""
+    import gc
+
+    from mra.model import load_vision
+    from mra.quantize.calibration import load_calibration_set
+    from mra.runtime.names import VISION_ONNX
+
+    from .trt_check import tensorrt_check_info
+    from .validate import Threshold, require_passed, torch_reference, validate_graph, validation_set
+
+    unknown = [p for p in opts.precisions if p not in PRECISION_ORDER]
+    if unknown:
+        raise MraError(f"--precision | got {unknown}, expected some of {', '.join(PRECISION_ORDER)}")
+    s = manifest.image_size
+    # Bad calibration folders fail before minutes of tracing, not after.
+    calib = (load_calibration_set(opts.calib_images, opts.calib_count, s, exclude_builtin=_validation_names())
+             if "int8" in opts.precisions else None)
+    tower = load_vision(opts.model, s)
+    spec = VisionGraphSpec.of(tower)
+    if (spec.num_tokens, spec.embed_dim) != (manifest.num_image_tokens, manifest.embed_dim):
+        raise MraError(f"{opts.model} | the tower gives {spec.num_tokens} x {spec.embed_dim} embeddings, the manifest "
+                       f"expects {manifest.num_image_tokens} x {manifest.embed_dim}")
+    vs = torch_reference(tower, validation_set(s), opts.progress)
+    fp32 = work / VISION_ONNX["fp32"]
+    export_onnx(tower, fp32, progress=opts.progress)
+    del tower
+    gc.collect()
+    common = {"N": spec.num_tokens, "D": spec.embed_dim, "image_size": s, "exporter": _exporter()}
+
+    def finish(precision: str, path: Path, info: dict, threshold: Threshold) -> None:
+        v = validate_graph(path, vs, threshold, progress=opts.progress)
+        log.info("%s: max abs %.3g, rel. error %.3g, mean cosine %.6f (min %.6f), %s", path.name, v["max_abs"],
+                 v["rel_err"], v["cosine"], v["min_cosine"], "passed" if v["passed"] else "FAILED")
+        # the static TensorRT-compatibility check, recorded for every graph (export/trt_check.py)
+        trt = tensorrt_check_info(path)
+        manifest.add(_artifact(path, precision, {**describe_onnx(path), **common, **info, "tensorrt_check": trt}, v))
+        require_passed(path.name, v)
+
+    finish("fp32", fp32, {}, Threshold(max_rel_err=opts.max_rel_err))
+    if "fp16" in opts.precisions:
+        from mra.quantize.fp16 import FP16_MIN_COSINE, convert_fp16
+
+        path = work / VISION_ONNX["fp16"]
+        info = convert_fp16(fp32, path)
+        finish("fp16", path, {"fp16": info}, Threshold(min_cosine=opts.min_cosine.get("fp16", FP16_MIN_COSINE)))
+    if "int8" in opts.precisions:
+        from mra.quantize.int8 import INT8_MIN_COSINE, quantize_int8
+
+        scratch = Path(tempfile.mkdtemp(prefix=".int8-", dir=work))
+        try:
+            for flavour in BUNDLE_INT8_FLAVOURS:
+                path = work / _int8_file(flavour)
+                info = quantize_int8(fp32, path, calib, method=opts.calib_method, flavour=flavour,
+                                     ranges_cache=scratch / "ranges.json", progress=opts.progress)
+                finish("int8", path, {"int8": info},
+                       Threshold(min_cosine=opts.min_cosine.get("int8", INT8_MIN_COSINE)))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _int8_file(flavour: str) -> str:
+    from mra.runtime.names import VISION_ONNX
+
+    return VISION_ONNX["int8"] if flavour == BUNDLE_INT8_FLAVOURS[0] else f"vision.int8-{flavour}.onnx"
+
+
+def _validation_names() -> tuple[str, ...]:
+    from .validate import VALIDATION_PHOTOS
+
+    return VALIDATION_PHOTOS
+
+
+def _exporter() -> str:
+    import torch
+
+    return f"torch.onnx TorchScript exporter (dynamo=False), torch {torch.__version__}"
+
+
+def _artifact(path: Path, precision: str, info: dict, validation: dict):
+    from mra.runtime.files import sha256_file
+    from mra.runtime.manifest import Artifact, describe_file
+
+    size, sha = describe_file(path)
+    extra = info.get("external_data", [])
+    if extra:
+        info["external_data_size"] = {n: (path.parent / n).stat().st_size for n in extra}
+        info["external_data_sha256"] = {n: sha256_file(path.parent / n) for n in extra}
+    return Artifact(file=path.name, kind="vision", format="onnx", precision=precision, size=size, sha256=sha,
+                    info=info, validation=validation)

@@ -1,0 +1,303 @@
+"""ONNX -> TensorRT engines for the vision tower, on the machine that will run them.
+
+Where the precision comes from:
+- TensorRT 10.x (JetPack 6) still has weak typing: FP16 engines are built from the FP32
+  graph with ``BuilderFlag.FP16``, INT8 engines from the calibrated QDQ graph with
+  ``BuilderFlag.INT8`` (explicit quantization) plus ``FP16`` for the layers left in float.
+- TensorRT 11.x builds strongly typed networks only (the precision flags are gone): FP16
+  engines come from the bundle's FP16 graph, INT8 engines from its QDQ graph.
+FP32 engines clear TF32, so that they meet the FP32 tolerance. No implicit calibrator is used.
+
+Each engine is validated against onnxruntime FP32 on real photos with the same rules as the
+ONNX graphs (relative error for FP32, mean cosine for FP16/INT8) before it enters the
+manifest, with its TensorRT version, GPU, optimization profile and the sha256 of its ONNX.
+All engines of one call are written under temporary names and renamed together at the end.
+
+``tensorrt`` is imported lazily and only through this module and the runtime's backend;
+the builder follows TensorRT's documented Python API (Builder, OnnxParser, IBuilderConfig),
+the same few calls for 10.x and 11.x.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mra.runtime.compare import compare
+from mra.runtime.errors import MraError
+from mra.runtime.files import atomic_path
+from mra.runtime.manifest import Artifact, Manifest, describe_file, verify_artifact
+from mra.runtime.names import INPUT_NAME, OUTPUT_NAME, VISION_ONNX, trt_engine_file
+from mra.runtime.trt_backend import (INSTALL_HINT, GpuInfo, TrtRunner, engine_tag, gpu_info,
+                                     missing_for_tensorrt)
+
+log = logging.getLogger("mra.export")
+
+VALIDATION_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class TrtEnv:
+    """The TensorRT and GPU this build runs on."""
+    trt: Any
+    version: str
+    gpu: GpuInfo
+
+    @property
+    def weakly_typed(self) -> bool:
+        """TensorRT 10.x: precision builder flags exist (removed in 11.x)."""
+        return hasattr(self.trt.BuilderFlag, "FP16")
+
+
+def require_tensorrt(device: int = 0) -> TrtEnv:
+    """Fail fast, before any export work, when engines cannot be built here."""
+    missing = missing_for_tensorrt()
+    if missing:
+        raise MraError(f"--target trt | TensorRT engines cannot be built here, missing {'; '.join(missing)}; "
+                       f"{INSTALL_HINT}; nothing was written")
+    import tensorrt as trt
+
+    return TrtEnv(trt, trt.__version__, gpu_info(device))
+
+
+@dataclass
+class EnginePlan:
+    """How one engine is built: from which graph, with which flags."""
+    precision: str
+    source: Artifact  # the ONNX graph parsed
+    strongly_typed: bool
+    flags: list[str] = field(default_factory=list)  # BuilderFlag names set (weak typing)
+
+    def describe(self) -> str:
+        how = "strongly typed" if self.strongly_typed else f"flags {'+'.join(self.flags) or 'none'}"
+        return f"{self.precision} from {self.source.file} ({how})"
+
+
+def plan_engine(manifest: Manifest, bundle: Path, precision: str, weakly_typed: bool, dla: bool = False) -> EnginePlan:
+    """Which graph and flags give a ``precision`` engine (``weakly_typed``: TensorRT 10.x)."""
+    if precision not in VISION_ONNX:
+        raise MraError(f"--precision | got {precision!r}, expected one of {', '.join(VISION_ONNX)}")
+    if dla and precision == "fp32":
+        raise MraError("--dla-core | the DLA runs FP16 or INT8 only; pass --precision fp16 or int8")
+    if precision == "int8":
+        return EnginePlan("int8", _int8_graph(manifest, bundle), not weakly_typed,
+                          ["INT8", "FP16"] if weakly_typed else [])
+    if precision == "fp16" and not weakly_typed:
+        return EnginePlan("fp16", _graph(manifest, bundle, "fp16", why="TensorRT 11 builds FP16 engines from the "
+                                         "FP16 graph (strong typing)"), True)
+    flags = ["FP16"] if precision == "fp16" else []
+    return EnginePlan(precision, _graph(manifest, bundle, "fp32"), not weakly_typed, flags)
+
+
+def _graph(manifest: Manifest, bundle: Path, precision: str, why: str = "") -> Artifact:
+    found = manifest.find("vision", "onnx", precision)
+    if not found:
+        raise MraError(f"bundle {bundle} | has no {precision} ONNX graph ({VISION_ONNX[precision]}){': ' + why if why else ''}; "
+                       f"export it with `mra-export --model CKPT --target onnx --precision fp32,{precision}`")
+    return found[0]
+
+
+def _int8_graph(manifest: Manifest, bundle: Path) -> Artifact:
+    """The QDQ graph TensorRT accepts (symmetric INT8); a bundle may also carry a
+    CPU-flavoured one (UINT8 activations) that the static check rejects."""
+    graphs = manifest.find("vision", "onnx", "int8")
+    if not graphs:
+        return _graph(manifest, bundle, "int8", why="INT8 engines come from the calibrated QDQ graph")  # raises
+    verdicts = [(a, tensorrt_verdict(bundle, a)) for a in graphs]
+    for a, problems in verdicts:
+        if not problems:
+            return a
+    a, problems = verdicts[0]
+    from mra.export.trt_check import describe_problems
+
+    raise MraError(describe_problems(a.file, problems) + "; re-export the INT8 graph with symmetric quantization")
+
+
+def tensorrt_verdict(bundle: Path, a: Artifact) -> list[str]:
+    """The static check's problems for a graph: recorded in the manifest at export time,
+    else computed now (needs the onnx package)."""
+    rec = a.info.get("tensorrt_check")
+    if isinstance(rec, dict) and "ok" in rec:
+        return [] if rec["ok"] else list(rec.get("problems") or ["recorded as incompatible"])
+    from mra.export.trt_check import check_tensorrt_compat
+
+    return check_tensorrt_compat(Path(bundle) / a.file)
+
+
+# --- building ------------------------------------------------------------------------
+def build_serialized(env: TrtEnv, onnx_path: Path, plan: EnginePlan, image_size: int,
+                     batch: tuple[int, int, int], workspace_mb: int | None = None,
+                     timing_cache: Path | None = None, dla_core: int | None = None,
+                     opt_level: int | None = None) -> bytes:
+    """Parse ``onnx_path`` and build a serialized engine (the plan file's bytes)."""
+    trt = env.trt
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if plan.strongly_typed and env.weakly_typed:  # 10.x: opt in; 11.x: always strongly typed
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise MraError(f"{onnx_path.name} | TensorRT {env.version}'s ONNX parser refused it: "
+                       f"{' / '.join(e.replace(chr(10), ' ') for e in errors[:3]) or 'no error given'}")
+    config = builder.create_builder_config()
+    for f in plan.flags:
+        config.set_flag(getattr(trt.BuilderFlag, f))
+    if plan.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls would miss the FP32 tolerance
+    if workspace_mb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    if opt_level is not None:
+        config.builder_optimization_level = opt_level
+    if dla_core is not None:
+        if builder.num_DLA_cores <= dla_core:
+            raise MraError(f"--dla-core | got {dla_core}, this device has {builder.num_DLA_cores} DLA core(s)")
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers the DLA lacks run on the GPU
+    mn, opt, mx = batch
+    profile = builder.create_optimization_profile()
+    shape = (3, image_size, image_size)
+    profile.set_shape(INPUT_NAME, (mn, *shape), (opt, *shape), (mx, *shape))
+    config.add_optimization_profile(profile)
+    if timing_cache is not None:
+        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise MraError(f"{onnx_path.name} | TensorRT {env.version} could not build a {plan.precision} engine "
+                       "(its log above says why); try --workspace-mb larger or another --precision")
+    if timing_cache is not None:
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return bytes(memoryview(serialized))
+
+
+# --- validation ------------------------------------------------------------------------
+def validation_pixels(opts, image_size: int, count: int = VALIDATION_IMAGES) -> tuple[np.ndarray, list[str]]:
+    """Real photos, preprocessed as the runtime does: the built-in ones (scikit-image), or
+    the --calib-images folder where scikit-image is not installed (a Jetson)."""
+    from mra.runtime.preprocess import preprocess_batch
+
+    try:
+        from mra.export.validate import VALIDATION_PHOTOS  # the ONNX graphs' photos, held out from calibration
+        from mra.quantize.photos import photo_paths
+
+        paths = photo_paths(list(VALIDATION_PHOTOS))[:count]
+    except ImportError:
+        paths = []
+    if not paths and opts.calib_images:
+        exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+        paths = sorted(p for p in Path(opts.calib_images).iterdir() if p.suffix.lower() in exts)[:count]
+    if not paths:
+        raise MraError("validation photos | none found: install scikit-image (its photos are the built-in set) "
+                       "or pass --calib-images DIR")
+    return preprocess_batch(paths, image_size), [p.name for p in paths]
+
+
+def threshold_for(opts, manifest: Manifest, plan: EnginePlan) -> dict:
+    """The ONNX graphs' rules: FP32 by relative error, FP16/INT8 by mean cosine, with the
+    bar of the ONNX graph of the same precision unless --min-cosine overrides it."""
+    if plan.precision == "fp32":
+        return {"max_rel_err": opts.max_rel_err}
+    if plan.precision in opts.min_cosine:
+        return {"min_cosine": opts.min_cosine[plan.precision]}
+    for a in manifest.find("vision", "onnx", plan.precision):
+        if "min_cosine" in a.validation.get("threshold", {}):
+            return {"min_cosine": a.validation["threshold"]["min_cosine"]}
+    from mra.quantize.fp16 import FP16_MIN_COSINE
+
+    return {"min_cosine": FP16_MIN_COSINE}  # an FP16 engine built from the FP32 graph (TensorRT 10)
+
+
+def judge(numbers: dict, threshold: dict) -> bool:
+    if "max_rel_err" in threshold:
+        return numbers["rel_err"] <= threshold["max_rel_err"]
+    return numbers["cosine"] >= threshold["min_cosine"]
+
+
+def reference_embeddings(bundle: Path, manifest: Manifest, pixels: np.ndarray) -> np.ndarray:
+    """onnxruntime FP32 on the CPU: exact float32, no TF32, the same reference everywhere."""
+    from mra.runtime.ort_backend import OrtRunner
+
+    fp32 = _graph(manifest, bundle, "fp32", why="it is the validation reference of every engine")
+    with OrtRunner(verify_artifact(bundle, fp32, check_hash=False), providers=["CPUExecutionProvider"]) as r:
+        return r.infer(pixels)
+
+
+# --- the bundle step -----------------------------------------------------------------
+def build_engines(opts, work: Path, manifest: Manifest) -> list[Artifact]:
+    """Build, validate and add to ``manifest`` one engine per precision in ``opts``; the
+    engine files appear in ``work`` only when all of them passed."""
+    env = require_tensorrt()
+    work = Path(work)
+    plans = [plan_engine(manifest, work, p, env.weakly_typed, dla=opts.trt_dla_core is not None)
+             for p in opts.precisions]
+    for plan in plans:
+        verify_artifact(work, plan.source)
+        if problems := tensorrt_verdict(work, plan.source):
+            from mra.export.trt_check import describe_problems
+
+            raise MraError(describe_problems(plan.source.file, problems))
+    pixels, names = validation_pixels(opts, manifest.image_size)
+    ref = reference_embeddings(work, manifest, pixels)
+    tag = engine_tag(env.gpu, env.version)
+    built: list[Artifact] = []
+    with contextlib.ExitStack() as stack:  # every engine renamed into place only if all pass
+        for plan in plans:
+            path = work / trt_engine_file(plan.precision, tag)
+            tmp = stack.enter_context(atomic_path(path))
+            log.info("TensorRT %s: building %s", env.version, plan.describe())
+            tmp.write_bytes(build_serialized(
+                env, work / plan.source.file, plan, manifest.image_size, opts.trt_batch, opts.trt_workspace_mb,
+                opts.trt_timing_cache, opts.trt_dla_core, opts.trt_opt_level))
+            with TrtRunner(tmp) as runner:  # one image alone, then the rest as a batch, as the ONNX checks
+                got = np.concatenate([runner.infer(part) for part in (pixels[:1], pixels[1:]) if len(part)])
+                activation_bytes = runner.device_memory_bytes
+            numbers = compare(got, ref)
+            threshold = threshold_for(opts, manifest, plan)
+            passed = judge(numbers, threshold)
+            log.info("%s vs onnxruntime FP32 on %d photos: rel_err %.2e, cosine %.6f (%s)", path.name,
+                     len(names), numbers["rel_err"], numbers["cosine"], "passed" if passed else "FAILED")
+            if not passed:
+                raise MraError(f"{path.name} | validation failed against onnxruntime FP32 on {len(names)} photos: "
+                               f"rel_err {numbers['rel_err']:.3e}, cosine {numbers['cosine']:.6f}, required "
+                               f"{_fmt(threshold)}; lower the bar with --min-cosine / --max-rel-err, or try "
+                               "another precision")
+            size, sha = describe_file(tmp)
+            built.append(Artifact(
+                file=path.name, kind="vision", format="trt", precision=plan.precision, size=size, sha256=sha,
+                info={**_engine_info(env, plan, opts, tag, manifest), "device_memory_bytes": activation_bytes},
+                validation={**numbers, "reference": "onnxruntime fp32 (CPU)", "images": names,
+                            "threshold": threshold, "passed": True}))
+    for a in built:
+        manifest.add(a)
+    return built
+
+
+def _engine_info(env: TrtEnv, plan: EnginePlan, opts, tag: str, manifest: Manifest) -> dict:
+    s = manifest.image_size
+    mn, opt, mx = opts.trt_batch
+    return {
+        "tensorrt_version": env.version, "gpu_name": env.gpu.name,
+        "compute_capability": env.gpu.compute_capability, "gpu_tag": tag,
+        "profile": {"input": INPUT_NAME, "min": [mn, 3, s, s], "opt": [opt, 3, s, s], "max": [mx, 3, s, s]},
+        "source_onnx": plan.source.file, "source_onnx_sha256": plan.source.sha256,  # verified before the build
+        "strongly_typed": plan.strongly_typed, "builder_flags": plan.flags,
+        "workspace_mb": opts.trt_workspace_mb, "dla_core": opts.trt_dla_core,
+        "builder_optimization_level": opts.trt_opt_level,
+        "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, s, s]}],
+        "outputs": [{"name": OUTPUT_NAME, "dtype": "float32",
+                     "shape": ["batch", manifest.num_image_tokens, manifest.embed_dim]}],
+    }
+
+
+def _fmt(threshold: dict) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {'<=' if k.startswith('max') else '>='} {v}" for k, v in threshold.items())

@@ -1,0 +1,141 @@
+"""Calibration images for INT8: a folder of the user's photos (or the built-in ones),
+decoded and preprocessed exactly as the runtime does, fed to onnxruntime's calibrator one
+image at a time.
+
+Bad folders fail with one clear message (missing, not a folder, no images, nothing
+readable); unreadable files among good ones are skipped with a warning that counts them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from mra.runtime.errors import MraError
+from mra.runtime.names import INPUT_NAME
+from mra.runtime.preprocess import load_image, preprocess_image
+
+from .photos import photo_paths
+
+log = logging.getLogger("mra.quantize")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEFAULT_CALIB_COUNT = 16
+MAX_LISTED = 5  # skipped files named in a warning; the rest are counted
+
+
+@dataclass
+class CalibrationSet:
+    """Preprocessed calibration images, float32 [3, S, S] each."""
+    pixel_values: list[np.ndarray]
+    names: list[str]
+    source: str  # the folder, or "built-in"
+    skipped: list[str] = field(default_factory=list)  # "name: reason"
+
+    def __len__(self) -> int:
+        return len(self.pixel_values)
+
+    def describe(self) -> dict:
+        """What the manifest records about the calibration."""
+        return {"source": self.source, "count": len(self), "images": self.names, "skipped": len(self.skipped)}
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, by suffix), sorted for a stable choice."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def load_calibration_set(folder: str | os.PathLike | None, count: int, image_size: int,
+                         exclude_builtin: tuple[str, ...] = ()) -> CalibrationSet:
+    """Up to ``count`` images from ``folder``, preprocessed for ``image_size``.
+
+    folder None: the built-in photos (minus ``exclude_builtin``, the validation photos, so
+    that INT8 is judged on images it was not calibrated on), with a warning."""
+    if count < 1:
+        raise MraError(f"--calib-count | got {count}, expected at least 1")
+    if folder is None:
+        return _builtin(count, image_size, exclude_builtin)
+    folder = Path(folder)
+    if not folder.exists():
+        raise MraError(f"--calib-images {folder} | no such folder")
+    if not folder.is_dir():
+        raise MraError(f"--calib-images {folder} | not a folder; pass a folder of photos")
+    files = image_files(folder)
+    if not files:
+        raise MraError(f"--calib-images {folder} | no image files ({', '.join(IMAGE_SUFFIXES)}); "
+                       "pass a folder of photos like the ones the model will see")
+    images, names, skipped = [], [], []
+    for p in files:
+        if len(images) == count:
+            break
+        try:
+            images.append(preprocess_image(load_image(p), image_size))
+            names.append(str(p.relative_to(folder)))
+        except MraError as e:
+            skipped.append(f"{p.relative_to(folder)}: {str(e).split(' | ', 1)[-1]}")
+    if skipped:
+        listed = "; ".join(skipped[:MAX_LISTED]) + (f"; and {len(skipped) - MAX_LISTED} more"
+                                                    if len(skipped) > MAX_LISTED else "")
+        log.warning("calibration: skipped %d of %d image files in %s that could not be read: %s",
+                    len(skipped), len(skipped) + len(images), folder, listed)
+    if not images:
+        raise MraError(f"--calib-images {folder} | none of the {len(skipped)} image files could be read "
+                       f"(first: {skipped[0]}); pass a folder of valid photos")
+    if len(images) < count:
+        log.warning("calibration: %d usable images in %s, fewer than --calib-count %d", len(images), folder, count)
+    return CalibrationSet(images, names, str(folder), skipped)
+
+
+def _builtin(count: int, image_size: int, exclude: tuple[str, ...]) -> CalibrationSet:
+    paths = [p for p in photo_paths() if p.name not in exclude]
+    if not paths:
+        raise MraError("calibration | no built-in photos available (scikit-image's data folder); "
+                       "pass --calib-images DIR")
+    names = [p.name for p in paths][:count]
+    images = [preprocess_image(load_image(p), image_size) for p in paths[:count]]
+    log.warning("calibration: no --calib-images given; using %d built-in photos (%s). INT8 accuracy on your "
+                "images depends on calibrating with images like them: pass --calib-images DIR",
+                len(images), ", ".join(names))
+    return CalibrationSet(images, names, "built-in")
+
+
+class CalibrationReader(CalibrationDataReader):
+    """onnxruntime CalibrationDataReader over a CalibrationSet, batch 1, with a progress bar.
+
+    ``set_range`` and ``__len__`` let quantize_static calibrate in strides of one image
+    (CalibStridedMinMax), so the entropy/percentile calibrators hold one image's
+    activations at a time instead of all of them."""
+
+    def __init__(self, calib: CalibrationSet, progress: bool = False, desc: str = "calibrating"):
+        from tqdm import tqdm
+
+        self.calib = calib
+        self.start, self.end = 0, len(calib)
+        self.pos = 0
+        self.bar = tqdm(total=len(calib), desc=desc, unit="img", disable=not progress, leave=False)
+
+    def get_next(self) -> dict | None:
+        if self.pos >= self.end:
+            return None
+        x = self.calib.pixel_values[self.pos][None]
+        self.pos += 1
+        self.bar.update()
+        return {INPUT_NAME: x}
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.end = start_index, min(end_index, len(self.calib))
+        self.pos = start_index
+
+    def rewind(self) -> None:
+        self.pos = self.start
+
+    def __len__(self) -> int:
+        return len(self.calib)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,367 @@
+"""A llama.cpp session through llama-cpp-python's low-level API.
+
+The high-level ``llama_cpp.Llama`` takes token ids only; LLaVA needs image embeddings at
+the ``<image>`` position, so this drives ``llama_decode`` itself: token batches for text,
+``llama_batch`` with ``embd`` for image rows (split to ``n_batch``), one sequence whose KV
+cache is kept between calls. Each KV position is remembered by a key (the token id, or the
+image's content key and row), so a new prompt re-uses the longest cached prefix and only
+the rest is evaluated. Sampling is llama.cpp's own sampler chain (greedy, or temperature ->
+top-p -> seeded draw, the order HF ``generate`` applies them in).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Sequence, Union
+
+import numpy as np
+
+from .errors import MraError
+
+log = logging.getLogger("mra.runtime.llama")
+
+# KV-cache element types (ggml type ids); a quantized V cache needs flash attention.
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
+FLASH_ATTN = {False: 0, True: 1}  # llama.cpp's disabled | enabled
+
+
+def use_flash_attn(flash_attn: bool | None, kv_type: str, n_gpu_layers: int) -> bool:
+    """None: on for a quantized KV cache (required) or GPU layers (fast there), else off. On the
+    CPU, llama.cpp's flash attention works in F16: ~2e-3 relative logit error on the tiny test
+    model against 4e-7 without it, so off keeps an f32 cache exact (llama-cpp-python's default too)."""
+    if flash_attn is not None:
+        return flash_attn
+    return kv_type.startswith("q") or n_gpu_layers != 0
+
+_lib: Any = None
+_recent_errors: collections.deque[str] = collections.deque(maxlen=4)
+_log_callback: Any = None  # kept referenced: llama.cpp calls it for the life of the process
+
+
+def llama_lib():
+    """Import llama_cpp once, route its log to Python logging, init the backend."""
+    global _lib, _log_callback
+    if _lib is None:
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise MraError(f"llama-cpp-python | cannot import it ({e}); install it with "
+                           "`pip install 'mra-edge[llm]'` (it compiles llama.cpp)") from None
+
+        @llama_cpp.llama_log_callback
+        def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+            msg = text.decode("utf-8", "replace").rstrip()
+            if level == 3 and msg:  # GGML_LOG_LEVEL_ERROR: kept for the MraError message
+                _recent_errors.append(msg)
+            if msg:
+                log.debug("%s", msg)
+
+        _log_callback = _on_log
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _lib = llama_cpp
+    return _lib
+
+
+def _last_error() -> str:
+    return _recent_errors[-1] if _recent_errors else "no message from llama.cpp"
+
+
+def default_threads() -> tuple[int, int]:
+    """(decode, batch) threads, as llama-cpp-python's ``Llama`` picks them."""
+    n = os.cpu_count() or 1
+    return max(n // 2, 1), n
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """N image-embedding rows to place in the sequence; ``key`` names their content."""
+    key: Hashable
+    rows: np.ndarray  # float32 [N, n_embd]
+
+
+Item = Union[int, Embeddings]
+
+
+@dataclass
+class PrefillStats:
+    positions: int  # total positions of the prompt
+    reused: int  # taken from the KV cache
+    evaluated: int  # run through the model now
+
+
+def _runs_from(items: Sequence[Item], start: int) -> list[list[int] | tuple[Embeddings, int]]:
+    """The items from position ``start`` on, as runs of tokens and (embeddings, first row)."""
+    runs: list[list[int] | tuple[Embeddings, int]] = []
+    pos = 0
+    for it in items:
+        n = it.rows.shape[0] if isinstance(it, Embeddings) else 1
+        if pos + n > start:
+            if isinstance(it, Embeddings):
+                runs.append((it, max(start - pos, 0)))
+            elif runs and isinstance(runs[-1], list):
+                runs[-1].append(int(it))
+            else:
+                runs.append([int(it)])
+        pos += n
+    return runs
+
+
+class Sampler:
+    """llama.cpp sampler chain: greedy when temperature == 0, else temp -> top-p -> seeded draw."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+        lib = llama_lib()
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise MraError(f"sampling | temperature={temperature}, top_p={top_p}; expected temperature >= 0 "
+                           "and 0 < top_p <= 1")
+        self._lib = lib
+        self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if temperature == 0:
+            lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_greedy())
+        else:
+            lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_temp(temperature))
+            if top_p < 1:
+                lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_top_p(top_p, 1))
+            lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def sample(self, ctx) -> int:
+        return int(self._lib.llama_sampler_sample(self.chain, ctx, -1))
+
+    def close(self) -> None:
+        if self.chain:
+            self._lib.llama_sampler_free(self.chain)
+            self.chain = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class LlamaSession:
+    """One GGUF model and one context with a single, prefix-reusing sequence."""
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, kv_type: str = "f16", n_batch: int = 512,
+                 flash_attn: bool | None = None):
+        lib = self._lib = llama_lib()
+        self.path = Path(path)
+        self.model = self.ctx = None
+        if kv_type not in KV_TYPES:
+            raise MraError(f"kv_type | got {kv_type!r}, expected one of {', '.join(KV_TYPES)}")
+        mp = lib.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self.model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self.model:
+            raise MraError(f"{self.path} | llama.cpp cannot load it: {_last_error()}")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_embd = int(lib.llama_model_n_embd(self.model))
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.model))
+        self.bos = int(lib.llama_vocab_bos(self.vocab))
+        self.eos = int(lib.llama_vocab_eos(self.vocab))
+
+        threads, threads_batch = default_threads()
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = n_ctx or self.n_ctx_train
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_seq_max = 1
+        cp.n_threads = n_threads or threads
+        cp.n_threads_batch = n_threads or threads_batch
+        cp.type_k = cp.type_v = KV_TYPES[kv_type]
+        cp.flash_attn_type = FLASH_ATTN[use_flash_attn(flash_attn, kv_type, n_gpu_layers)]
+        cp.no_perf = True
+        self.ctx = lib.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            self.close()
+            raise MraError(f"{self.path} | llama.cpp cannot create a context (n_ctx={n_ctx}, kv_type={kv_type}): "
+                           f"{_last_error()}")
+        self.n_ctx = int(lib.llama_n_ctx(self.ctx))
+        self.n_batch = int(lib.llama_n_batch(self.ctx))
+        self.memory = lib.llama_get_memory(self.ctx)
+        self._tok_batch = self._new_batch(0)
+        self._emb_batch = self._new_batch(self.n_embd)
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+        self.keys: list[Hashable] = []  # what each KV position holds
+        self.evaluated_total = 0  # positions run through the model, ever (tests check re-use with it)
+
+    # --- batches ------------------------------------------------------------------
+    def _new_batch(self, embd: int):
+        b = self._lib.llama_batch_init(self.n_batch, embd, 1)
+        for i in range(self.n_batch):
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+        # numpy views of the batch's arrays, made once (the decode loop fills them per token)
+        views = {"pos": np.ctypeslib.as_array(b.pos, shape=(self.n_batch,)),
+                 "logits": np.ctypeslib.as_array(b.logits, shape=(self.n_batch,))}
+        views["data"] = (np.ctypeslib.as_array(b.embd, shape=(self.n_batch, embd)) if embd
+                         else np.ctypeslib.as_array(b.token, shape=(self.n_batch,)))
+        return b, views
+
+    def _decode(self, batch, views: dict, start: int, n: int, want_logits: bool) -> None:
+        views["pos"][:n] = np.arange(start, start + n, dtype=np.int32)
+        out = views["logits"]
+        out[:n] = 0
+        out[n - 1] = 1 if want_logits else 0
+        batch.n_tokens = n
+        rc = self._lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise MraError(f"llama_decode | returned {rc} at positions {start}..{start + n - 1} of n_ctx "
+                           f"{self.n_ctx}: {_last_error()}")
+        self.evaluated_total += n
+
+    def eval_token(self, token: int) -> None:
+        """Append one token and compute its logits: the decode loop's step, kept lean."""
+        batch, views = self._tok_batch
+        views["data"][0] = token
+        views["pos"][0] = len(self.keys)
+        views["logits"][0] = 1
+        batch.n_tokens = 1
+        rc = self._lib.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise MraError(f"llama_decode | returned {rc} at position {len(self.keys)} of n_ctx {self.n_ctx}: "
+                           f"{_last_error()}")
+        self.evaluated_total += 1
+        self.keys.append(token)
+
+    def eval_tokens(self, tokens: Sequence[int], want_logits: bool = True) -> None:
+        """Append token ids at the end of the sequence."""
+        batch, views = self._tok_batch
+        for s in range(0, len(tokens), self.n_batch):
+            part = tokens[s:s + self.n_batch]
+            views["data"][:len(part)] = part
+            last = s + self.n_batch >= len(tokens)
+            self._decode(batch, views, len(self.keys), len(part), want_logits and last)
+            self.keys.extend(int(t) for t in part)
+
+    def eval_embeddings(self, emb: Embeddings, rows: slice = slice(None), want_logits: bool = False) -> None:
+        """Append image-embedding rows (``llama_batch.embd``) at the end of the sequence."""
+        x = np.ascontiguousarray(emb.rows[rows], dtype=np.float32)
+        first = range(emb.rows.shape[0])[rows].start
+        if x.ndim != 2 or x.shape[1] != self.n_embd:
+            raise MraError(f"image embeddings | shape {tuple(x.shape)}, expected [N, {self.n_embd}] (the LLM's "
+                           "n_embd)")
+        batch, views = self._emb_batch
+        for s in range(0, len(x), self.n_batch):
+            part = x[s:s + self.n_batch]
+            views["data"][:len(part)] = part
+            last = s + self.n_batch >= len(x)
+            self._decode(batch, views, len(self.keys), len(part), want_logits and last)
+            self.keys.extend((emb.key, first + s + i) for i in range(len(part)))
+
+    # --- prompts with prefix re-use ---------------------------------------------------
+    def prefill(self, items: Sequence[Item]) -> PrefillStats:
+        """Make the sequence hold exactly ``items`` and leave the last position's logits ready."""
+        keys: list[Hashable] = []
+        for it in items:
+            keys.extend([int(it)] if not isinstance(it, Embeddings)
+                        else [(it.key, r) for r in range(it.rows.shape[0])])
+        if not keys:
+            raise MraError("prompt | empty")
+        if len(keys) > self.n_ctx:
+            raise MraError(f"prompt | {len(keys)} positions, the context holds {self.n_ctx}")
+        # Keep the common prefix, but evaluate at least the last position to get its logits.
+        limit = min(len(keys) - 1, len(self.keys))
+        keep = next((i for i in range(limit) if keys[i] != self.keys[i]), limit)
+        self.truncate(keep)
+        runs = _runs_from(items, keep)
+        for i, run in enumerate(runs):
+            last = i == len(runs) - 1
+            if isinstance(run, list):
+                self.eval_tokens(run, want_logits=last)
+            else:
+                emb, first = run
+                self.eval_embeddings(emb, slice(first, None), want_logits=last)
+        return PrefillStats(len(keys), keep, len(keys) - keep)
+
+    def truncate(self, n: int) -> None:
+        """Forget KV positions from ``n`` on (also any a failed decode may have left behind)."""
+        if n == 0:
+            self._lib.llama_memory_clear(self.memory, True)
+        elif not self._lib.llama_memory_seq_rm(self.memory, 0, n, -1):
+            self._lib.llama_memory_clear(self.memory, True)
+            n = 0
+        del self.keys[n:]
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    # --- outputs ------------------------------------------------------------------
+    def logits(self) -> np.ndarray:
+        """float32 [n_vocab] logits of the last evaluated position (a copy)."""
+        ptr = self._lib.llama_get_logits_ith(self.ctx, -1)
+        if not ptr:
+            raise MraError("llama.cpp | no logits available: nothing was evaluated with outputs")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def sample(self, sampler: Sampler) -> int:
+        """Draw the next token from the last evaluated position's logits."""
+        return sampler.sample(self.ctx)
+
+    @property
+    def full(self) -> bool:
+        return len(self.keys) >= self.n_ctx
+
+    # --- vocabulary ---------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """SentencePiece-style encode of one text piece: dummy prefix, no BOS, no special-token parsing."""
+        if not text:
+            return []
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (self._lib.llama_token * cap)()
+        n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, cap, False, False)
+        if n < 0:
+            cap = -n
+            buf = (self._lib.llama_token * cap)()
+            n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, cap, False, False)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The token's text bytes (control tokens give b""); memoized, the vocabulary is fixed."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+    def is_eog(self, token: int) -> bool:
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+        return eog
+
+    # --- lifetime -----------------------------------------------------------------
+    def close(self) -> None:
+        lib = self._lib
+        for name in ("_tok_batch", "_emb_batch"):
+            b = self.__dict__.pop(name, None)
+            if b is not None:
+                lib.llama_batch_free(b[0])
+        if self.ctx:
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            lib.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "LlamaSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

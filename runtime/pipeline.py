@@ -1,0 +1,409 @@
+"""The Pipeline API: a bundle's vision backend and GGUF LLM, prompted as LLaVA-HR was trained.
+
+    pipe = Pipeline.from_bundle("bundle/")
+    pipe.ask("photo.jpg", "What is in the image?")             # the answer
+    for piece in pipe.ask(img, q, stream=True): print(piece, end="")
+    pipe.next_token_logits(img, q)                              # [n_vocab], for scoring
+    chat = pipe.chat("photo.jpg"); chat.ask(q1); chat.ask(q2)   # KV cache kept between turns
+
+One llama.cpp sequence serves every call; its KV cache is matched against each new prompt,
+so the system prompt, an image already seen and earlier chat turns are not evaluated again.
+Image embeddings are cached by the image's content. No torch anywhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import MraError
+from .llm import Embeddings, LlamaSession, Sampler
+from .manifest import Artifact, Manifest, verify_artifact
+from .preprocess import ImageLike, load_image, preprocess_image
+from .prompt import Conversation, ImageSlot, Template, count_positions, tokenize_parts
+from .textstream import TextStream
+from .vision_select import VisionChoice, select_vision
+
+log = logging.getLogger("mra.runtime")
+
+# When the caller does not name an LLM quantization: the usual edge trade-off first.
+LLM_QUANT_ORDER = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16", "F32")
+
+
+@dataclass
+class Timings:
+    """Where the time of the last call went (seconds), and what was re-used."""
+    preprocess_s: float = 0.0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # call start -> first token sampled (preprocess + vision + prefill + sample)
+    decode_s: float = 0.0  # first token -> last token
+    total_s: float = 0.0
+    prompt_positions: int = 0  # tokens + image rows of the prompt
+    prefilled: int = 0  # positions evaluated by this call
+    reused: int = 0  # positions taken from the KV cache
+    generated: int = 0  # tokens sampled (an EOS included)
+    images_encoded: int = 0  # vision backend runs
+    image_cache_hits: int = 0
+    start: float = field(default_factory=time.perf_counter, repr=False)  # when the call began
+
+    def stamp(self) -> float:
+        """Seconds since the call began, recorded as ``total_s``."""
+        self.total_s = time.perf_counter() - self.start
+        return self.total_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.generated - 1) / self.decode_s if self.generated > 1 and self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("start")
+        return {**d, "decode_tokens_per_s": self.decode_tokens_per_s}
+
+    def summary(self) -> str:
+        ms = lambda s: f"{s * 1e3:.0f} ms"  # noqa: E731
+        return (f"preprocess {ms(self.preprocess_s)} | vision {ms(self.vision_s)} | prefill {ms(self.prefill_s)} "
+                f"({self.prefilled} new, {self.reused} cached) | ttft {ms(self.ttft_s)} | "
+                f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated} tokens)")
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+
+    def check(self) -> None:
+        if self.max_tokens < 1:
+            raise MraError(f"max_tokens | got {self.max_tokens}, expected >= 1")
+
+
+def image_key(image: ImageLike, exif_transpose: bool = False) -> str:
+    """sha256 of the image content (file bytes, or mode/size/pixels), the embedding cache key."""
+    h = hashlib.sha256(b"exif" if exif_transpose else b"raw")
+    if isinstance(image, (str, os.PathLike)):
+        p = Path(image)
+        if not p.is_file() or p.stat().st_size == 0:
+            load_image(p)  # raises the precise error (missing / empty)
+        h.update(b"file:" + p.read_bytes())
+    elif isinstance(image, np.ndarray):
+        h.update(f"array:{image.dtype}:{image.shape}:".encode() + np.ascontiguousarray(image).tobytes())
+    else:
+        im = load_image(image)  # type check
+        h.update(f"pil:{im.mode}:{im.size}:".encode() + im.tobytes())
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """The last ``size`` images' embeddings, least recently used dropped first."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._d: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def get(self, key: str) -> np.ndarray | None:
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        return None
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def select_llm(manifest: Manifest, bundle: str | Path, llm_quant: str | None) -> Artifact:
+    ggufs = manifest.find("llm", "gguf")
+    if not ggufs:
+        raise MraError(f"bundle {bundle} | has no GGUF LLM; export one with `mra-export --model CKPT "
+                       "--llm-quant Q4_K_M` (or --llm-only)")
+    have = ", ".join(a.precision for a in ggufs)
+    if llm_quant:
+        found = [a for a in ggufs if a.precision.upper() == llm_quant.upper()]
+        if not found:
+            raise MraError(f"llm_quant | got {llm_quant!r}, the bundle {bundle} has {have}")
+        return found[0]
+    return min(ggufs, key=lambda a: LLM_QUANT_ORDER.index(a.precision) if a.precision in LLM_QUANT_ORDER else 99)
+
+
+class Pipeline:
+    """Vision backend + llama.cpp LLM + the v1 prompt. Build it with :meth:`from_bundle`."""
+
+    def __init__(self, manifest: Manifest, bundle: Path, vision: VisionChoice, runner, llm: LlamaSession,
+                 llm_artifact: Artifact, image_cache: int = 16, exif_transpose: bool = False):
+        self.manifest, self.bundle, self.vision, self.runner = manifest, bundle, vision, runner
+        self.llm, self.llm_artifact = llm, llm_artifact
+        self.template = Template.from_manifest(manifest.prompt)
+        self.image_size = int(manifest.image_size)
+        self.n_image_tokens = int(manifest.num_image_tokens)
+        self.exif_transpose = exif_transpose
+        self.cache = EmbeddingCache(image_cache)
+        self.timings = Timings()
+        self.last_tokens: list[int] = []  # token ids sampled by the last ask (EOS included)
+        self._call = 0  # bumped by every call: a stream left open notices it is stale
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, vision: str = "auto", llm_quant: str | None = None,
+                    n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = 0,
+                    providers: list[str] | None = None, kv_type: str = "f16", verify_hash: bool = True,
+                    n_batch: int = 512, flash_attn: bool | None = None, image_cache: int = 16,
+                    exif_transpose: bool = False) -> "Pipeline":
+        """Open a bundle: check the artifacts it uses (size; sha256 unless ``verify_hash=False``,
+        for very large files), pick the vision backend and load the GGUF."""
+        bundle = Path(path)
+        manifest = Manifest.load(bundle)
+        choice = select_vision(manifest, bundle, vision, providers)
+        llm_art = select_llm(manifest, bundle, llm_quant)
+        for a in (choice.artifact, llm_art):
+            verify_artifact(bundle, a, check_hash=verify_hash)
+        llm = LlamaSession(bundle / llm_art.file, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                           kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn)
+        try:
+            if llm.n_embd != manifest.embed_dim:
+                raise MraError(f"{bundle / llm_art.file} | the LLM's embedding width is {llm.n_embd}, the vision "
+                               f"projector outputs {manifest.embed_dim}: this GGUF is not this checkpoint's LLM; "
+                               "re-export the bundle")
+            if manifest.num_image_tokens >= llm.n_ctx:
+                raise MraError(f"n_ctx | {llm.n_ctx} positions cannot hold one image ({manifest.num_image_tokens} "
+                               f"tokens) and a question; pass a larger n_ctx (the model was trained with "
+                               f"{llm.n_ctx_train})")
+            runner = choice.open(bundle, threads=n_threads)
+        except BaseException:
+            llm.close()
+            raise
+        log.info("vision %s (%s), llm %s, n_ctx %d", choice.artifact.file, choice.label, llm_art.file, llm.n_ctx)
+        return cls(manifest, bundle, choice, runner, llm, llm_art, image_cache, exif_transpose)
+
+    # --- images -----------------------------------------------------------------------
+    def encode_image(self, image: ImageLike) -> np.ndarray:
+        """float32 [N, D] image embeddings (preprocess + vision backend), cached by content."""
+        t = self.timings = Timings()
+        emb = self._embed(image, t)
+        t.stamp()
+        return emb.rows
+
+    def _embed(self, image: ImageLike, t: Timings) -> Embeddings:
+        key = image_key(image, self.exif_transpose)
+        rows = self.cache.get(key)
+        if rows is not None:
+            t.image_cache_hits += 1
+            return Embeddings(key, rows)
+        t0 = time.perf_counter()
+        x = preprocess_image(image, self.image_size, self.exif_transpose)
+        t1 = time.perf_counter()
+        out = self.runner.infer(x[None])
+        t.preprocess_s += t1 - t0
+        t.vision_s += time.perf_counter() - t1
+        t.images_encoded += 1
+        expected = (1, self.n_image_tokens, self.manifest.embed_dim)
+        if tuple(out.shape) != expected:
+            raise MraError(f"vision {self.vision.artifact.file} | output shape {tuple(out.shape)}, expected "
+                           f"{expected} from the manifest; re-export the bundle")
+        rows = np.ascontiguousarray(out[0], dtype=np.float32)
+        rows.setflags(write=False)
+        self.cache.put(key, rows)
+        return Embeddings(key, rows)
+
+    # --- one-turn API ---------------------------------------------------------------
+    def ask(self, image: ImageLike | None, question: str, max_tokens: int = 256, temperature: float = 0.0,
+            top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
+            ignore_eos: bool = False) -> str | Iterator[str]:
+        """Answer one question about one image (or none): a string, or text pieces when ``stream``."""
+        params = GenerationParams(max_tokens, temperature, top_p, seed, tuple(stop), ignore_eos)
+        conv = Conversation(self.template)
+        conv.add_user(question, with_image=image is not None)
+        pieces = self._answer(conv, [image] if image is not None else [], params)
+        return pieces if stream else "".join(pieces)
+
+    def next_token_logits(self, image: ImageLike | None, question: str) -> np.ndarray:
+        """float32 [n_vocab] logits after the full prompt (scoring, multiple choice)."""
+        conv = Conversation(self.template)
+        conv.add_user(question, with_image=image is not None)
+        self._prefill(conv, [image] if image is not None else [])
+        return self.llm.logits()
+
+    def chat(self, image: ImageLike | None = None) -> "ChatSession":
+        """A conversation that keeps its history and KV cache between turns."""
+        return ChatSession(self, image)
+
+    # --- internals ----------------------------------------------------------------------
+    def _prefill(self, conv: Conversation, images: Sequence[ImageLike | Embeddings],
+                 t: Timings | None = None) -> Timings:
+        """Encode images, tokenize, check the context, evaluate what the KV cache lacks."""
+        self._call += 1
+        t = self.timings = t or Timings()
+        embs = [im if isinstance(im, Embeddings) else self._embed(im, t) for im in images]
+        units = tokenize_parts(conv.parts(), self.llm.tokenize, self.llm.bos, self.llm.eos, self.template.add_bos)
+        if conv.n_images != len(embs):
+            raise MraError(f"prompt | {conv.n_images} image turns but {len(embs)} images")
+        positions = count_positions(units, self.n_image_tokens)
+        if positions > self.llm.n_ctx:
+            n_img = len(embs) * self.n_image_tokens
+            raise MraError(f"prompt | {positions - n_img} text tokens + {n_img} image tokens ({len(embs)} x "
+                           f"{self.n_image_tokens}) = {positions} positions, but the context holds {self.llm.n_ctx}; "
+                           f"shorten the prompt, start a new chat, or raise n_ctx (trained: {self.llm.n_ctx_train})")
+        items = [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
+        t0 = time.perf_counter()
+        stats = self.llm.prefill(items)
+        t.prefill_s = time.perf_counter() - t0
+        t.prompt_positions, t.reused, t.prefilled = stats.positions, stats.reused, stats.evaluated
+        t.stamp()
+        return t
+
+    def _answer(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], p: GenerationParams,
+                on_done=None, t: Timings | None = None) -> Iterator[str]:
+        """Prefill now (errors surface at the call), then stream the answer lazily."""
+        p.check()
+        sampler = Sampler(p.temperature, p.top_p, p.seed)  # bad sampling settings fail before any work
+        try:
+            t = self._prefill(conv, images, t)
+        except BaseException:
+            sampler.close()
+            raise
+        return self._stream(self._call, t, sampler, p, on_done)
+
+    def _stream(self, call: int, t: Timings, sampler: Sampler, p: GenerationParams, on_done) -> Iterator[str]:
+        text = TextStream(stops=(self.template.sep2, *p.stop))
+        out: list[str] = []
+        tokens = self.last_tokens = []
+        first = last = None
+        try:
+            while t.generated < p.max_tokens:
+                self._check_current(call)
+                tok = self.llm.sample(sampler)
+                last = time.perf_counter()
+                if first is None:
+                    first = last
+                    t.ttft_s = t.stamp()
+                t.generated += 1
+                tokens.append(tok)
+                if self.llm.is_eog(tok) and not p.ignore_eos:
+                    break
+                piece = text.feed(self.llm.token_bytes(tok))
+                if piece:
+                    out.append(piece)
+                    yield piece
+                if (text.stopped and not p.ignore_eos) or self.llm.full or t.generated >= p.max_tokens:
+                    break
+                self._check_current(call)
+                self.llm.eval_token(tok)
+            tail = text.finish()
+            if tail:
+                out.append(tail)
+                yield tail
+        finally:
+            sampler.close()
+            t.decode_s = (last - first) if first is not None else 0.0
+            t.stamp()
+            if on_done is not None:
+                on_done("".join(out))
+
+    def _check_current(self, call: int) -> None:
+        if call != self._call:
+            raise MraError("stream | another call was made on this Pipeline since this answer started; "
+                           "read a streamed answer to the end before the next call")
+
+    # --- lifetime -----------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "runner", None) is not None:
+            self.runner.__exit__(None, None, None)
+            self.runner = None
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation on one Pipeline. An image given to :meth:`ask` (or to the
+    session) goes with that turn, ``<image>`` first, as in LLaVA; earlier images stay."""
+    pipe: Pipeline
+    image: ImageLike | None = None  # attached to the next turn
+    conversation: Conversation = field(init=False)
+    images: list[Embeddings] = field(init=False, default_factory=list)
+    _turn: object = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.conversation = Conversation(self.pipe.template)
+
+    def reset(self, image: ImageLike | None = None) -> None:
+        """Forget the conversation; ``image`` goes with the next question."""
+        self.conversation = Conversation(self.pipe.template)
+        self.images = []
+        self.image = image
+
+    @property
+    def history(self) -> list[tuple[str, str | None]]:
+        return list(self.conversation.messages)
+
+    def _open_turn(self, question: str, image: ImageLike | None) -> tuple[list[Embeddings], Timings]:
+        self.conversation.drop_open_turn()  # an answer that was never read is not history
+        image = image if image is not None else self.image
+        t = Timings()
+        images = list(self.images)
+        if image is not None:  # embedded before the turn is added: a bad image changes nothing
+            images.append(self.pipe._embed(image, t))
+        self.conversation.add_user(question, with_image=image is not None)
+        self._turn = object()
+        return images, t
+
+    def ask(self, question: str, image: ImageLike | None = None, max_tokens: int = 256, temperature: float = 0.0,
+            top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
+            ignore_eos: bool = False) -> str | Iterator[str]:
+        """Answer the next question; ``image`` (or the session's pending one) goes with this turn."""
+        images, t = self._open_turn(question, image)
+        params = GenerationParams(max_tokens, temperature, top_p, seed, tuple(stop), ignore_eos)
+        try:
+            pieces = self.pipe._answer(self.conversation, images, params, self._close_turn(images), t)
+        except BaseException:
+            self.conversation.drop_open_turn()
+            raise
+        return pieces if stream else "".join(pieces)
+
+    def next_token_logits(self, question: str, image: ImageLike | None = None) -> np.ndarray:
+        """Logits after this question, without adding it to the conversation."""
+        images, t = self._open_turn(question, image)
+        try:
+            self.pipe._prefill(self.conversation, images, t)
+            return self.pipe.llm.logits()
+        finally:
+            self.conversation.drop_open_turn()
+
+    def _close_turn(self, images: list[Embeddings]):
+        turn = self._turn
+
+        def done(answer: str) -> None:
+            conv = self.conversation
+            if turn is self._turn and conv.messages and conv.messages[-1][1] is None:
+                conv.set_answer(answer)
+                self.images = images
+                self.image = None
+        return done

@@ -1,0 +1,128 @@
+"""Which vision artifact and backend a Pipeline runs: one small function, so that a new
+backend (TensorRT) is one more branch here.
+
+``vision`` is "auto" (the best backend available, then the fastest precision whose export
+validation passed), a backend ("onnxruntime"), a precision ("int8") or both ("onnx:int8").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import MraError
+from .manifest import Artifact, Manifest
+
+log = logging.getLogger("mra.runtime")
+
+BACKEND_ALIASES = {"onnxruntime": "onnxruntime", "onnx": "onnxruntime", "ort": "onnxruntime",
+                   "tensorrt": "tensorrt", "trt": "tensorrt"}
+PRECISIONS = ("fp32", "fp16", "int8")
+# Fastest first, per execution provider: INT8 (QDQ) pays off on CPU, FP16 on CUDA.
+ORT_PRECISION_ORDER = {"CPUExecutionProvider": ("int8", "fp32", "fp16"),
+                       "CUDAExecutionProvider": ("fp16", "fp32", "int8"),
+                       "TensorrtExecutionProvider": ("fp16", "int8", "fp32")}
+
+
+@dataclass
+class VisionChoice:
+    artifact: Artifact
+    backend: str  # "onnxruntime" | "tensorrt"
+    providers: list[str] | None = None
+
+    def open(self, bundle: str | Path, threads: int | None = None) -> Any:
+        """The runner (context manager with ``infer(pixel_values) -> embeds``)."""
+        if self.backend == "onnxruntime":
+            from .ort_backend import OrtRunner
+
+            return OrtRunner(Path(bundle) / self.artifact.file, providers=self.providers, threads=threads)
+        if self.backend == "tensorrt":
+            from .trt_backend import TrtRunner
+
+            return TrtRunner(Path(bundle) / self.artifact.file, self.artifact)
+        raise MraError(f"vision backend | {self.backend!r} has no runner in this build")
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}:{self.artifact.precision}"
+
+
+def parse_vision(vision: str) -> tuple[str | None, str | None]:
+    """'auto' -> (None, None); 'onnx' -> ('onnxruntime', None); 'int8' -> (None, 'int8'); 'onnx:int8' -> both."""
+    v = (vision or "auto").strip().lower()
+    if v == "auto":
+        return None, None
+    if ":" in v:
+        backend, precision = v.split(":", 1)
+    else:
+        backend, precision = (v, "") if v in BACKEND_ALIASES else ("", v)
+    if (backend and backend not in BACKEND_ALIASES) or (precision and precision not in PRECISIONS):
+        raise MraError(f"vision | got {vision!r}, expected auto, a backend ({', '.join(sorted(set(BACKEND_ALIASES)))}), "
+                       f"a precision ({', '.join(PRECISIONS)}) or backend:precision such as onnx:int8")
+    return BACKEND_ALIASES.get(backend), precision or None
+
+
+def select_vision(manifest: Manifest, bundle: str | Path, vision: str = "auto",
+                  providers: list[str] | None = None) -> VisionChoice:
+    backend, precision = parse_vision(vision)
+    # auto: a validated engine built for this GPU and TensorRT, then onnxruntime (CUDA, then CPU);
+    # explicit providers mean the caller chose onnxruntime.
+    if backend == "tensorrt" or (backend is None and providers is None):
+        engine = _select_engine(manifest, bundle, precision, required=backend == "tensorrt")
+        if engine is not None:
+            return engine
+    return _select_onnx(manifest, bundle, precision, providers)
+
+
+# FP16 first, as for onnxruntime's TensorRT provider: INT8 when asked for.
+TRT_PRECISION_ORDER = ("fp16", "int8", "fp32")
+
+
+def _select_engine(manifest: Manifest, bundle: str | Path, precision: str | None,
+                   required: bool) -> VisionChoice | None:
+    from .trt_backend import INSTALL_HINT, missing_for_tensorrt, rebuild_command, usable_engines
+
+    usable = [a for a in usable_engines(manifest) if precision in (None, a.precision)]
+    if usable:
+        return VisionChoice(min(usable, key=lambda a: TRT_PRECISION_ORDER.index(a.precision)), "tensorrt")
+    if not required:
+        return None
+    engines = [a for a in manifest.find("vision", "trt") if precision in (None, a.precision)]
+    if missing := missing_for_tensorrt():
+        raise MraError(f"vision | TensorRT cannot run here, missing {'; '.join(missing)}; {INSTALL_HINT}")
+    if not engines:
+        raise MraError(f"bundle {bundle} | has no {precision or ''} TensorRT engine; build one on this machine "
+                       f"with: {rebuild_command(bundle, precision or 'fp16')}")
+    raise MraError(f"bundle {bundle} | its TensorRT engines ({', '.join(a.file for a in engines)}) were built for "
+                   f"another GPU or TensorRT version, or did not pass validation; rebuild on this machine with: "
+                   f"{rebuild_command(bundle, precision or engines[0].precision)}")
+
+
+def _select_onnx(manifest: Manifest, bundle: str | Path, precision: str | None,
+                 providers: list[str] | None) -> VisionChoice:
+    graphs = manifest.find("vision", "onnx")
+    if not graphs:
+        raise MraError(f"bundle {bundle} | has no vision ONNX graph; export one with "
+                       "`mra-export --model CKPT --target onnx`")
+    if precision is not None:
+        found = [a for a in graphs if a.precision == precision]
+        if not found:
+            raise MraError(f"vision | no {precision} ONNX graph in {bundle}, it has "
+                           f"{', '.join(a.precision for a in graphs)}")
+        if not found[0].passed:
+            log.warning("vision %s: its export validation did not pass (%s); using it because it was asked for",
+                        found[0].file, found[0].validation)
+        return VisionChoice(found[0], "onnxruntime", providers)
+    from .ort_backend import best_providers
+
+    first = (providers or best_providers())[0]
+    first = first if isinstance(first, str) else first[0]  # (name, options) tuples are allowed by onnxruntime
+    order = ORT_PRECISION_ORDER.get(first, ORT_PRECISION_ORDER["CPUExecutionProvider"])
+    passed = sorted((a for a in graphs if a.passed and a.precision in order), key=lambda a: order.index(a.precision))
+    if not passed:
+        raise MraError(f"bundle {bundle} | no vision ONNX graph passed its export validation "
+                       f"({', '.join(f'{a.precision}: {a.validation}' for a in graphs)}); "
+                       "re-export, or name one explicitly with vision='onnx:PRECISION'")
+    return VisionChoice(passed[0], "onnxruntime", providers)
