@@ -41,7 +41,7 @@ def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path, log_y
 
 def write_plots(rows: list[dict], out: Path, backend: str) -> list[Path]:
     return [
-        _plot(rows, "vision_s", f"vision latency, s ({backend}, FP32, batch 1)", "Vision latency vs resolution",
+        _plot(rows, "vision_s", f"vision latency, s ({backend}, batch 1)", "Vision latency vs resolution",
               out / "latency_vs_resolution.png", log_y=True),
         _plot(rows, "tokens", "visual tokens fed to the LLM", "Visual tokens vs resolution",
               out / "tokens_vs_resolution.png", log_y=True),

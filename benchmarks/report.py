@@ -59,7 +59,7 @@ def efficiency_md(e: dict) -> str:
              _s(r["ttft_7b_s_extrapolated"]), _s(r["ttft_13b_s_extrapolated"])] for r in e["rows"]]
     probe = e["prefill_llm"]
     return "\n".join([
-        f"Vision backend: **{e['backend']}**, FP32, batch 1, median of {e['repeats']} runs after "
+        f"Vision backend: **{e['backend']} {e['precision'].upper()}**, batch 1, median of {e['repeats']} runs after "
         f"{e['warmup']} warm-up. Prefill: the LLaVA v1 prompt (system + image rows + question) measured on "
         f"the bench LLM, a {probe['model']} (`{probe['file']}`, {_dims(probe['dims'])}), and **extrapolated** to LLaVA-HR's 7B / 13B "
         "LLMs by FLOPs at the measured rate. TTFT = vision + prefill (preprocessing and sampling excluded).",
@@ -97,7 +97,7 @@ def backends_md(b: dict) -> str:
 
 
 def llm_md(x: dict) -> str:
-    body = [[r["quant"], r["engine"], _g(r["file_mb"], 0), _g(r["prefill_tok_s"], 1), _g(r["decode_tok_s"], 1)]
+    body = [[r["quant"], r["engine"], _g(r["file_mb"], 1), _g(r["prefill_tok_s"], 1), _g(r["decode_tok_s"], 1)]
             for r in x["rows"]]
     return "\n".join([
         f"Model: {x['model']} ({_dims(x['dims'])}); prompt {x['prompt_tokens']} tokens, then {x['decode_tokens']} "
@@ -116,6 +116,10 @@ def render(results: dict) -> str:
         parts += ["", "## Vision FLOPs: analytic vs counted", "",
                   "FLOPs = 2 x multiply-accumulates of matrix products and convolutions (FlopCounterMode's "
                   "convention); element-wise work is not counted.", "", flops_md(results["flops"])]
+    if meta["mode"] == "quick":
+        parts += ["", "> **Quick run**: tiny widths at the real resolutions. Token and FLOP counts are exact for "
+                  "those widths; timings and the 7B/13B extrapolations (made from a tiny LLM's FLOP rate) only show "
+                  "that the pipeline works, not what the real models cost. Run `mra-bench` without --quick for that."]
     if "efficiency" in results:
         parts += ["", "## MRA efficiency: dual pathway vs plain high-resolution ViT", "",
                   efficiency_md(results["efficiency"]), "", "![latency](latency_vs_resolution.png)",

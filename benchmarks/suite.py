@@ -180,7 +180,7 @@ class Suite:
         prefill = prefill_costs(probe, [c.tokens for c in cases], o.threads, o.repeats)
         rows = efficiency_rows(cases, timings, prefill, limit)
         self.results["efficiency"] = {
-            "backend": f"{o.backend} FP32", "warmup": o.warmup, "repeats": o.repeats,
+            "backend": o.backend, "precision": "fp32", "warmup": o.warmup, "repeats": o.repeats,
             "prefill_llm": {"model": bench_llm_name(o.quick), "file": probe.name, "dims": asdict(gguf_dims(probe)),
                             "rates_gflop_s": {n: p.rate / 1e9 for n, p in prefill.items()}},
             "rows": rows, "conclusion": conclusion(rows)}
@@ -252,7 +252,8 @@ class Suite:
         self.results["skipped"] = {s: "not run (see --only)" for s in missing}
         atomic_write_text(out / "results.json", json.dumps(_jsonable(self.results), indent=1) + "\n")
         if "efficiency" in self.results:
-            write_plots(self.results["efficiency"]["rows"], out, self.results["efficiency"]["backend"])
+            e = self.results["efficiency"]
+            write_plots(e["rows"], out, f"{e['backend']} {e['precision'].upper()}")
         atomic_write_text(out / "REPORT.md", render(self.results))
 
 

@@ -4,7 +4,7 @@ both onnxruntime and TensorRT consume, made with onnxruntime's static quantizati
 What is quantized: the inputs of Conv, MatMul and Gemm with a constant weight (>99% of the
 FLOPs): weights INT8 symmetric per output channel, activations per tensor with ranges
 calibrated on real images. What stays float: LayerNorm, Softmax, GELU, the residual adds,
-Resize and the attention products between two activations (MatMulConstBOnly), and the
+Resize, the attention products between two activations (q @ k^T, softmax @ v), and the
 MR-Adapters' gate MLPs (tanh(gate) scales the whole slow path, and they are ~0.1% of the
 compute).
 
@@ -36,8 +36,10 @@ from .onnx_io import EXTERNAL_DATA_BYTES, place_files, weight_bytes
 log = logging.getLogger("mra.quantize")
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
-# Node-name fragments (the exporter names nodes after module paths) kept in float.
-FLOAT_NODE_PATTERNS = ("/gate/",)
+# Node-name fragments (the exporter names nodes after module paths) kept in float: the
+# adapters' gates, and the first convolution of each pathway, whose input is the image
+# itself (0.1% of the FLOPs, and the largest single INT8 error measured).
+FLOAT_NODE_PATTERNS = ("/gate/", "/slow/stem/", "/embeddings/patch_embedding/")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 # Default validation threshold on the mean cosine of the image embeddings against the torch
@@ -51,23 +53,30 @@ class Int8Flavour:
     activations: str  # "int8" | "uint8"
     activation_symmetric: bool
     quantize_bias: bool
+    quantize_outputs: bool  # Q/DQ on the outputs of Conv/MatMul too
     target: str
 
     def describe(self) -> dict:
         return {"flavour": self.name, "target": self.target, "weights": "int8 symmetric per-channel",
                 "activations": f"{self.activations} {'symmetric' if self.activation_symmetric else 'asymmetric'} "
-                               "per-tensor", "bias": "int32" if self.quantize_bias else "float"}
+                               "per-tensor", "bias": "int32" if self.quantize_bias else "float",
+                "qdq_on": "inputs and outputs" if self.quantize_outputs else "inputs"}
 
 
 FLAVOURS = {
-    "trt": Int8Flavour("trt", "int8", True, False, "TensorRT explicit quantization (and onnxruntime)"),
-    "cpu": Int8Flavour("cpu", "uint8", False, True, "onnxruntime CPU"),
+    "trt": Int8Flavour("trt", "int8", True, False, False, "TensorRT explicit quantization (and onnxruntime)"),
+    "cpu": Int8Flavour("cpu", "uint8", False, True, True, "onnxruntime CPU"),
 }
 
 
 def float_nodes(model: onnx.ModelProto, patterns: tuple[str, ...] = FLOAT_NODE_PATTERNS) -> list[str]:
+    """Quantizable nodes to keep in float: those matching ``patterns``, and the attention
+    products of two activations (q @ k^T, softmax @ v). onnxruntime's QDQ quantizer ignores
+    its MatMulConstBOnly option, and an INT8 softmax output rounds most of 1024 attention
+    weights (about 1e-3 each) to zero."""
+    weights = {t.name for t in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES
-            and any(p in n.name for p in patterns)]
+            and (any(p in n.name for p in patterns) or not any(i in weights for i in n.input[1:2]))]
 
 
 class _DropPreprocessAdvice(logging.Filter):
@@ -105,8 +114,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calib: Calibra
     extra = {
         "ActivationSymmetric": f.activation_symmetric,
         "WeightSymmetric": True,
-        "MatMulConstBOnly": True,
         "QuantizeBias": f.quantize_bias,
+        "OpTypesToExcludeOutputQuantization": [] if f.quantize_outputs else list(QUANTIZED_OP_TYPES),
         # One image per calibrator pass: the histogram methods then hold one image's activations.
         "CalibStridedMinMax": 1,
     }
