@@ -75,6 +75,7 @@ def logit_drift(bundle: Path, embeds: dict[str, np.ndarray], ref: str, threads: 
     out = {}
     for k, lg in logits.items():
         c = compare(lg, logits[ref])
-        out[k] = {"max_abs": c["max_abs"], "rel_err": c["rel_err"], "top1_same": bool(lg.argmax() == logits[ref].argmax())}
+        out[k] = {"max_abs": c["max_abs"], "rel_err": c["rel_err"],
+                  "top1_same": bool(lg.argmax() == logits[ref].argmax())}
     out["_llm"] = llm_file
     return out

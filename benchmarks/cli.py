@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
                    help="vision precisions of the backend table (fp32 required)")
     p.add_argument("--calib-count", type=int, default=8, help="INT8 calibration photos (default 8)")
     p.add_argument("--batch", type=int, default=4, help="batch of the throughput column (default 4)")
-    p.add_argument("--gemm-n", type=int, help="side of the GEMMs of the physical limit (default 1024 quick, 2048)")
+    p.add_argument("--gemm-n", type=int, help="side of the GEMMs of the physical limit (default 1024 quick, 4096)")
     p.add_argument("--readme", type=Path, help="also write the Performance section of this README from the results")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return p

@@ -42,7 +42,6 @@ def torch_fp32(n: int, repeats: int, threads: int) -> GemmRate:
 
 
 def _ort_matmul_session(n: int, threads: int, integer: bool):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

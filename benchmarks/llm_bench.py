@@ -20,12 +20,13 @@ QUESTION = "Describe the image in detail."
 @dataclass(frozen=True)
 class LlmSpeed:
     quant: str
-    engine: str  # "mra runtime" | "llama-cpp-python"
-    prompt_tokens: int
+    engine: str  # "mra runtime (Pipeline)" | "llama-cpp-python"
+    prompt_tokens: int  # positions: the runtime's LLaVA prompt (text + image rows); as many tokens for bare
     decode_tokens: int
     prefill_tok_s: float
     decode_tok_s: float
     file_mb: float
+    n_ctx: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,61 +57,59 @@ def _random_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(3, n_vocab, n).tolist()
 
 
-def runtime_speed(path: Path, quant: str, threads: int, prompt_tokens: int, decode_tokens: int,
-                  repeats: int) -> LlmSpeed:
-    from mra.runtime.llm import LlamaSession, Sampler
+def runtime_speed(bundle: Path, quant: str, threads: int, decode_tokens: int, repeats: int,
+                  image) -> LlmSpeed:
+    """Through the public Pipeline: ``ask(image, question)`` with exactly ``decode_tokens``
+    greedy tokens, from an empty KV cache each time (the image embeddings stay cached, so
+    the vision backend runs once). Prefill covers the whole LLaVA prompt (text + image rows)."""
+    from mra.runtime.pipeline import Pipeline
 
-    with LlamaSession(path, n_ctx=prompt_tokens + decode_tokens + 8, n_threads=threads) as s:
-        prompt = [s.bos] + _random_tokens(prompt_tokens - 1, s.n_vocab)
-        s.eval_tokens(prompt[:8])  # warm-up: weights paged in, buffers allocated
+    with Pipeline.from_bundle(bundle, vision="onnx:fp32", llm_quant=quant, n_threads=threads,
+                              verify_hash=False) as pipe:
+        pipe.ask(image, QUESTION, max_tokens=2, ignore_eos=True)  # warm-up, and the image is encoded
         pre, dec = [], []
         for _ in range(repeats):
-            s.reset()
-            t0 = time.perf_counter()
-            s.eval_tokens(prompt)
-            t1 = time.perf_counter()
-            sampler = Sampler()
-            try:  # the Pipeline's decode loop: sample, feed back
-                for _ in range(decode_tokens - 1):
-                    s.eval_tokens([s.sample(sampler)])
-                s.sample(sampler)
-            finally:
-                sampler.close()
-            t2 = time.perf_counter()
-            pre.append(len(prompt) / (t1 - t0))
-            dec.append((decode_tokens - 1) / (t2 - t1))
-    return LlmSpeed(quant, "mra runtime", prompt_tokens, decode_tokens, statistics.median(pre),
-                    statistics.median(dec), path.stat().st_size / 2**20)
+            pipe.llm.reset()
+            pipe.ask(image, QUESTION, max_tokens=decode_tokens, ignore_eos=True)
+            t = pipe.timings
+            pre.append(t.prefilled / t.prefill_s)
+            dec.append(t.decode_tokens_per_s)
+        positions, n_ctx = t.prompt_positions, pipe.llm.n_ctx
+        path = bundle / pipe.llm_artifact.file
+    return LlmSpeed(quant, "mra runtime (Pipeline)", positions, decode_tokens, statistics.median(pre),
+                    statistics.median(dec), path.stat().st_size / 2**20, n_ctx)
 
 
 def bare_speed(path: Path, quant: str, threads: int, prompt_tokens: int, decode_tokens: int,
-               repeats: int) -> LlmSpeed:
-    """The same measurement with llama-cpp-python's high-level ``Llama`` (greedy generate)."""
+               repeats: int, n_ctx: int) -> LlmSpeed:
+    """The same sizes with llama-cpp-python's high-level ``Llama``, which takes token ids only:
+    a prompt of as many random tokens as the runtime's prompt had positions, then greedy
+    ``Llama.generate`` for as many tokens. Prefill = until the first token is sampled. Same
+    threads, context and batch size as the runtime; otherwise llama-cpp-python's defaults."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=prompt_tokens + decode_tokens + 8, n_threads=threads,
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads,
                           n_threads_batch=threads, n_batch=512, verbose=False)
     try:
         prompt = [llm.token_bos()] + _random_tokens(prompt_tokens - 1, llm.n_vocab())
         llm.eval(prompt[:8])
         pre, dec = [], []
         for _ in range(repeats):
-            llm.reset()
+            llm.reset()  # from an empty cache: generate() would re-use the matching prefix
             t0 = time.perf_counter()
-            llm.eval(prompt)
+            gen = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
+            next(gen)
             t1 = time.perf_counter()
-            tok, n = int(np.argmax(llm.scores[llm.n_tokens - 1])), 0
-            while n < decode_tokens - 1:
-                llm.eval([tok])
-                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                n += 1
+            for _ in range(decode_tokens - 1):
+                next(gen)
             t2 = time.perf_counter()
+            gen.close()
             pre.append(len(prompt) / (t1 - t0))
-            dec.append(n / (t2 - t1))
+            dec.append((decode_tokens - 1) / (t2 - t1))
     finally:
         llm.close()
     return LlmSpeed(quant, "llama-cpp-python", prompt_tokens, decode_tokens, statistics.median(pre),
-                    statistics.median(dec), path.stat().st_size / 2**20)
+                    statistics.median(dec), path.stat().st_size / 2**20, n_ctx)
 
 
 def v1_prompt_items(session, n_image_tokens: int, seed: int = 0) -> list:

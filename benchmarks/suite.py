@@ -47,13 +47,12 @@ class BenchOptions:
     warmup: int = 1
     repeats: int | None = None  # None: 2 quick, 3 full
     backend: str = "onnxruntime"  # of the efficiency table
-    gemm_n: int | None = None  # None: 1024 quick, 2048 full
+    gemm_n: int | None = None  # None: 1024 quick, 4096 full
     llm_quants: tuple[str, ...] = LLM_QUANTS
     prefill_quant: str = "Q4_K_M"
     precisions: tuple[str, ...] = VISION_PRECISIONS
     calib_count: int = 8
     batch: int = 4
-    prompt_tokens: int | None = None  # None: 64 quick, 512 full
     decode_tokens: int | None = None  # None: 16 quick, 64 full
     worker_timeout_s: float = 3 * 3600
     command: str = "mra-bench"
@@ -70,8 +69,7 @@ class BenchOptions:
             raise ValueError("precisions | fp32 is required (the bundle's reference graph)")
         q = self.quick
         self.repeats = self.repeats or (2 if q else 3)
-        self.gemm_n = self.gemm_n or (1024 if q else 2048)
-        self.prompt_tokens = self.prompt_tokens or (64 if q else 512)
+        self.gemm_n = self.gemm_n or (1024 if q else 4096)
         self.decode_tokens = self.decode_tokens or (16 if q else 64)
         if self.threads < 1 or self.repeats < 1 or self.warmup < 0 or self.batch < 1:
             raise ValueError("threads, repeats and batch must be >= 1, warmup >= 0")
@@ -130,12 +128,16 @@ class Suite:
         from .machine import describe_machine
 
         o = self.o
-        o.out.mkdir(parents=True, exist_ok=True)
-        o.work.mkdir(parents=True, exist_ok=True)
         old = o.out / "results.json"
         if set(o.only) != set(SECTIONS) and old.is_file():
             self.results = json.loads(old.read_text())
             self.results.pop("skipped", None)
+            was = self.results.get("meta", {}).get("mode")
+            if was != o.mode:
+                raise ValueError(f"{old} | holds a {was} run, this is a {o.mode} run: the sections would mix "
+                                 "shapes; use another --out, or run every section (no --only) to replace it")
+        o.out.mkdir(parents=True, exist_ok=True)
+        o.work.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         self.results["machine"] = describe_machine(o.threads)
         self.results["meta"] = {"mode": o.mode, "command": o.command,
@@ -164,17 +166,26 @@ class Suite:
 
     def section_efficiency(self) -> None:
         from .cases import vision_cases
-        from .efficiency import conclusion, efficiency_rows, time_case
+        from .efficiency import conclusion, efficiency_rows, time_case, time_case_isolated
         from .llm_bench import gguf_dims, prefill_costs
 
         o = self.o
         cases = vision_cases(o.quick)
         limit = self.limit()
-        timings = {}
+        timings, failed = {}, {}
         self.bundle()  # made first, so the timings below are not interleaved with the export
         for c in cases:
             log.info("efficiency: %s", c.name)
-            timings[c.name] = time_case(c, o.backend, o.threads, o.warmup, o.repeats, o.work)
+            if o.quick:  # tiny towers: in-process (a fresh interpreter per case would double the CI time)
+                timings[c.name] = time_case(c, o.backend, o.threads, o.warmup, o.repeats, o.work)
+                continue
+            try:  # hours into a full run, one case that runs out of memory must not lose the others
+                timings[c.name] = time_case_isolated(c.name, o.quick, o.backend, o.threads, o.warmup, o.repeats,
+                                                     o.work)
+            except Exception as e:  # BrokenProcessPool when the child is killed (OOM), or its own error
+                log.warning("efficiency: %s failed: %s", c.name, e)
+                failed[c.name] = f"{type(e).__name__}: {e}"
+        cases = [c for c in cases if c.name in timings]
         probe = self.gguf(o.prefill_quant)
         log.info("prefill costs on %s", probe.name)
         prefill = prefill_costs(probe, [c.tokens for c in cases], o.threads, o.repeats)
@@ -183,7 +194,7 @@ class Suite:
             "backend": o.backend, "precision": "fp32", "warmup": o.warmup, "repeats": o.repeats,
             "prefill_llm": {"model": bench_llm_name(o.quick), "file": probe.name, "dims": asdict(gguf_dims(probe)),
                             "rates_gflop_s": {n: p.rate / 1e9 for n, p in prefill.items()}},
-            "rows": rows, "conclusion": conclusion(rows)}
+            "rows": rows, "failed": failed, "conclusion": conclusion(rows)}
 
     def section_backends(self) -> None:
         from mra.model import read_config, vision_config
@@ -228,18 +239,22 @@ class Suite:
             "warmup": o.warmup, "repeats": o.repeats, "drift_llm": drift["_llm"], "rows": rows}
 
     def section_llm(self) -> None:
-        from .llm_bench import bare_speed, gguf_dims, runtime_speed
+        from mra.quantize.photos import photo_paths
+
+        from .llm_bench import QUESTION, bare_speed, gguf_dims, runtime_speed
 
         o = self.o
+        _, bundle = self.bundle()
+        photo = photo_paths()[0]
         rows = []
         for q in o.llm_quants:
-            path = self.gguf(q)
-            for fn in (runtime_speed, bare_speed):
-                log.info("llm %s %s", q, fn.__name__)
-                rows.append(fn(path, q, o.threads, o.prompt_tokens, o.decode_tokens, o.repeats).to_dict())
+            log.info("llm %s", q)
+            rt = runtime_speed(bundle, q, o.threads, o.decode_tokens, o.repeats, photo)
+            bare = bare_speed(self.gguf(q), q, o.threads, rt.prompt_tokens, o.decode_tokens, o.repeats, rt.n_ctx)
+            rows += [rt.to_dict(), bare.to_dict()]
         probe = self.gguf(o.llm_quants[0])
         self.results["llm"] = {"model": bench_llm_name(o.quick), "dims": asdict(gguf_dims(probe)),
-                               "prompt_tokens": o.prompt_tokens,
+                               "prompt": f"the LLaVA v1 prompt with one photo ({photo.name}) and '{QUESTION}'",
                                "decode_tokens": o.decode_tokens, "rows": rows}
 
     # --- output -----------------------------------------------------------------

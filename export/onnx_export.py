@@ -12,9 +12,10 @@ torch), but the dynamo exporter
   (19 s vs 1.9 s on the tiny tower; minutes more on the 7B one), which the test suite and
   the 16 GB / 2-core export budget feel.
 The TorchScript graph carries Shape/Gather/Concat chains for the batch axis in reshapes,
-which TensorRT and onnxruntime fold; every other dimension is static, the position
-embeddings are a folded constant, and there are no training ops. The graph's input and
-output shapes are stamped ``[batch, 3, S, S]`` and ``[batch, N, D]`` after export.
+which TensorRT and onnxruntime fold. After export the input and output shapes are stamped
+``[batch, 3, S, S]`` and ``[batch, N, D]`` and every intermediate shape is recorded
+(static sizes, times ``batch``); the position embeddings are a folded constant and there
+are no training ops.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.quantize.onnx_io import EXTERNAL_DATA_BYTES, external_files, save_onnx
+from mra.quantize.onnx_io import external_files, is_large, save_onnx
 from mra.runtime.errors import MraError
 from mra.runtime.names import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
 
@@ -74,8 +76,7 @@ def export_onnx(tower, path: str | os.PathLike, image_size: int | None = None, *
     spec = VisionGraphSpec.of(tower, opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n_params = sum(p.numel() for p in tower.parameters())
-    big = n_params * 4 > EXTERNAL_DATA_BYTES
+    big = is_large(sum(p.numel() * p.element_size() for p in tower.parameters()))
     steps = tqdm(total=3, desc=f"export {path.name}", unit="step", disable=not progress, leave=False)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.trace-", dir=path.parent))
     try:
@@ -91,10 +92,9 @@ def export_onnx(tower, path: str | os.PathLike, image_size: int | None = None, *
                 dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
                 training=torch.onnx.TrainingMode.EVAL, export_params=True)
         steps.update()
-        steps.set_postfix_str("checking")
+        steps.set_postfix_str("shapes")
         # Over 2 GiB the exporter wrote one file per weight beside the graph; onnx.load reads them back.
-        model = onnx.load(str(traced))
-        _stamp(model, spec)
+        model = _with_static_shapes(onnx.load(str(traced)), spec)
         steps.update()
         steps.set_postfix_str("saving")
         save_onnx(model, path, external_data=big if external_data is None else external_data)
@@ -105,6 +105,25 @@ def export_onnx(tower, path: str | os.PathLike, image_size: int | None = None, *
         steps.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return spec
+
+
+def _with_static_shapes(model, spec: VisionGraphSpec):
+    """Stamp the I/O shapes (only the batch axis free) and provenance, then record every
+    intermediate shape: onnx's own inference stops at the exporter's Shape -> Gather ->
+    Concat reshapes, onnxruntime's symbolic inference resolves them all to static sizes
+    times ``batch``, which TensorRT, the quantizer and a reader of the graph can rely on."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    _stamp(model, spec)
+    del model.graph.value_info[:]
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)  # a copy: the original goes
+    del model
+    free = {d.dim_param for vi in inferred.graph.value_info for d in vi.type.tensor_type.shape.dim
+            if not d.HasField("dim_value")} - {BATCH_AXIS}
+    if free:
+        raise MraError(f"export | intermediate sizes {sorted(free)[:5]} are not static; the graph would need "
+                       "dynamic shapes beyond the batch axis")
+    return inferred
 
 
 def _stamp(model, spec: VisionGraphSpec) -> None:
@@ -162,14 +181,15 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
     from mra.runtime.names import VISION_ONNX
 
     from .trt_check import tensorrt_check_info
-    from .validate import Threshold, require_passed, torch_reference, validate_graph, validation_set
+    from .validate import (VALIDATION_PHOTOS, Threshold, require_passed, torch_reference, validate_graph,
+                           validation_set)
 
     unknown = [p for p in opts.precisions if p not in PRECISION_ORDER]
     if unknown:
         raise MraError(f"--precision | got {unknown}, expected some of {', '.join(PRECISION_ORDER)}")
     s = manifest.image_size
     # Bad calibration folders fail before minutes of tracing, not after.
-    calib = (load_calibration_set(opts.calib_images, opts.calib_count, s, exclude_builtin=_validation_names())
+    calib = (load_calibration_set(opts.calib_images, opts.calib_count, s, exclude_builtin=VALIDATION_PHOTOS)
              if "int8" in opts.precisions else None)
     tower = load_vision(opts.model, s)
     spec = VisionGraphSpec.of(tower)
@@ -178,13 +198,17 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
                        f"expects {manifest.num_image_tokens} x {manifest.embed_dim}")
     vs = torch_reference(tower, validation_set(s), opts.progress)
     fp32 = work / VISION_ONNX["fp32"]
+    t0 = time.perf_counter()
     export_onnx(tower, fp32, progress=opts.progress)
+    built = time.perf_counter() - t0
     del tower
     gc.collect()
     common = {"N": spec.num_tokens, "D": spec.embed_dim, "image_size": s, "exporter": _exporter()}
 
-    def finish(precision: str, path: Path, info: dict, threshold: Threshold) -> None:
+    def finish(precision: str, path: Path, info: dict, threshold: Threshold, seconds: float) -> None:
+        t0 = time.perf_counter()
         v = validate_graph(path, vs, threshold, progress=opts.progress)
+        info, v = {**info, "build_seconds": round(seconds, 2)}, {**v, "seconds": round(time.perf_counter() - t0, 2)}
         log.info("%s: max abs %.3g, rel. error %.3g, mean cosine %.6f (min %.6f), %s", path.name, v["max_abs"],
                  v["rel_err"], v["cosine"], v["min_cosine"], "passed" if v["passed"] else "FAILED")
         # the static TensorRT-compatibility check, recorded for every graph (export/trt_check.py)
@@ -192,13 +216,15 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
         manifest.add(_artifact(path, precision, {**describe_onnx(path), **common, **info, "tensorrt_check": trt}, v))
         require_passed(path.name, v)
 
-    finish("fp32", fp32, {}, Threshold(max_rel_err=opts.max_rel_err))
+    finish("fp32", fp32, {}, Threshold(max_rel_err=opts.max_rel_err), built)
     if "fp16" in opts.precisions:
         from mra.quantize.fp16 import FP16_MIN_COSINE, convert_fp16
 
         path = work / VISION_ONNX["fp16"]
+        t0 = time.perf_counter()
         info = convert_fp16(fp32, path)
-        finish("fp16", path, {"fp16": info}, Threshold(min_cosine=opts.min_cosine.get("fp16", FP16_MIN_COSINE)))
+        finish("fp16", path, {"fp16": info}, Threshold(min_cosine=opts.min_cosine.get("fp16", FP16_MIN_COSINE)),
+               time.perf_counter() - t0)
     if "int8" in opts.precisions:
         from mra.quantize.int8 import INT8_MIN_COSINE, quantize_int8
 
@@ -206,10 +232,11 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
         try:
             for flavour in BUNDLE_INT8_FLAVOURS:
                 path = work / _int8_file(flavour)
+                t0 = time.perf_counter()
                 info = quantize_int8(fp32, path, calib, method=opts.calib_method, flavour=flavour,
                                      ranges_cache=scratch / "ranges.json", progress=opts.progress)
                 finish("int8", path, {"int8": info},
-                       Threshold(min_cosine=opts.min_cosine.get("int8", INT8_MIN_COSINE)))
+                       Threshold(min_cosine=opts.min_cosine.get("int8", INT8_MIN_COSINE)), time.perf_counter() - t0)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -218,12 +245,6 @@ def _int8_file(flavour: str) -> str:
     from mra.runtime.names import VISION_ONNX
 
     return VISION_ONNX["int8"] if flavour == BUNDLE_INT8_FLAVOURS[0] else f"vision.int8-{flavour}.onnx"
-
-
-def _validation_names() -> tuple[str, ...]:
-    from .validate import VALIDATION_PHOTOS
-
-    return VALIDATION_PHOTOS
 
 
 def _exporter() -> str:

@@ -68,9 +68,9 @@ class Threshold:
     def failures(self, numbers: dict) -> list[str]:
         out = []
         if self.max_rel_err is not None and not numbers["rel_err"] <= self.max_rel_err:
-            out.append(f"relative error {numbers['rel_err']:.3g} > {self.max_rel_err:g}")
+            out.append(f"relative error {numbers['rel_err']:.3g} > {self.max_rel_err}")
         if self.min_cosine is not None and not numbers["cosine"] >= self.min_cosine:
-            out.append(f"mean cosine {numbers['cosine']:.6f} < {self.min_cosine:g}")
+            out.append(f"mean cosine {numbers['cosine']:.8f} < {self.min_cosine}")
         return out
 
     def to_dict(self) -> dict:

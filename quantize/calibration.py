@@ -1,6 +1,6 @@
 """Calibration images for INT8: a folder of the user's photos (or the built-in ones),
 decoded and preprocessed exactly as the runtime does, fed to onnxruntime's calibrator one
-image at a time.
+image at a time by ``collect_ranges`` (with less memory than quantize_static's own pass).
 
 Bad folders fail with one clear message (missing, not a folder, no images, nothing
 readable); unreadable files among good ones are skipped with a warning that counts them."""
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
 from mra.runtime.errors import MraError
@@ -139,3 +141,52 @@ class CalibrationReader(CalibrationDataReader):
 
     def close(self) -> None:
         self.bar.close()
+
+
+def collect_ranges(src: str | os.PathLike, calib: CalibrationSet, method: str, op_types: tuple[str, ...],
+                   cache: str | os.PathLike, progress: bool = False) -> Path:
+    """Calibrate the activation ranges of the FP32 graph at ``src`` and write them to
+    ``cache`` (the JSON that quantize_static reads with ``calibration_cache_path``).
+
+    This replaces quantize_static's own calibration pass for one reason, memory: its session
+    runs the augmented graph (a ReduceMin/ReduceMax or an extra output per calibrated
+    tensor) in onnxruntime's DEFAULT execution order, which keeps nearly every activation
+    alive until the end. Measured on a medium model at S = 1024: 3.2 GB peak against 0.8 GB
+    in PRIORITY_BASED order; on the LLaVA-HR-7B tower the DEFAULT order passed 20 GB. Images
+    go through one at a time, so the histogram methods hold one image's activations."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import (EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater,
+                                                    save_tensors_data)
+
+    from .onnx_io import is_large, weight_bytes
+
+    src = Path(src)
+    large = is_large(weight_bytes(onnx.load(str(src), load_external_data=False)))
+    with tempfile.TemporaryDirectory(prefix=".calib-", dir=Path(cache).parent) as tmp:
+        aug = str(Path(tmp) / "augmented.onnx")
+        args = (src, list(op_types), aug)
+        # Method defaults as onnxruntime's create_calibrator sets them.
+        calibrator = {
+            "minmax": lambda: MinMaxCalibrater(*args, use_external_data_format=large),
+            "entropy": lambda: EntropyCalibrater(*args, use_external_data_format=large, num_bins=128,
+                                                 num_quantized_bins=128),
+            "percentile": lambda: PercentileCalibrater(*args, use_external_data_format=large, symmetric=True,
+                                                       num_bins=2048, percentile=99.999),
+        }[method]()
+        calibrator.augment_graph()
+        calibrator.model = None  # the FP32 graph in memory; only augment_graph needs it
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime does
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        calibrator.infer_session = ort.InferenceSession(aug, so, providers=["CPUExecutionProvider"])
+        reader = CalibrationReader(calib, progress=progress, desc=f"calibrating ({method})")
+        try:
+            for i in range(len(calib)):
+                reader.set_range(i, i + 1)
+                calibrator.collect_data(reader)
+            ranges = calibrator.compute_data()
+        finally:
+            reader.close()
+            calibrator.infer_session = None
+    save_tensors_data(ranges, cache)
+    return Path(cache)

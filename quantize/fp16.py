@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from .onnx_io import EXTERNAL_DATA_BYTES, save_onnx, weight_bytes
+from .onnx_io import save_onnx
 
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean")
 # Node-name fragments (the exporter names nodes after module paths) of float32 sub-graphs.
@@ -47,7 +47,6 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, fp32_ops: tuple
     names = fp32_nodes(onnx.load(str(src), load_external_data=False), fp32_node_patterns)
     model = convert_float_to_float16(str(src), keep_io_types=True, op_block_list=list(fp32_ops),
                                      node_block_list=names)
-    external = weight_bytes(model) > EXTERNAL_DATA_BYTES
-    save_onnx(model, dst, external_data=external)
+    save_onnx(model, dst)  # external data only when the float16 weights need it
     return {"fp32_ops": list(fp32_ops), "fp32_nodes": len(names), "io_dtype": "float32",
             "compute_dtype": "float16"}

@@ -8,17 +8,40 @@ Resize, the attention products between two activations (q @ k^T, softmax @ v), a
 MR-Adapters' gate MLPs (tanh(gate) scales the whole slow path, and they are ~0.1% of the
 compute).
 
-Two flavours differ only in how activations and biases are stored:
-- ``trt``: INT8 activations with zero point 0 and float biases, what TensorRT's explicit
-  quantization requires (its DequantizeLinear takes INT8 only, no UINT8, no INT32 bias);
-- ``cpu``: UINT8 activations with a zero point and INT32 biases, the layout onnxruntime's
-  x86 kernels were tuned for (U8S8 on AVX2 without VNNI).
-export/onnx_export.py decides which the bundle carries (see the measurements there).
+Two flavours differ in how activations and biases are stored:
+- ``trt``: INT8 activations with zero point 0, float biases, Q/DQ on the inputs of the
+  quantized ops only: what TensorRT's explicit quantization requires (its DequantizeLinear
+  takes INT8 only: no UINT8, no INT32 bias); export/trt_check.py passes it;
+- ``cpu``: UINT8 activations with a zero point, INT32 biases and Q/DQ on outputs too, the
+  layout onnxruntime fuses into QLinearConv / QLinearMatMul on x86 (U8S8 on AVX2 without
+  VNNI). TensorRT refuses it (UINT8, INT32 DequantizeLinear).
+
+Which the bundle carries: only ``trt``, as vision.int8.onnx, one graph for both backends.
+Measured with onnxruntime on this 2-core AVX2 CPU (batch 1, S = 1024, mean cosine against
+torch FP32 on held-out photos; random weights):
+  tiny   : trt 0.9915 / cpu 0.9868 cosine; 0.36 / 0.44 s (fp32 0.36 s; all overhead)
+  medium : trt 0.9981 / cpu 0.9968 cosine; 2.13 / 2.05 s (fp32 2.14 s, torch eager 5.1 s)
+  (medium: ViT 256 wide x 8 layers, ConvNeXt 64..512, LLM width 1024; see
+  benchmarks/vision_latency.py for the LLaVA-HR-7B size.)
+The CPU flavour is at most a few percent faster on this CPU and less accurate, while the
+TensorRT flavour is required on the device; a second 0.6 GB graph at the 7B size is not
+worth it. `flavour="cpu"` stays available to the library for CPUs where it pays (VNNI).
+
+Random weights make INT8 look worse than trained ones in one way (a random network
+amplifies small perturbations layer after layer) and better in another (no outlier
+channels). The default threshold ``INT8_MIN_COSINE`` = 0.98 sits below every configuration
+measured (tiny at S = 384: 0.9895 to 0.9916 over minmax/entropy/percentile and both
+flavours; medium at S = 1024: 0.997 to 0.998): a guard against gross failures, not a
+quality bar. The poorer placement this module avoids (INT8 softmax, quantized
+image-facing convolutions, quantized residual stream) still gave 0.986 on the medium
+model, so read the recorded cosine, and raise --min-cosine int8=... for a trained model
+once its typical value is known.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
@@ -30,20 +53,21 @@ import onnx
 
 from mra.runtime.errors import MraError
 
-from .calibration import CalibrationReader, CalibrationSet
-from .onnx_io import EXTERNAL_DATA_BYTES, place_files, weight_bytes
+from .calibration import CalibrationSet, collect_ranges
+from .onnx_io import is_large, save_onnx, weight_bytes
 
 log = logging.getLogger("mra.quantize")
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # Node-name fragments (the exporter names nodes after module paths) kept in float: the
 # adapters' gates, and the first convolution of each pathway, whose input is the image
-# itself (0.1% of the FLOPs, and the largest single INT8 error measured).
+# itself (about 0.1% of the FLOPs; quantizing the ConvNeXt stem alone cost the medium
+# random model 0.993 cosine, the largest error of any single group of layers).
 FLOAT_NODE_PATTERNS = ("/gate/", "/slow/stem/", "/embeddings/patch_embedding/")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 # Default validation threshold on the mean cosine of the image embeddings against the torch
-# FP32 model (see the measurements above).
+# FP32 model (see the measurements above); --min-cosine int8=... overrides it.
 INT8_MIN_COSINE = 0.98
 
 
@@ -79,6 +103,38 @@ def float_nodes(model: onnx.ModelProto, patterns: tuple[str, ...] = FLOAT_NODE_P
             and (any(p in n.name for p in patterns) or not any(i in weights for i in n.input[1:2]))]
 
 
+def unshare_float_consumers(model: onnx.ModelProto) -> int:
+    """Give the float consumers of a quantized activation the float tensor back.
+
+    onnxruntime's QDQ quantizer rewires *every* consumer of a quantized tensor to the
+    DequantizeLinear output, so the ConvNeXt and ViT residual adds (and LayerNorms) that
+    share an input with a quantized Conv/MatMul would see INT8-rounded values: noise added
+    to the residual stream at every block. Only inputs-only layouts (the ``trt`` flavour)
+    can undo this; returns the number of inputs rewired."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    weights = {t.name for t in model.graph.initializer}
+
+    def quantized(n) -> bool:  # a Conv/MatMul/Gemm whose weight arrives through a DequantizeLinear
+        w = producer.get(n.input[1]) if len(n.input) > 1 else None
+        return n.op_type in QUANTIZED_OP_TYPES and w is not None and w.op_type == "DequantizeLinear" \
+            and w.input[0] in weights
+
+    float_of = {}  # DQ output -> the float tensor its Q quantized
+    for dq in model.graph.node:
+        q = producer.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            float_of[dq.output[0]] = q.input[0]
+    changed = 0
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or quantized(n):
+            continue
+        for i, name in enumerate(n.input):
+            if name in float_of:
+                n.input[i] = float_of[name]
+                changed += 1
+    return changed
+
+
 class _DropPreprocessAdvice(logging.Filter):
     """quantize_static advises onnxruntime's pre-processing on the root logger at every
     call; the exported graph is already shape-inferred and constant-folded."""
@@ -93,7 +149,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calib: Calibra
     """Write the INT8 QDQ version of the FP32 graph at ``src`` to ``dst``; returns manifest facts.
 
     ranges_cache: a JSON file of calibrated activation ranges; written on the first call,
-    reused by later ones (a second flavour then costs no second calibration)."""
+    reused by later ones (a second flavour then costs no second calibration). The ranges
+    must come from the same graph, images and method."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIB_METHODS:
@@ -106,38 +163,43 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calib: Calibra
     src, dst = Path(src), Path(dst)
     graph = onnx.load(str(src), load_external_data=False)
     excluded = float_nodes(graph, float_node_patterns)
-    # INT8 weights are a quarter of FP32 ones; the float parts (biases, norms) stay small.
-    external = weight_bytes(graph) / 4 > EXTERNAL_DATA_BYTES
+    # onnxruntime's calibrator saves an augmented copy of the FP32 graph: over 2 GiB it must
+    # use external data too. The INT8 graph is then re-saved, inline when it fits.
+    large_src = is_large(weight_bytes(graph))
     del graph
-    cached = ranges_cache is not None and Path(ranges_cache).is_file()
-    reader = CalibrationReader(calib, progress=progress and not cached, desc=f"calibrating ({method})")
     extra = {
         "ActivationSymmetric": f.activation_symmetric,
         "WeightSymmetric": True,
         "QuantizeBias": f.quantize_bias,
         "OpTypesToExcludeOutputQuantization": [] if f.quantize_outputs else list(QUANTIZED_OP_TYPES),
-        # One image per calibrator pass: the histogram methods then hold one image's activations.
-        "CalibStridedMinMax": 1,
     }
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.999
     scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    cache = Path(ranges_cache) if ranges_cache else scratch / "ranges.json"
     advice = _DropPreprocessAdvice()
     logging.getLogger().addFilter(advice)
+    chatter = io.StringIO()  # the histogram calibrators print() their progress
     try:
         out = scratch / dst.name
-        quantize_static(
-            str(src), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
-            per_channel=True, reduce_range=False,
-            activation_type=QuantType.QInt8 if f.activations == "int8" else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=external,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}[method],
-            extra_options=extra, calibration_cache_path=str(ranges_cache) if ranges_cache else None)
-        place_files(out, dst)
+        with contextlib.redirect_stdout(chatter):
+            if not cache.is_file():
+                collect_ranges(src, calib, method, QUANTIZED_OP_TYPES, cache, progress)
+            quantize_static(
+                str(src), str(out), None, quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=False,
+                activation_type=QuantType.QInt8 if f.activations == "int8" else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=large_src,
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                  "percentile": CalibrationMethod.Percentile}[method],
+                extra_options=extra, calibration_cache_path=str(cache))
+        model = onnx.load(str(out))
+        if not f.quantize_outputs:
+            unshare_float_consumers(model)
+        save_onnx(model, dst)
+        del model
     finally:
         logging.getLogger().removeFilter(advice)
-        reader.close()
+        if chatter.getvalue().strip():
+            log.debug("onnxruntime quantization: %s", chatter.getvalue().strip())
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):  # quantize_static's shape-inferred copy, if it was interrupted
             src.with_name(src.stem + "-inferred.onnx").unlink()

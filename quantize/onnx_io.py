@@ -42,8 +42,13 @@ def _typed_bytes(t: TensorProto) -> int:
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
+def is_large(nbytes: int) -> bool:
+    """Whether weights of this size must live in an external data file."""
+    return nbytes > EXTERNAL_DATA_BYTES
+
+
 def needs_external_data(model: ModelProto) -> bool:
-    return weight_bytes(model) > EXTERNAL_DATA_BYTES
+    return is_large(weight_bytes(model))
 
 
 def external_files(path: str | os.PathLike) -> list[str]:
@@ -81,6 +86,7 @@ def place_files(src: Path, dst: Path) -> None:
         raise ValueError(f"place_files | {src.name} != {dst.name}: external data locations are relative names")
     names = external_files(src)
     for name in names:
+        shutil.copymode(src, src.parent / name)  # onnx writes data files 0600; a bundle is read by others
         os.replace(src.parent / name, dst.parent / name)
     os.replace(src, dst)
     stale = dst.with_name(data_file_name(dst))

@@ -22,7 +22,7 @@ def test_every_table_is_there(run):
     out, r = run
     for key in ("meta", "machine", "physical_limit", "flops", "efficiency", "backends", "llm"):
         assert key in r, key
-    assert r["skipped"] == {}
+    assert r["skipped"] == {} and r["efficiency"]["failed"] == {}
     assert r["machine"]["logical_cores"] >= 1 and r["machine"]["cpu"]
     report = (out / "REPORT.md").read_text()
     assert r["efficiency"]["conclusion"]["sentence"] in report
@@ -87,9 +87,12 @@ def test_backends_and_accuracy(run):
 def test_llm_speed_per_type_and_engine(run):
     x = run[1]["llm"]
     got = {(row["quant"], row["engine"]) for row in x["rows"]}
-    assert got == {(q, e) for q in ("F16", "Q8_0", "Q4_K_M") for e in ("mra runtime", "llama-cpp-python")}
+    engines = ("mra runtime (Pipeline)", "llama-cpp-python")
+    assert got == {(q, e) for q in ("F16", "Q8_0", "Q4_K_M") for e in engines}
     for row in x["rows"]:
         assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["file_mb"] > 0
+        # The LLaVA prompt: the tiny bundle's 1024 image rows plus the v1 text; bare gets as many tokens.
+        assert row["prompt_tokens"] > 1024
 
 
 def test_only_updates_one_section_and_keeps_the_rest(run):
@@ -105,3 +108,9 @@ def test_cli_rejects_an_unknown_section(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--quick", "--out", str(tmp_path), "--only", "nonsense"])
     assert e.value.code == 2 and "nonsense" in capsys.readouterr().err
+
+
+def test_only_refuses_to_mix_quick_and_full_results(run, capsys):
+    out, _ = run
+    assert main(["--out", str(out), "--only", "flops"]) == 1
+    assert "holds a quick run" in capsys.readouterr().err

@@ -15,6 +15,7 @@ SIZE = 384  # the smallest supported S keeps calibration fast; the semantics are
 class Graph:
     path: Path
     vs: object  # export.validate.ValidationSet with its torch reference
+    size: int = SIZE
 
 
 @pytest.fixture(scope="session")

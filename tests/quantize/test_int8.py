@@ -14,12 +14,10 @@ from mra.export.validate import VALIDATION_PHOTOS, Threshold, validate_graph
 from mra.quantize.calibration import load_calibration_set
 from mra.quantize.int8 import INT8_MIN_COSINE, QUANTIZED_OP_TYPES, quantize_int8
 
-from .conftest import SIZE
-
 
 @pytest.fixture(scope="module")
-def calib():
-    return load_calibration_set(None, 16, SIZE, exclude_builtin=VALIDATION_PHOTOS)
+def calib(fp32_graph):
+    return load_calibration_set(None, 16, fp32_graph.size, exclude_builtin=VALIDATION_PHOTOS)
 
 
 @pytest.fixture(scope="module")
