@@ -73,7 +73,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", type=_csv("--precision", PRECISIONS),
                    help="vision precisions, comma-separated (default: fp32 for onnx, fp16 for trt)")
     p.add_argument("--calib-images", type=Path, help="folder of calibration photos for INT8 (default: built-in photos)")
-    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="INT8 activation ranges (default minmax; entropy and percentile keep every calibrated "
+                   "activation of one image in memory: about 12 GB for the 7B tower at S=1024)")
     p.add_argument("--calib-count", type=int, default=16, help="calibration images to use (default 16)")
     p.add_argument("--min-cosine", type=_thresholds, default={},
                    help="validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.999,int8=0.98")

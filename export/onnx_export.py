@@ -163,9 +163,11 @@ def describe_onnx(path: str | os.PathLike) -> dict:
 
 # --- the `--target onnx` step of a bundle ----------------------------------------------------
 
-# Which INT8 flavours the bundle carries (quantize/int8.py makes both); the first is
-# vision.int8.onnx. Measurements behind the choice: see the module docstring of quantize/int8.py.
-BUNDLE_INT8_FLAVOURS = ("trt",)
+# The INT8 flavours a bundle carries, both from one calibration: vision.int8.onnx (``trt``:
+# symmetric INT8, what TensorRT builds from and what any onnxruntime runs) and
+# vision.int8-cpu.onnx (``cpu``: 1.19x faster on onnxruntime CPU at the LLaVA-HR-7B size,
+# the only one reaching 2x torch eager there). Measurements: quantize/int8.py's docstring.
+BUNDLE_INT8_FLAVOURS = ("trt", "cpu")
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 
 
@@ -242,9 +244,9 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
 
 
 def _int8_file(flavour: str) -> str:
-    from mra.runtime.names import VISION_ONNX
+    from mra.runtime.names import VISION_INT8_CPU_ONNX, VISION_ONNX
 
-    return VISION_ONNX["int8"] if flavour == BUNDLE_INT8_FLAVOURS[0] else f"vision.int8-{flavour}.onnx"
+    return {"trt": VISION_ONNX["int8"], "cpu": VISION_INT8_CPU_ONNX}[flavour]
 
 
 def _exporter() -> str:

@@ -122,7 +122,8 @@ def _files_size(bundle: Path, a: Artifact) -> int:
 
 def _vision_lines(bundle: Path, m: Manifest, precision: str, batch: int) -> list[Line]:
     engines = [a for a in m.find("vision", "trt", precision)]
-    graphs = {a.precision: a for a in m.find("vision", "onnx")}
+    # Engines are built from the TensorRT-safe graphs, not from the INT8 CPU flavour.
+    graphs = {a.precision: a for a in m.find("vision", "onnx") if a.info.get("int8", {}).get("flavour") != "cpu"}
     if engines:
         e = engines[0]
         weights = Line(f"vision engine ({precision})", e.size, f"{e.file} (file size)")

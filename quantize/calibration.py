@@ -143,6 +143,19 @@ class CalibrationReader(CalibrationDataReader):
         self.bar.close()
 
 
+def calibrated_bytes(graph: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
+    """Bytes of the activations (batch 1) at the inputs and outputs of ``op_types`` nodes:
+    what the histogram calibrators hold per image (the exported graph records every shape)."""
+    import math
+
+    shapes = {v.name: v.type.tensor_type for v in graph.graph.value_info}
+    weights = {t.name for t in graph.graph.initializer}
+    names = {t for n in graph.graph.node if n.op_type in op_types for t in (*n.input, *n.output)
+             if t in shapes and t not in weights}
+    return sum(math.prod(d.dim_value or 1 for d in shapes[t].shape.dim)
+               * onnx.helper.tensor_dtype_to_np_dtype(shapes[t].elem_type).itemsize for t in names)
+
+
 def collect_ranges(src: str | os.PathLike, calib: CalibrationSet, method: str, op_types: tuple[str, ...],
                    cache: str | os.PathLike, progress: bool = False) -> Path:
     """Calibrate the activation ranges of the FP32 graph at ``src`` and write them to
@@ -161,7 +174,14 @@ def collect_ranges(src: str | os.PathLike, calib: CalibrationSet, method: str, o
     from .onnx_io import is_large, weight_bytes
 
     src = Path(src)
-    large = is_large(weight_bytes(onnx.load(str(src), load_external_data=False)))
+    graph = onnx.load(str(src), load_external_data=False)
+    large = is_large(weight_bytes(graph))
+    if method != "minmax":
+        gib = calibrated_bytes(graph, op_types) / 2**30
+        if gib > 2:
+            log.warning("calibration (%s) holds every calibrated activation of an image at once: about %.1f GiB "
+                        "here; --calib-method minmax needs a fraction of that", method, gib)
+    del graph
     with tempfile.TemporaryDirectory(prefix=".calib-", dir=Path(cache).parent) as tmp:
         aug = str(Path(tmp) / "augmented.onnx")
         args = (src, list(op_types), aug)

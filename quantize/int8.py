@@ -16,16 +16,19 @@ Two flavours differ in how activations and biases are stored:
   layout onnxruntime fuses into QLinearConv / QLinearMatMul on x86 (U8S8 on AVX2 without
   VNNI). TensorRT refuses it (UINT8, INT32 DequantizeLinear).
 
-Which the bundle carries: only ``trt``, as vision.int8.onnx, one graph for both backends.
-Measured with onnxruntime on this 2-core AVX2 CPU (batch 1, S = 1024, mean cosine against
-torch FP32 on held-out photos; random weights):
-  tiny   : trt 0.9915 / cpu 0.9868 cosine; 0.36 / 0.44 s (fp32 0.36 s; all overhead)
-  medium : trt 0.9981 / cpu 0.9968 cosine; 2.13 / 2.05 s (fp32 2.14 s, torch eager 5.1 s)
-  (medium: ViT 256 wide x 8 layers, ConvNeXt 64..512, LLM width 1024; see
-  benchmarks/vision_latency.py for the LLaVA-HR-7B size.)
-The CPU flavour is at most a few percent faster on this CPU and less accurate, while the
-TensorRT flavour is required on the device; a second 0.6 GB graph at the 7B size is not
-worth it. `flavour="cpu"` stays available to the library for CPUs where it pays (VNNI).
+Which the bundle carries: both, from one calibration (export/onnx_export.py), with the
+flavour in each manifest entry. Measured with onnxruntime on this 2-core AVX2 CPU (batch 1,
+S = 1024, mean cosine of the embeddings against torch FP32 on held-out photos; random
+weights; benchmarks/vision_latency.py):
+  LLaVA-HR-7B size : torch eager 30.5 s, ort fp32 21.4 s, int8 trt 16.1 s (1.89x torch,
+                     cosine 0.99873), int8 cpu 13.6 s (2.24x, cosine 0.99818)
+  medium           : torch 5.1 s, fp32 2.14 s, trt 2.13 s (0.9981), cpu 2.05 s (0.9968)
+  tiny             : fp32 0.36 s, trt 0.36 s (0.9915), cpu 0.44 s (0.9868); all overhead
+  (medium: ViT 256 wide x 8 layers, ConvNeXt 64..512, LLM width 1024.)
+On CPU the ``trt`` graph leaves its convolutions unfused (no output Q) and shares one DQ
+between q/k/v, so onnxruntime falls back to float kernels there; only the ``cpu`` graph
+reaches the 2x target over torch, while TensorRT cannot take it. One graph cannot serve
+both, so the bundle has two (+0.56 GB at the 7B size).
 
 Random weights make INT8 look worse than trained ones in one way (a random network
 amplifies small perturbations layer after layer) and better in another (no outlier

@@ -11,6 +11,7 @@ ONNX_OPSET = 17
 MANIFEST_FILE = "mra.json"
 MANIFEST_FORMAT = 1
 VISION_ONNX = {"fp32": "vision.onnx", "fp16": "vision.fp16.onnx", "int8": "vision.int8.onnx"}
+VISION_INT8_CPU_ONNX = "vision.int8-cpu.onnx"  # onnxruntime-CPU flavour of INT8 (UINT8 activations)
 
 
 def llm_gguf_file(quant: str) -> str:

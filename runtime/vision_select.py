@@ -106,8 +106,12 @@ def _select_onnx(manifest: Manifest, bundle: str | Path, precision: str | None,
     if not graphs:
         raise MraError(f"bundle {bundle} | has no vision ONNX graph; export one with "
                        "`mra-export --model CKPT --target onnx`")
+    from .ort_backend import best_providers
+
+    first = (providers or best_providers())[0]
+    first = first if isinstance(first, str) else first[0]  # (name, options) tuples are allowed by onnxruntime
     if precision is not None:
-        found = [a for a in graphs if a.precision == precision]
+        found = sorted((a for a in graphs if a.precision == precision), key=lambda a: _flavour_rank(a, first))
         if not found:
             raise MraError(f"vision | no {precision} ONNX graph in {bundle}, it has "
                            f"{', '.join(a.precision for a in graphs)}")
@@ -115,14 +119,18 @@ def _select_onnx(manifest: Manifest, bundle: str | Path, precision: str | None,
             log.warning("vision %s: its export validation did not pass (%s); using it because it was asked for",
                         found[0].file, found[0].validation)
         return VisionChoice(found[0], "onnxruntime", providers)
-    from .ort_backend import best_providers
-
-    first = (providers or best_providers())[0]
-    first = first if isinstance(first, str) else first[0]  # (name, options) tuples are allowed by onnxruntime
     order = ORT_PRECISION_ORDER.get(first, ORT_PRECISION_ORDER["CPUExecutionProvider"])
-    passed = sorted((a for a in graphs if a.passed and a.precision in order), key=lambda a: order.index(a.precision))
+    passed = sorted((a for a in graphs if a.passed and a.precision in order), key=lambda a: (order.index(a.precision), _flavour_rank(a, first)))
     if not passed:
         raise MraError(f"bundle {bundle} | no vision ONNX graph passed its export validation "
                        f"({', '.join(f'{a.precision}: {a.validation}' for a in graphs)}); "
                        "re-export, or name one explicitly with vision='onnx:PRECISION'")
     return VisionChoice(passed[0], "onnxruntime", providers)
+
+
+def _flavour_rank(a: Artifact, provider: str) -> int:
+    """Of two INT8 graphs, the CPU provider prefers the ``cpu`` flavour (UINT8 activations that
+    onnxruntime fuses into faster x86 kernels), every other provider the symmetric ``trt`` one."""
+    flavour = a.info.get("int8", {}).get("flavour")
+    wanted = "cpu" if provider == "CPUExecutionProvider" else "trt"
+    return 0 if flavour in (None, wanted) else 1

@@ -72,3 +72,24 @@ def test_reader_feeds_one_image_at_a_time_and_strides(folder):
     (only,) = list(iter(reader.get_next, None))
     np.testing.assert_array_equal(only[INPUT_NAME][0], calib.pixel_values[1])
     reader.close()
+
+
+def test_calibrated_bytes_is_what_the_graph_produces(fp32_graph):
+    """The per-image memory estimate of the histogram calibrators, against onnxruntime
+    returning those very activations."""
+    import onnx
+    import onnxruntime as ort
+
+    from mra.quantize.calibration import calibrated_bytes
+    from mra.quantize.int8 import QUANTIZED_OP_TYPES
+
+    m = onnx.load(str(fp32_graph.path))
+    weights = {t.name for t in m.graph.initializer}
+    wanted = {t for n in m.graph.node if n.op_type in QUANTIZED_OP_TYPES for t in (*n.input, *n.output)
+              if t not in weights}
+    known = {o.name for o in m.graph.output}
+    m.graph.output.extend(v for v in m.graph.value_info if v.name in wanted and v.name not in known)
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {INPUT_NAME: fp32_graph.vs.batches[0]})
+    got = sum(o.nbytes for o, meta in zip(outs, sess.get_outputs()) if meta.name in wanted)
+    assert calibrated_bytes(m, QUANTIZED_OP_TYPES) == got > 0

@@ -41,6 +41,16 @@ def test_auto_picks_the_fastest_passed_precision_per_provider(tmp_path):
     assert select_vision(m, tmp_path, "int8", CPU).artifact.precision == "int8"  # asked for: used, with a warning
 
 
+def test_int8_flavour_follows_the_provider(tmp_path):
+    m = Manifest.new({"name": "t"}, 384, 576, 64)
+    for file, flavour in (("vision.int8.onnx", "trt"), ("vision.int8-cpu.onnx", "cpu")):
+        m.add(Artifact(file, "vision", "onnx", "int8", 1, "0" * 64, {"int8": {"flavour": flavour}}, {"passed": True}))
+    trt_ep = ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+    assert select_vision(m, tmp_path, "auto", CPU).artifact.file == "vision.int8-cpu.onnx"
+    assert select_vision(m, tmp_path, "int8", CPU).artifact.file == "vision.int8-cpu.onnx"
+    assert select_vision(m, tmp_path, "onnx:int8", trt_ep).artifact.file == "vision.int8.onnx"
+
+
 def test_selection_errors(tmp_path):
     with pytest.raises(MraError, match="no vision ONNX graph passed"):
         select_vision(_manifest({"fp32": False}), tmp_path, "auto", CPU)
