@@ -17,13 +17,10 @@ import numpy as np
 
 
 def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    from mra.benchmarks.machine import proc_status_kb
+
+    kb = proc_status_kb(field).get(field)
+    return None if kb is None else kb / 1024
 
 
 def _rss_mb() -> float:

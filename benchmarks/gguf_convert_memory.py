@@ -31,12 +31,9 @@ NAME = "gguf_convert_memory"
 
 def _status() -> dict[str, int]:
     """Current and peak memory of this process, in bytes (Linux /proc)."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, val = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(val.split()[0]) * 1024
-    return out
+    from mra.benchmarks.machine import proc_status_kb
+
+    return {k: kb * 1024 for k, kb in proc_status_kb("VmRSS", "VmHWM", "RssAnon", "RssFile").items()}
 
 
 def child(ckpt: str, out: str, out_type: str) -> None:

@@ -9,6 +9,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
+
+def proc_status_kb(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status (VmRSS, VmHWM, RssAnon, ...) in KiB; missing ones absent
+    (not Linux). VmHWM is this process image's own peak, unlike ru_maxrss, which also counts
+    the parent's memory at fork time."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    pairs = (line.split(":", 1) for line in lines if ":" in line)
+    return {k: int(v.split()[0]) for k, v in pairs if k in fields}
+
 LIBRARIES = ["mra-edge", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "llama-cpp-python", "gguf",
              "tensorrt", "matplotlib"]
 SIMD_FLAGS = ["avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",

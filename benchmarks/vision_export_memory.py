@@ -26,10 +26,9 @@ LIMIT_GB = 16.0
 
 
 def _vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    from mra.benchmarks.machine import proc_status_kb
+
+    return proc_status_kb("VmHWM").get("VmHWM", float("nan")) / 1024
 
 
 def child_main(report: Path, argv: list[str]) -> int:

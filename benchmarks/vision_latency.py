@@ -49,16 +49,6 @@ def prepare_main(ckpt: Path, graphs: Path, image_size: int, calib_count: int) ->
     return 0
 
 
-def ensure_checkpoint(ckpt: Path | None, work: Path, quick: bool) -> Path:
-    if ckpt is not None:
-        return ckpt
-    path = work / ("tiny-ckpt" if quick else "hr7b-vision")
-    if not (path / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "mra.export.cli", "make-tiny", str(path), "--preset",
-                        "tiny" if quick else "7b", "--parts", "vision"], check=True, stdout=subprocess.DEVNULL)
-    return path
-
-
 def measure(ckpt: Path, work: Path, image_size: int, threads: int, warmup: int, repeats: int, photos: int,
             calib_count: int, timeout_s: float) -> dict:
     from mra.benchmarks.backends import accuracy_inputs, run_worker
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     from mra.benchmarks.machine import describe_machine
-    from mra.benchmarks.vision_export_memory import machine_line
+    from mra.benchmarks.vision_export_memory import ensure_checkpoint, machine_line
 
     with tempfile.TemporaryDirectory(prefix="mra-vision-latency-") as tmp:
         work = a.work or Path(tmp)
