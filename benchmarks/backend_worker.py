@@ -2,9 +2,9 @@
 own: ``python -m mra.benchmarks.backend_worker SPEC.json`` writes RESULT.json and the
 embeddings of the accuracy inputs (``embeds.npy``) into the spec's ``out`` folder.
 
-Spec keys: backend (torch | onnxruntime | tensorrt), precision, path (checkpoint dir for
-torch, graph or engine file otherwise), image_size, threads, warmup, repeats, batch,
-inputs (an .npy of [K, 3, S, S] preprocessed photos), out."""
+Spec keys: backend (torch | onnxruntime | tensorrt), precision, flavour (of an INT8 graph),
+path (checkpoint dir for torch, graph or engine file otherwise), image_size, threads, warmup,
+repeats, batch, inputs (an .npy of [K, 3, S, S] preprocessed photos), out."""
 
 from __future__ import annotations
 
@@ -73,9 +73,9 @@ def measure(spec: dict) -> dict:
         name = getattr(runner, "name", spec["backend"])
     out = Path(spec["out"])
     np.save(out / "embeds.npy", embeds.astype(np.float32))
-    return {"backend": spec["backend"], "precision": spec["precision"], "runner": name,
-            "latency": lat.to_dict(), "batch": spec["batch"], "throughput_img_s": spec["batch"] / thr.median_s,
-            "batch_latency": thr.to_dict(), "rss_before_load_mb": base, "rss_loaded_mb": loaded,
+    return {"backend": spec["backend"], "precision": spec["precision"], "flavour": spec.get("flavour"),
+            "runner": name, "latency": lat.to_dict(), "batch": spec["batch"],
+            "throughput_img_s": spec["batch"] / thr.median_s, "batch_latency": thr.to_dict(), "rss_before_load_mb": base, "rss_loaded_mb": loaded,
             "peak_rss_mb": _peak_rss_mb()}
 
 

@@ -31,11 +31,17 @@ def accuracy_inputs(image_size: int, count: int, path: Path) -> Path:
     return path
 
 
+def row_key(row: dict) -> str:
+    """backend:precision, plus the INT8 flavour: a bundle carries two INT8 graphs."""
+    flavour = row.get("flavour")
+    return f"{row['backend']}:{row['precision']}" + (f"-{flavour}" if flavour else "")
+
+
 def backend_specs(bundle: Path, ckpt: Path, manifest) -> list[dict]:
     specs = [{"backend": "torch", "precision": "fp32", "path": str(ckpt)}]
     for a in sorted(manifest.find("vision", "onnx"), key=lambda a: ("fp32", "fp16", "int8").index(a.precision)):
         specs.append({"backend": "onnxruntime", "precision": a.precision, "path": str(bundle / a.file),
-                      "providers": ["CPUExecutionProvider"]})
+                      "flavour": a.info.get("int8", {}).get("flavour"), "providers": ["CPUExecutionProvider"]})
     for a in manifest.find("vision", "trt"):
         specs.append({"backend": "tensorrt", "precision": a.precision, "path": str(bundle / a.file)})
     return specs
@@ -43,7 +49,7 @@ def backend_specs(bundle: Path, ckpt: Path, manifest) -> list[dict]:
 
 def run_worker(spec: dict, work: Path, timeout_s: float) -> dict:
     """Measure one backend in a fresh interpreter; returns its result with ``embeds``."""
-    out = work / f"{spec['backend']}-{spec['precision']}"
+    out = work / row_key(spec).replace(":", "-")
     out.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "out": str(out)}
     (out / "spec.json").write_text(json.dumps(spec))
@@ -52,7 +58,7 @@ def run_worker(spec: dict, work: Path, timeout_s: float) -> dict:
                        capture_output=True, text=True, timeout=timeout_s, env=env)
     if r.returncode:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"backend {spec['backend']}:{spec['precision']} | worker exited {r.returncode}: "
+        raise RuntimeError(f"backend {row_key(spec)} | worker exited {r.returncode}: "
                            + " / ".join(tail))
     result = json.loads((out / "result.json").read_text())
     result["embeds"] = np.load(out / "embeds.npy")

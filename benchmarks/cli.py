@@ -1,7 +1,7 @@
 """mra-bench: measure what MRA buys on this device and write results.json, REPORT.md and plots.
 
   mra-bench --quick --out DIR              tiny shapes, every table, about a minute (CI)
-  mra-bench --out benchmarks/results       the real LLaVA-HR-7B / -X shapes (hours on 2 cores)
+  mra-bench --out benchmarks/results       the real LLaVA-HR-7B / -X shapes (about an hour on 2 cores)
   mra-bench --out DIR --only efficiency    one section; updates DIR/results.json
   mra-bench --out benchmarks/results --only llm --readme README.md   (+ README's Performance section)
 """

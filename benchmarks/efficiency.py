@@ -15,7 +15,6 @@ import numpy as np
 
 from .cases import CLAIM_PAIR, VisionCase
 from .flops import LLAMA_13B, LLAMA_7B, counted_flops
-from .gemm_peak import PhysicalLimit
 from .llm_bench import PrefillCost
 from .runners import TorchRunner, export_fp32_onnx
 from .timing import time_call
@@ -90,8 +89,7 @@ def _time_named_case(name: str, quick: bool, backend: str, threads: int, warmup:
     return time_case(cases[name], backend, threads, warmup, repeats, work)
 
 
-def efficiency_rows(cases: list[VisionCase], timings: dict[str, dict], prefill: dict[int, PrefillCost],
-                    limit: PhysicalLimit) -> list[dict]:
+def efficiency_rows(cases: list[VisionCase], timings: dict[str, dict], prefill: dict[int, PrefillCost]) -> list[dict]:
     rows = []
     for c in cases:
         lat = timings[c.name]["latency"]["median_s"]
@@ -100,7 +98,7 @@ def efficiency_rows(cases: list[VisionCase], timings: dict[str, dict], prefill: 
         achieved = c.flops.total / lat
         rows.append({
             **c.row(), "llm": c.llm, "gflops": c.flops.total / 1e9, "vision_s": lat,
-            "achieved_gflop_s": achieved / 1e9, "fraction_of_peak": achieved / limit.fp32,
+            "achieved_gflop_s": achieved / 1e9,  # its fraction of the limit: Suite.write
             "prompt_positions": p.positions, "prefill_bench_s": p.seconds,
             "prefill_7b_s_extrapolated": p7, "prefill_13b_s_extrapolated": p13,
             "ttft_7b_s_extrapolated": lat + p7, "ttft_13b_s_extrapolated": lat + p13,

@@ -24,7 +24,7 @@ def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path, log_y
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=7)
             for x, y in pts:
-                ax.annotate(f"{y:,.0f}" if key == "tokens" else f"{y:.2g}", (x, y), textcoords="offset points",
+                ax.annotate(f"{y:,.0f}" if key == "tokens" or y >= 10 else f"{y:.2g}", (x, y), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
     ax.set_xlabel("input resolution (px)")
     ax.set_ylabel(ylabel)

@@ -90,12 +90,17 @@ def efficiency_md(e: dict) -> str:
     ])
 
 
+def _precision(r: dict) -> str:
+    """'int8 (cpu)' for the INT8 graphs: the bundle carries two flavours."""
+    return r["precision"] + (f" ({r['flavour']})" if r.get("flavour") else "")
+
+
 def backends_md(b: dict) -> str:
     body = []
     for r in b["rows"]:
         acc = r.get("accuracy", {})
         drift = r.get("logit_drift", {})
-        body.append([r["backend"], r["precision"], _s(r["latency"]["median_s"]), _g(r["throughput_img_s"], 2),
+        body.append([r["backend"], _precision(r), _s(r["latency"]["median_s"]), _g(r["throughput_img_s"], 2),
                      _g(r["peak_rss_mb"], 0), _g(r["peak_rss_mb"] - r["rss_before_load_mb"], 0),
                      _g(r.get("achieved_gop_s"), 1), f"{100 * r['fraction_of_peak']:.0f} %",
                      f"{acc.get('cosine', float('nan')):.6f}", f"{acc.get('rel_err', float('nan')):.2e}",
@@ -144,7 +149,7 @@ def render(results: dict) -> str:
     if "efficiency" in results:
         parts += ["", "## MRA efficiency: dual pathway vs plain high-resolution ViT", "",
                   efficiency_md(results["efficiency"]), "", "![latency](latency_vs_resolution.png)",
-                  "![tokens](tokens_vs_resolution.png)"]
+                  "![tokens](tokens_vs_resolution.png)", "![time to first token](ttft_vs_resolution.png)"]
     if "backends" in results:
         parts += ["", "## Backends and precisions", "", backends_md(results["backends"])]
     if "llm" in results:
@@ -186,7 +191,7 @@ def performance_md(results: dict, results_dir: str = "benchmarks/results") -> st
         b = results["backends"]
         lines += [f"Backends on {b['model']} at {b['image_size']} px:", "",
                   _table(["backend", "latency", "cosine vs torch FP32"],
-                         [[f"{r['backend']} {r['precision']}", _s(r["latency"]["median_s"]),
+                         [[f"{r['backend']} {_precision(r)}", _s(r["latency"]["median_s"]),
                            f"{r['accuracy']['cosine']:.5f}"] for r in b["rows"]]), ""]
     if "llm" in results:
         x = results["llm"]
@@ -196,7 +201,7 @@ def performance_md(results: dict, results_dir: str = "benchmarks/results") -> st
                           for r in x["rows"] if r["engine"].startswith("mra runtime")]), ""]
     lines += ["Reproduce on your device: `mra-bench --quick --out /tmp/bench` (tiny widths at the real "
               "resolutions: checks the whole chain in about 2 minutes) or `mra-bench --out DIR` (the real "
-              "LLaVA-HR-7B / -X shapes with random weights: hours on 2 cores; `--only` runs one section and "
+              "LLaVA-HR-7B / -X shapes with random weights: about an hour on a 2-core CPU; `--only` runs one section and "
               "updates DIR/results.json, `--readme README.md` rewrites this section)."]
     return "\n".join(lines + [README_END]) + "\n"
 

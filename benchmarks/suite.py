@@ -95,8 +95,7 @@ class Suite:
 
         if self._limit is None:
             if "physical_limit" in self.results and "limit" not in self.o.only:
-                d = self.results["physical_limit"]
-                self._limit = PhysicalLimit(d["fp32_flops"], d["int8_ops"], d["vnni"], d["threads"], [])
+                self._limit = PhysicalLimit.from_dict(self.results["physical_limit"])
             else:
                 self._limit = measure_limit(self.o.threads, self.o.gemm_n, max(self.o.repeats, 3), has_vnni())
                 self.results["physical_limit"] = self._limit.to_dict()
@@ -171,7 +170,7 @@ class Suite:
 
         o = self.o
         cases = vision_cases(o.quick)
-        limit = self.limit()
+        self.limit()  # measured before the vision timings, if the results have none
         timings, failed = {}, {}
         self.bundle()  # made first, so the timings below are not interleaved with the export
         for c in cases:
@@ -189,7 +188,7 @@ class Suite:
         probe = self.gguf(o.prefill_quant)
         log.info("prefill costs on %s", probe.name)
         prefill = prefill_costs(probe, [c.tokens for c in cases], o.threads, o.repeats)
-        rows = efficiency_rows(cases, timings, prefill, limit)
+        rows = efficiency_rows(cases, timings, prefill)
         self.results["efficiency"] = {
             "backend": o.backend, "precision": "fp32", "warmup": o.warmup, "repeats": o.repeats,
             "prefill_llm": {"model": bench_llm_name(o.quick), "file": probe.name, "dims": asdict(gguf_dims(probe)),
@@ -201,7 +200,7 @@ class Suite:
         from mra.runtime.compare import compare
         from mra.runtime.manifest import Manifest
 
-        from .backends import accuracy_inputs, backend_specs, logit_drift, run_worker
+        from .backends import accuracy_inputs, backend_specs, logit_drift, row_key, run_worker
         from .flops import mra_flops
 
         o = self.o
@@ -209,30 +208,27 @@ class Suite:
         manifest = Manifest.load(bundle)
         s = int(manifest.image_size)
         flops = mra_flops(vision_config(read_config(ckpt)), s).total
-        limit = self.limit()
+        self.limit()  # measured before the vision timings, if the results have none
         scratch = o.work / "backends"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
         inputs = accuracy_inputs(s, 2, scratch / "inputs.npy")
         rows, embeds = [], {}
         for spec in backend_specs(bundle, ckpt, manifest):
-            log.info("backend %s:%s", spec["backend"], spec["precision"])
+            log.info("backend %s", row_key(spec))
             spec.update(image_size=s, threads=o.threads, warmup=o.warmup, repeats=o.repeats, batch=o.batch,
                         inputs=str(inputs))
             r = run_worker(spec, scratch, o.worker_timeout_s)
-            key = f"{r['backend']}:{r['precision']}"
-            embeds[key] = r.pop("embeds")
-            rate = flops / r["latency"]["median_s"]
-            r.update(achieved_gop_s=rate / 1e9, fraction_of_peak=rate / limit.peak(r["precision"]))
+            embeds[row_key(r)] = r.pop("embeds")
+            r["achieved_gop_s"] = flops / r["latency"]["median_s"] / 1e9
             rows.append(r)
         ref = "torch:fp32"
         # The least quantized GGUF, so the drift is the vision backend's, not the LLM's rounding.
         drift = logit_drift(bundle, embeds, ref, o.threads, least_quantized(o.llm_quants))
         for r in rows:
-            key = f"{r['backend']}:{r['precision']}"
-            c = compare(embeds[key], embeds[ref])
+            c = compare(embeds[row_key(r)], embeds[ref])
             r["accuracy"] = {k: c[k] for k in ("cosine", "min_cosine", "max_abs", "rel_err")}
-            r["logit_drift"] = drift[key]
+            r["logit_drift"] = drift[row_key(r)]
         self.results["backends"] = {
             "model": "tiny random LLaVA-HR" if o.quick else "LLaVA-HR-7B vision, random weights",
             "image_size": s, "tokens": int(manifest.num_image_tokens), "gflops": flops / 1e9, "batch": o.batch,
@@ -258,11 +254,25 @@ class Suite:
                                "decode_tokens": o.decode_tokens, "rows": rows}
 
     # --- output -----------------------------------------------------------------
+    def _fractions_of_the_limit(self) -> None:
+        """Each row's achieved rate as a fraction of the limit now in the results, so rows
+        measured in an earlier run follow a limit re-measured with ``--only limit``."""
+        from .gemm_peak import PhysicalLimit
+
+        if "physical_limit" not in self.results:
+            return
+        limit = PhysicalLimit.from_dict(self.results["physical_limit"])
+        for r in self.results.get("efficiency", {}).get("rows", []):
+            r["fraction_of_peak"] = r["achieved_gflop_s"] * 1e9 / limit.fp32
+        for r in self.results.get("backends", {}).get("rows", []):
+            r["fraction_of_peak"] = r["achieved_gop_s"] * 1e9 / limit.peak(r["precision"])
+
     def write(self) -> None:
         from .plots import write_plots
         from .report import render
 
         out = self.o.out
+        self._fractions_of_the_limit()
         missing = [s for s in ("physical_limit", "flops", "efficiency", "backends", "llm") if s not in self.results]
         self.results["skipped"] = {s: "not run (see --only)" for s in missing}
         atomic_write_text(out / "results.json", json.dumps(_jsonable(self.results), indent=1) + "\n")

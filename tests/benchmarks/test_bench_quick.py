@@ -28,6 +28,7 @@ def test_every_table_is_there(run):
     assert r["efficiency"]["conclusion"]["sentence"] in report
     for png in ("latency_vs_resolution.png", "tokens_vs_resolution.png", "ttft_vs_resolution.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report
 
 
 def test_physical_limit(run):
@@ -69,16 +70,20 @@ def test_efficiency_rows_are_consistent(run):
 
 def test_backends_and_accuracy(run):
     b = run[1]["backends"]
-    rows = {(x["backend"], x["precision"]): x for x in b["rows"]}
-    assert set(rows) >= {("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"),
-                         ("onnxruntime", "int8")}
+    rows = {(x["backend"], x["precision"], x["flavour"]): x for x in b["rows"]}
+    assert len(rows) == len(b["rows"])  # each graph measured once, under its own key
+    assert set(rows) >= {("torch", "fp32", None), ("onnxruntime", "fp32", None), ("onnxruntime", "fp16", None),
+                         ("onnxruntime", "int8", "trt"), ("onnxruntime", "int8", "cpu")}
     assert b["tokens"] == 1024
-    ref = rows[("torch", "fp32")]
+    ref = rows[("torch", "fp32", None)]
     assert ref["accuracy"]["max_abs"] == 0 and ref["logit_drift"]["max_abs"] == 0
-    assert rows[("onnxruntime", "fp32")]["accuracy"]["rel_err"] < 1e-4
-    assert rows[("onnxruntime", "fp16")]["accuracy"]["cosine"] > 0.99
-    assert rows[("onnxruntime", "int8")]["accuracy"]["cosine"] > 0.9
-    assert rows[("onnxruntime", "fp32")]["logit_drift"]["top1_same"]
+    assert rows[("onnxruntime", "fp32", None)]["accuracy"]["rel_err"] < 1e-4
+    assert rows[("onnxruntime", "fp16", None)]["accuracy"]["cosine"] > 0.99
+    trt, cpu = rows[("onnxruntime", "int8", "trt")], rows[("onnxruntime", "int8", "cpu")]
+    assert trt["accuracy"]["cosine"] > 0.9 and cpu["accuracy"]["cosine"] > 0.9
+    # The two flavours round differently, so each row's accuracy must be its own graph's.
+    assert trt["accuracy"]["max_abs"] != cpu["accuracy"]["max_abs"]
+    assert rows[("onnxruntime", "fp32", None)]["logit_drift"]["top1_same"]
     for x in rows.values():
         assert x["latency"]["median_s"] > 0 and x["throughput_img_s"] > 0
         assert x["peak_rss_mb"] >= x["rss_loaded_mb"] > x["rss_before_load_mb"] > 0
@@ -102,6 +107,21 @@ def test_only_updates_one_section_and_keeps_the_rest(run):
     after = json.loads((out / "results.json").read_text())
     assert after["efficiency"] == before["efficiency"] and after["backends"] == before["backends"]
     assert after["meta"]["options"]["only"] == ["flops"]
+
+
+def test_a_remeasured_limit_updates_every_fraction(run):
+    out, _ = run
+    # A small GEMM rates differently from the fixture's, so stale fractions would show.
+    assert main(["--quick", "--out", str(out), "--work", str(out.parent / "work"), "--only", "limit",
+                 "--gemm-n", "256"]) == 0
+    after = json.loads((out / "results.json").read_text())
+    lim = after["physical_limit"]
+    assert {m["n"] for m in lim["measurements"]} == {256}
+    for row in after["efficiency"]["rows"]:
+        assert row["fraction_of_peak"] == pytest.approx(row["achieved_gflop_s"] * 1e9 / lim["fp32_flops"])
+    for row in after["backends"]["rows"]:
+        peak = lim["int8_ops"] if row["precision"] == "int8" else lim["fp32_flops"]
+        assert row["fraction_of_peak"] == pytest.approx(row["achieved_gop_s"] * 1e9 / peak)
 
 
 def test_cli_rejects_an_unknown_section(tmp_path, capsys):
