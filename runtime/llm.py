@@ -231,13 +231,7 @@ class LlamaSession:
 
     def eval_tokens(self, tokens: Sequence[int], want_logits: bool = True) -> None:
         """Append token ids at the end of the sequence."""
-        batch, views = self._tok_batch
-        for s in range(0, len(tokens), self.n_batch):
-            part = tokens[s:s + self.n_batch]
-            views["data"][:len(part)] = part
-            last = s + self.n_batch >= len(tokens)
-            self._decode(batch, views, len(self.keys), len(part), want_logits and last)
-            self.keys.extend(int(t) for t in part)
+        self._feed(self._tok_batch, tokens, [int(t) for t in tokens], want_logits)
 
     def eval_embeddings(self, emb: Embeddings, rows: slice = slice(None), want_logits: bool = False) -> None:
         """Append image-embedding rows (``llama_batch.embd``) at the end of the sequence."""
@@ -246,13 +240,17 @@ class LlamaSession:
         if x.ndim != 2 or x.shape[1] != self.n_embd:
             raise MraError(f"image embeddings | shape {tuple(x.shape)}, expected [N, {self.n_embd}] (the LLM's "
                            "n_embd)")
-        batch, views = self._emb_batch
-        for s in range(0, len(x), self.n_batch):
-            part = x[s:s + self.n_batch]
+        self._feed(self._emb_batch, x, [(emb.key, first + i) for i in range(len(x))], want_logits)
+
+    def _feed(self, batch_views, rows, keys: list, want_logits: bool) -> None:
+        """Decode ``rows`` (token ids or embedding rows) in chunks of ``n_batch`` at the end of
+        the sequence, logits for the last row only if wanted; ``keys`` name the rows in the cache."""
+        batch, views = batch_views
+        for s in range(0, len(rows), self.n_batch):
+            part = rows[s:s + self.n_batch]
             views["data"][:len(part)] = part
-            last = s + self.n_batch >= len(x)
-            self._decode(batch, views, len(self.keys), len(part), want_logits and last)
-            self.keys.extend((emb.key, first + s + i) for i in range(len(part)))
+            self._decode(batch, views, len(self.keys), len(part), want_logits and s + self.n_batch >= len(rows))
+            self.keys.extend(keys[s:s + len(part)])
 
     # --- prompts with prefix re-use ---------------------------------------------------
     def prefill(self, items: Sequence[Item]) -> PrefillStats:
