@@ -88,8 +88,11 @@ def bare_speed(path: Path, quant: str, threads: int, prompt_tokens: int, decode_
     threads, context and batch size as the runtime; otherwise llama-cpp-python's defaults."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads,
-                          n_threads_batch=threads, n_batch=512, verbose=False)
+    from mra.runtime.llm import model_params_for_llama_class
+
+    with model_params_for_llama_class():
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads,
+                              n_threads_batch=threads, n_batch=512, verbose=False)
     try:
         prompt = [llm.token_bos()] + _random_tokens(prompt_tokens - 1, llm.n_vocab())
         llm.eval(prompt[:8])

@@ -144,11 +144,12 @@ def run(opts: Options) -> dict:
     gguf = bundle / pipe.llm_artifact.file
     kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
           "q4_0": llama_cpp.GGML_TYPE_Q4_0}[opts.kv_type]
-    from mra.runtime.llm import use_flash_attn
+    from mra.runtime.llm import model_params_for_llama_class, use_flash_attn
 
-    bare = llama_cpp.Llama(str(gguf), n_ctx=opts.n_ctx, n_threads=threads, n_threads_batch=threads,
-                           n_batch=opts.n_batch, n_ubatch=opts.n_batch, type_k=kv, type_v=kv,
-                           flash_attn=use_flash_attn(None, opts.kv_type, 0), verbose=False)
+    with model_params_for_llama_class():  # the same weight buffers as the runtime's session
+        bare = llama_cpp.Llama(str(gguf), n_ctx=opts.n_ctx, n_threads=threads, n_threads_batch=threads,
+                               n_batch=opts.n_batch, n_ubatch=opts.n_batch, type_k=kv, type_v=kv,
+                               flash_attn=use_flash_attn(None, opts.kv_type, 0), verbose=False)
     if bare.n_ctx() != pipe.llm.n_ctx:
         raise RuntimeError(f"context lengths differ: runtime {pipe.llm.n_ctx}, bare {bare.n_ctx()}")
     try:

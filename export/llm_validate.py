@@ -117,32 +117,30 @@ class SpTokenizer:
 
 @dataclass
 class LlamaCppModel:
-    """A GGUF opened in llama.cpp for parity runs: logits at every position, F32 KV cache."""
+    """A GGUF opened through the runtime's own llama.cpp session for parity runs: logits at every
+    position, F32 KV cache. Validating through the code path that ships means a GGUF that passes
+    here loads and runs the same way in the runtime."""
     path: Path
     n_ctx: int = 512
     n_threads: int | None = None
 
     def __enter__(self) -> "LlamaCppModel":
-        import llama_cpp
+        from mra.runtime.llm import LlamaSession
 
-        self.llm = llama_cpp.Llama(
-            model_path=str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx, logits_all=True,
-            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=self.n_threads,
-            n_gpu_layers=0, verbose=False)
+        self.session = LlamaSession(self.path, n_ctx=self.n_ctx, n_threads=self.n_threads, kv_type="f32",
+                                    n_batch=self.n_ctx, flash_attn=False)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.llm.close()
+        self.session.close()
 
     def logits(self, ids: list[int]) -> np.ndarray:
         if len(ids) > self.n_ctx:
             raise MraError(f"llama.cpp parity run | prompt of {len(ids)} tokens, expected <= n_ctx {self.n_ctx}")
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+        return self.session.logits_all(ids)
 
     def tokenize(self, text: str, bos: bool) -> list[int]:
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False))
+        return ([self.session.bos] if bos else []) + self.session.tokenize(text)
 
 
 def tokenization_parity(model: LlamaCppModel, tok: SpTokenizer, texts=TOKENIZER_TEXTS) -> dict:

@@ -12,6 +12,7 @@ top-p -> seeded draw, the order HF ``generate`` applies them in).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import logging
 import os
@@ -37,6 +38,39 @@ def use_flash_attn(flash_attn: bool | None, kv_type: str, n_gpu_layers: int) -> 
     if flash_attn is not None:
         return flash_attn
     return kv_type.startswith("q") or n_gpu_layers != 0
+
+def extra_buffers_default() -> bool:
+    """llama.cpp's extra CPU weight buffers (AMX, repacked layouts) unless this build uses AMX:
+    ``ggml_backend_amx_mul_mat`` segfaults on some Sapphire-Rapids-class CPUs (llama.cpp issue
+    #20824; measured here: every Q8_0 / Q4_0 decode of the tiny model killed the process), and a
+    crashed process is worse than the speed AMX gives. ``MRA_LLAMA_EXTRA_BUFFERS=1|0`` overrides."""
+    env = os.environ.get("MRA_LLAMA_EXTRA_BUFFERS")
+    if env in ("0", "1"):
+        return env == "1"
+    return b"AMX_INT8 = 1" not in llama_lib().llama_print_system_info()
+
+
+@contextlib.contextmanager
+def model_params_for_llama_class():
+    """Make ``llama_cpp.Llama`` load with the same extra-buffer choice as :class:`LlamaSession`
+    (it has no argument for it), so the benchmarks' bare llama-cpp-python side runs the same
+    kernels and does not crash where the runtime would not."""
+    import llama_cpp.llama_cpp as low
+
+    orig = low.llama_model_default_params
+    extra = extra_buffers_default()
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = extra
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = orig
+
 
 _lib: Any = None
 _recent_errors: collections.deque[str] = collections.deque(maxlen=4)
@@ -147,7 +181,7 @@ class LlamaSession:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", n_batch: int = 512,
-                 flash_attn: bool | None = None):
+                 flash_attn: bool | None = None, extra_buffers: bool | None = None):
         lib = self._lib = llama_lib()
         self.path = Path(path)
         self.model = self.ctx = None
@@ -155,6 +189,7 @@ class LlamaSession:
             raise MraError(f"kv_type | got {kv_type!r}, expected one of {', '.join(KV_TYPES)}")
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        mp.use_extra_bufts = extra_buffers_default() if extra_buffers is None else extra_buffers
         self.model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
             raise MraError(f"{self.path} | llama.cpp cannot load it: {_last_error()}")
@@ -203,11 +238,11 @@ class LlamaSession:
                          else np.ctypeslib.as_array(b.token, shape=(self.n_batch,)))
         return b, views
 
-    def _decode(self, batch, views: dict, start: int, n: int, want_logits: bool) -> None:
+    def _decode(self, batch, views: dict, start: int, n: int, want_logits: bool, every: bool = False) -> None:
         views["pos"][:n] = np.arange(start, start + n, dtype=np.int32)
         out = views["logits"]
-        out[:n] = 0
-        out[n - 1] = 1 if want_logits else 0
+        out[:n] = 1 if every else 0
+        out[n - 1] = 1 if want_logits or every else 0
         batch.n_tokens = n
         rc = self._lib.llama_decode(self.ctx, batch)
         if rc != 0:
@@ -251,6 +286,21 @@ class LlamaSession:
             views["data"][:len(part)] = part
             self._decode(batch, views, len(self.keys), len(part), want_logits and s + self.n_batch >= len(rows))
             self.keys.extend(keys[s:s + len(part)])
+
+    def logits_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """float32 [len(tokens), n_vocab]: the logits at every position of ``tokens`` evaluated as a
+        new sequence (export-time parity checks run through this same session code)."""
+        self.reset()
+        batch, views = self._tok_batch
+        out = []
+        for s in range(0, len(tokens), self.n_batch):
+            part = [int(t) for t in tokens[s:s + self.n_batch]]
+            views["data"][:len(part)] = part
+            self._decode(batch, views, len(self.keys), len(part), True, every=True)
+            self.keys.extend(part)
+            ptr = self._lib.llama_get_logits(self.ctx)
+            out.append(np.ctypeslib.as_array(ptr, shape=(len(part), self.n_vocab)).copy())
+        return np.concatenate(out) if out else np.zeros((0, self.n_vocab), np.float32)
 
     # --- prompts with prefix re-use ---------------------------------------------------
     def prefill(self, items: Sequence[Item]) -> PrefillStats:
