@@ -33,14 +33,61 @@ def _csv(kind, allowed=None):
     return parse
 
 
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a positive integer") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} | got {v}, expected a positive integer")
+        return v
+    return parse
+
+
+def _fraction(name: str, low_open: bool = True):
+    """A number in (0, 1] (or [0, 1]): thresholds, where nan or 5 would silently pass or fail everything."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a number") from None
+        if not (0 < v <= 1 if low_open else 0 <= v <= 1):
+            raise argparse.ArgumentTypeError(f"{name} | got {text}, expected a number in {'(0' if low_open else '[0'}, 1]")
+        return v
+    return parse
+
+
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a number") from None
+        if not (v > 0 and v < float("inf")):
+            raise argparse.ArgumentTypeError(f"{name} | got {text}, expected a finite number > 0")
+        return v
+    return parse
+
+
+def _llm_quants(text: str) -> list[str]:
+    """GGUF types, or 'none' alone."""
+    from mra.quantize.gguf_types import GGUF_TYPES
+
+    items = _csv("--llm-quant", (*GGUF_TYPES, "none"))(text)
+    if "none" in items and len(items) > 1:
+        raise argparse.ArgumentTypeError(f"--llm-quant | got {text!r}: 'none' cannot be combined with GGUF types")
+    return items
+
+
 def _thresholds(text: str) -> dict[str, float]:
     """'0.995' (every reduced precision) or 'fp16=0.999,int8=0.98'."""
     try:
         if "=" not in text:
-            return {p: float(text) for p in ("fp16", "int8")}
+            return {p: _fraction("--min-cosine")(text) for p in ("fp16", "int8")}
         pairs = (t.split("=") for t in text.split(","))
-        out = {k.strip(): float(v) for k, v in pairs}
-    except ValueError:
+        out = {k.strip(): _fraction("--min-cosine")(v) for k, v in pairs}
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"--min-cosine | got {text!r}, expected 0.995 or fp16=0.999,int8=0.98") from None
     if set(out) - set(PRECISIONS):
         raise argparse.ArgumentTypeError(f"--min-cosine | unknown precision in {text!r}")
@@ -69,28 +116,28 @@ def export_parser() -> argparse.ArgumentParser:
     src.add_argument("--bundle", type=Path, help="existing bundle: build TensorRT engines from its ONNX graphs")
     p.add_argument("--target", choices=("onnx", "trt"), default="onnx", help="onnx: ONNX graphs; trt: also TensorRT engines")
     p.add_argument("--out", type=Path, help="bundle directory to write (with --model)")
-    p.add_argument("--image-size", type=int, help="input side S (default: the checkpoint's input_image_size)")
+    p.add_argument("--image-size", type=_positive_int("--image-size"), help="input side S (default: the checkpoint's input_image_size)")
     p.add_argument("--precision", type=_csv("--precision", PRECISIONS),
                    help="vision precisions, comma-separated (default: fp32 for onnx, fp16 for trt)")
     p.add_argument("--calib-images", type=Path, help="folder of calibration photos for INT8 (default: built-in photos)")
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
                    help="INT8 activation ranges (default minmax; entropy and percentile keep every calibrated "
                    "activation of one image in memory: about 12 GB for the 7B tower at S=1024)")
-    p.add_argument("--calib-count", type=int, default=16, help="calibration images to use (default 16)")
+    p.add_argument("--calib-count", type=_positive_int("--calib-count"), default=16, help="calibration images to use (default 16)")
     p.add_argument("--min-cosine", type=_thresholds, default={},
                    help="validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.999,int8=0.98")
-    p.add_argument("--max-rel-err", type=float, default=1e-4, help="FP32 validation threshold (default 1e-4)")
-    p.add_argument("--llm-quant", type=_csv("--llm-quant", (*GGUF_TYPES, "none")), default=["Q4_K_M"],
+    p.add_argument("--max-rel-err", type=_positive_float("--max-rel-err"), default=1e-4, help="FP32 validation threshold (default 1e-4)")
+    p.add_argument("--llm-quant", type=_llm_quants, default=["Q4_K_M"],
                    help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default Q4_K_M)")
     p.add_argument("--llm-only", action="store_true", help="build only the LLM part of the bundle")
-    p.add_argument("--llm-max-kl", type=float, help="LLM validation of quantized GGUFs: highest mean "
+    p.add_argument("--llm-max-kl", type=_positive_float("--llm-max-kl"), help="LLM validation of quantized GGUFs: highest mean "
                    "KL(transformers || llama.cpp) over the prompt positions (default per type, see README)")
-    p.add_argument("--llm-min-top1", type=float, help="LLM validation of quantized GGUFs: lowest top-1 agreement "
+    p.add_argument("--llm-min-top1", type=_fraction("--llm-min-top1", low_open=False), help="LLM validation of quantized GGUFs: lowest top-1 agreement "
                    "with transformers (default per type)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     g = p.add_argument_group("TensorRT (--target trt)")
     g.add_argument("--batch", type=_batch, default=(1, 1, 4), help="optimization profile MIN,OPT,MAX (default 1,1,4)")
-    g.add_argument("--workspace-mb", type=int, help="builder workspace limit in MiB")
+    g.add_argument("--workspace-mb", type=_positive_int("--workspace-mb"), help="builder workspace limit in MiB")
     g.add_argument("--timing-cache", type=Path, help="timing cache file to read and update")
     g.add_argument("--dla-core", type=int, help="Jetson DLA core (GPU fallback for unsupported layers)")
     g.add_argument("--builder-optimization-level", type=int, choices=range(0, 6), metavar="0-5")
@@ -103,7 +150,9 @@ def options_from(a: argparse.Namespace):
     from mra.export.bundle import ExportOptions
 
     if a.model and not a.out:
-        raise SystemExit("mra-export: error: --out BUNDLE is required with --model")
+        from mra.runtime.errors import MraError
+
+        raise MraError("--out | missing: --out BUNDLE is required with --model")
     quants = [] if a.llm_quant == ["none"] else a.llm_quant
     return ExportOptions(
         out=a.out or a.bundle, model=a.model, target=a.target, image_size=a.image_size,
@@ -157,28 +206,23 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mra.runtime.errors import run_cli
+
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv and argv[0] in SUBCOMMANDS:
-            _setup_logging(False, False)
-            SUBCOMMANDS[argv[0]](argv[1:])
-            return 0
-        a = export_parser().parse_args(argv)
-        _setup_logging(a.quiet, a.verbose)
-        from mra.export.bundle import export
+    return run_cli("mra-export", _main, argv, verbose="-v" in argv or "--verbose" in argv)
 
-        out = export(options_from(a))
-        logging.getLogger("mra.export").info("bundle written: %s", out)
-        return 0
-    except KeyboardInterrupt:
-        print("mra-export: interrupted; nothing was left behind", file=sys.stderr)
-        return 130
-    except Exception as e:  # one line for the user; -v shows the traceback
-        if logging.getLogger().isEnabledFor(logging.DEBUG):
-            raise
-        print(f"mra-export: error: {e}", file=sys.stderr)
-        return 1
 
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        _setup_logging(False, False)
+        return SUBCOMMANDS[argv[0]](argv[1:]) or 0
+    a = export_parser().parse_args(argv)
+    _setup_logging(a.quiet, a.verbose)
+    from mra.export.bundle import export
+
+    out = export(options_from(a))
+    logging.getLogger("mra.export").info("bundle written: %s", out)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ from mra.runtime.manifest import Manifest
 def describe_source(ckpt: Path, image_size: int | None) -> Manifest:
     cfg = read_config(ckpt)
     vc = read_vision_config(ckpt)
-    s = image_size or vc.image_size
+    s = vc.image_size if image_size is None else image_size  # 0 is an error, not the default
     check_image_size(vc.vit, s)
     source = {
         "path": str(Path(ckpt).resolve()),

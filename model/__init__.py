@@ -11,10 +11,7 @@ from .tower import MRAVisionTower
 
 def read_vision_config(checkpoint_dir: str | Path) -> VisionConfig:
     """The tower architecture of a checkpoint; errors name the checkpoint's config.json."""
-    try:
-        return vision_config(read_config(checkpoint_dir))
-    except ConfigError as e:  # "config.json <field> | ..." -> "<dir>/config.json <field> | ..."
-        raise ConfigError(f"{Path(checkpoint_dir)}/{e}" if str(e).startswith("config.json") else str(e)) from None
+    return vision_config(read_config(checkpoint_dir), str(Path(checkpoint_dir) / "config.json"))
 
 
 def load_vision(checkpoint_dir: str | Path, image_size: int | None = None) -> MRAVisionTower:

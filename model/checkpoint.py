@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from mra.runtime.errors import MraError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(MraError):
     """A checkpoint file or key is missing, mis-shaped or unreadable; the message names it."""
 
 
@@ -27,9 +29,14 @@ def read_config(ckpt_dir: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} | missing: a LLaVA-HR checkpoint directory has a config.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} | not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} | cannot read it: {e.strerror or e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} | top level is a JSON {type(cfg).__name__}, expected an object")
+    return cfg
 
 
 class CheckpointReader:

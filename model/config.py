@@ -9,12 +9,30 @@ sizes are described.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
+
+from mra.runtime.errors import MraError
 
 
-class ConfigError(ValueError):
+class ConfigError(MraError):
     """config.json describes something this project cannot build."""
+
+
+def _int(value: Any, where: str) -> int:
+    """A JSON integer > 0 (not a bool, a string or a float): config fields are read typed, so a
+    hand-edited ``"hidden_size": "64"`` is named instead of failing deep in torch."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{where} | got {value!r} ({type(value).__name__}), expected a positive integer")
+    return int(value)
+
+
+def _float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where} | got {value!r} ({type(value).__name__}), expected a positive number")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -80,7 +98,8 @@ def check_image_size(vit: ViTConfig, image_size: int) -> None:
         raise ConfigError(f"image size | got {image_size!r} ({type(image_size).__name__}), expected an integer "
                           "multiple of 32 (e.g. 384, 768, 1024, 1536)")
     if image_size < 32 or image_size % 32:
-        raise ConfigError(f"image size | got {image_size}, expected a multiple of 32 (e.g. 384, 768, 1024, 1536)")
+        raise ConfigError(f"image size | got {image_size}, expected a positive multiple of 32 (e.g. 384, 768, 1024, "
+                          "1536)")
     fast = fast_image_size(image_size)
     if fast % vit.patch_size:
         raise ConfigError(f"image size {image_size} | the ViT input {fast} is not a multiple of patch {vit.patch_size}")
@@ -96,51 +115,74 @@ def _base_name(name: str) -> str:
     return name.split("/")[-1].split(".")[0] if "convnext" in name else name
 
 
-def vit_config(cfg: dict) -> ViTConfig:
+def vit_config(cfg: dict, source: str = "config.json") -> ViTConfig:
     block = cfg.get("mm_vision_tower_config")
+    if block is not None and not isinstance(block, dict):
+        raise ConfigError(f"{source} mm_vision_tower_config | got {type(block).__name__}, expected an object")
     if block:
         known = {k: block[k] for k in VIT_FIELDS if k in block}
         missing = [k for k in VIT_FIELDS[:4] if k not in known]
         if missing:
-            raise ConfigError(f"config.json mm_vision_tower_config | missing {missing}")
+            raise ConfigError(f"{source} mm_vision_tower_config | missing {missing}")
+        where = f"{source} mm_vision_tower_config"
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                  "patch_size"):
+            if k in known:
+                known[k] = _int(known[k], f"{where}.{k}")
+        if "layer_norm_eps" in known:
+            known["layer_norm_eps"] = _float(known["layer_norm_eps"], f"{where}.layer_norm_eps")
+        if not isinstance(known.get("hidden_act", ""), str):
+            raise ConfigError(f"{where}.hidden_act | got {known['hidden_act']!r}, expected a string")
         return ViTConfig(**known)
     name = cfg.get("mm_vision_tower") or cfg.get("vision_tower")
-    if name not in VIT_PRESETS:
+    if not isinstance(name, str) or name not in VIT_PRESETS:
         raise ConfigError(
-            f"config.json mm_vision_tower | got {name!r}, expected one of {sorted(VIT_PRESETS)} "
+            f"{source} mm_vision_tower | got {name!r}, expected one of {sorted(VIT_PRESETS)} "
             "or an mm_vision_tower_config block")
     return VIT_PRESETS[name]
 
 
-def convnext_config(cfg: dict) -> ConvNeXtConfig:
+def convnext_config(cfg: dict, source: str = "config.json") -> ConvNeXtConfig:
     block = cfg.get("vision_tower_slow_config")
+    where = f"{source} vision_tower_slow_config"
+    if block is not None and not isinstance(block, dict):
+        raise ConfigError(f"{where} | got {type(block).__name__}, expected an object")
     if block:
-        try:
-            c = ConvNeXtConfig(tuple(block["depths"]), tuple(block["dims"]), float(block.get("norm_eps", 1e-6)))
-        except KeyError as e:
-            raise ConfigError(f"config.json vision_tower_slow_config | missing {e.args[0]!r}") from None
+        for k in ("depths", "dims"):
+            if k not in block:
+                raise ConfigError(f"{where} | missing {k!r}")
+            if not isinstance(block[k], list):
+                raise ConfigError(f"{where}.{k} | got {block[k]!r}, expected a list of 4 positive integers")
+        c = ConvNeXtConfig(tuple(_int(v, f"{where}.depths") for v in block["depths"]),
+                           tuple(_int(v, f"{where}.dims") for v in block["dims"]),
+                           _float(block.get("norm_eps", 1e-6), f"{where}.norm_eps"))
         if len(c.depths) != 4 or len(c.dims) != 4:
-            raise ConfigError(f"config.json vision_tower_slow_config | got depths {list(c.depths)} and dims "
+            raise ConfigError(f"{where} | got depths {list(c.depths)} and dims "
                               f"{list(c.dims)}, expected 4 stages each (the adapters use the stride-32 stage 4)")
         return c
     name = cfg.get("vision_tower_slow")
-    base = _base_name(name or "")
+    base = _base_name(name) if isinstance(name, str) else ""
     if base not in CONVNEXT_PRESETS:
         raise ConfigError(
-            f"config.json vision_tower_slow | got {name!r}, expected one of "
+            f"{source} vision_tower_slow | got {name!r}, expected one of "
             "['convnext_large_mlp.clip_laion2b_ft_320', 'convnext_xxlarge.clip_laion2b_soup'] "
             "or a vision_tower_slow_config block")
     return CONVNEXT_PRESETS[base]
 
 
-def vision_config(cfg: dict) -> VisionConfig:
+def vision_config(cfg: dict, source: str = "config.json") -> VisionConfig:
+    """The tower of a parsed config.json; ``source`` (its path) goes into every error message."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source} | top level is a {type(cfg).__name__}, expected a JSON object")
     if not cfg.get("is_multipath_encoder", True):
-        raise ConfigError("config.json is_multipath_encoder | got false: not a LLaVA-HR (MRA) checkpoint")
+        raise ConfigError(f"{source} is_multipath_encoder | got false: not a LLaVA-HR (MRA) checkpoint")
     projector = cfg.get("mm_projector_type", "mlp2x_gelu")
     if projector != "mlp2x_gelu":
-        raise ConfigError(f"config.json mm_projector_type | got {projector!r}, expected 'mlp2x_gelu'")
+        raise ConfigError(f"{source} mm_projector_type | got {projector!r}, expected 'mlp2x_gelu'")
     if "hidden_size" not in cfg:
-        raise ConfigError("config.json hidden_size | missing (the LLM width the projector maps to)")
-    vit = vit_config(cfg)
-    size = int(cfg.get("input_image_size") or 1024)
-    return VisionConfig(vit, convnext_config(cfg), int(cfg["hidden_size"]), size, projector)
+        raise ConfigError(f"{source} hidden_size | missing (the LLM width the projector maps to)")
+    vit = vit_config(cfg, source)
+    size = cfg.get("input_image_size") or 1024
+    size = _int(size, f"{source} input_image_size")
+    return VisionConfig(vit, convnext_config(cfg, source), _int(cfg["hidden_size"], f"{source} hidden_size"), size,
+                        projector)

@@ -52,6 +52,19 @@ def image_files(folder: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
+def check_calibration_folder(folder: Path) -> list[Path]:
+    """The image files of a --calib-images folder, or an MraError saying what is wrong with it."""
+    if not folder.exists():
+        raise MraError(f"--calib-images {folder} | no such folder")
+    if not folder.is_dir():
+        raise MraError(f"--calib-images {folder} | not a folder; pass a folder of photos")
+    files = image_files(folder)
+    if not files:
+        raise MraError(f"--calib-images {folder} | no image files ({', '.join(IMAGE_SUFFIXES)}); "
+                       "pass a folder of photos like the ones the model will see")
+    return files
+
+
 def load_calibration_set(folder: str | os.PathLike | None, count: int, image_size: int,
                          exclude_builtin: tuple[str, ...] = ()) -> CalibrationSet:
     """Up to ``count`` images from ``folder``, preprocessed for ``image_size``.
@@ -63,23 +76,17 @@ def load_calibration_set(folder: str | os.PathLike | None, count: int, image_siz
     if folder is None:
         return _builtin(count, image_size, exclude_builtin)
     folder = Path(folder)
-    if not folder.exists():
-        raise MraError(f"--calib-images {folder} | no such folder")
-    if not folder.is_dir():
-        raise MraError(f"--calib-images {folder} | not a folder; pass a folder of photos")
-    files = image_files(folder)
-    if not files:
-        raise MraError(f"--calib-images {folder} | no image files ({', '.join(IMAGE_SUFFIXES)}); "
-                       "pass a folder of photos like the ones the model will see")
+    files = check_calibration_folder(folder)
     images, names, skipped = [], [], []
     for p in files:
         if len(images) == count:
             break
         try:
             images.append(preprocess_image(load_image(p), image_size))
-            names.append(str(p.relative_to(folder)))
+            names.append(os.fsencode(p.relative_to(folder)).decode("utf-8", "backslashreplace"))
         except MraError as e:
-            skipped.append(f"{p.relative_to(folder)}: {str(e).split(' | ', 1)[-1]}")
+            name = os.fsencode(p.relative_to(folder)).decode("utf-8", "backslashreplace")
+            skipped.append(f"{name}: {str(e).split(' | ', 1)[-1]}")
     if skipped:
         listed = "; ".join(skipped[:MAX_LISTED]) + (f"; and {len(skipped) - MAX_LISTED} more"
                                                     if len(skipped) > MAX_LISTED else "")

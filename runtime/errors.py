@@ -1,5 +1,52 @@
-"""The one exception type the runtime raises for bad input: CLIs turn it into one line."""
+"""The one base error of the project, and the one policy by which every CLI reports errors.
+
+``MraError`` is torch-free so that the runtime, the exporter and the torch model
+(``CheckpointError``, ``ConfigError`` subclass it) share it: a caller catches one type.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from typing import Callable
 
 
 class MraError(Exception):
     """A problem the user can fix; the message says what, where and how."""
+
+
+def run_cli(prog: str, body: Callable[[list[str]], int], argv: list[str], verbose: bool) -> int:
+    """Run a CLI's ``body`` under the one error policy of mra-run, mra-chat and mra-export:
+    user errors (``MraError``) are one line and exit 1; Ctrl-C exits 130; a closed stdout
+    pipe exits quietly; running out of memory says so; anything else is a bug: one line
+    that says so, and the traceback with ``-v``."""
+    try:
+        return body(argv)
+    except MraError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `mra-run ... | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except MemoryError as e:
+        detail = f" ({e})" if str(e) else ""
+        print(f"{prog}: error: out of memory{detail}; use a smaller model, image size or batch, or close other "
+              "programs", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: say so in one line; -v shows where
+        if verbose:
+            traceback.print_exc()
+        print(f"{prog}: internal error: {type(e).__name__}: {e or 'no message'}"
+              + ("" if verbose else " (rerun with -v for the traceback)"), file=sys.stderr)
+        return 1
+
+
+def cli_logging(verbose: bool, quiet: bool = False, default: int = logging.WARNING) -> None:
+    """Plain-message logging for the CLIs: -v debug, -q warnings only."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else default
+    logging.basicConfig(level=level, format="%(message)s")
