@@ -13,6 +13,7 @@ trained that way; pass ``exif_transpose=True`` for photos straight from a phone 
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Union
@@ -28,6 +29,13 @@ ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 # PIL refuses images above 2x this many pixels and only warns above 1x; we refuse
 # above 1x: a 90-megapixel "photo" is almost surely a decompression bomb.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Padding to a square never builds the max(w, h)^2 canvas (a 1 x 40000 PNG would cost
+# 4.8 GB): the resize runs on one side x S intermediate instead. This bounds it.
+MAX_INTERMEDIATE_BYTES = 512 << 20
+_ROW_CHUNK_BYTES = 16 << 20  # padded rows resized horizontally at a time (thin tall images)
+# A tall image's every padded row goes through PIL's horizontal pass (about 4 x side^2
+# multiply-adds, as in the reference): bounded so that a thin PNG cannot take minutes of CPU.
+MAX_TALL_SIDE = 46_340  # side^2 < 2^31
 
 
 def load_image(image: ImageLike, exif_transpose: bool = False) -> Image.Image:
@@ -36,26 +44,54 @@ def load_image(image: ImageLike, exif_transpose: bool = False) -> Image.Image:
         image = _open(Path(image))
     elif isinstance(image, np.ndarray):
         image = _from_array(image)
-    elif not isinstance(image, Image.Image):
+    elif isinstance(image, Image.Image):
+        try:
+            image.load()  # a lazily opened image decodes here: a truncated file fails with our error
+        except (OSError, SyntaxError, ValueError) as e:
+            raise MraError(f"image {getattr(image, 'filename', '') or '(PIL image)'} | cannot decode: {e} "
+                           "(truncated or corrupt file?)") from None
+    else:
         raise MraError(f"image | got {type(image).__name__}, expected a path, a PIL image or a numpy array")
+    _check_size(image)
     if exif_transpose:
         image = ImageOps.exif_transpose(image)
     return to_rgb(image)
 
 
-def _open(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise MraError(f"image {path} | file not found")
-    if path.stat().st_size == 0:
+def _check_size(image: Image.Image, where: str = "image") -> None:
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise MraError(f"{where} | {w}x{h} pixels: the image is empty")
+    if w * h > MAX_PIXELS:
+        raise MraError(f"{where} | {w}x{h} pixels is over the limit of {MAX_PIXELS}: refusing a possible "
+                       "decompression bomb; downscale it first")
+
+
+def check_image_file(path: Path) -> None:
+    """A clear error for what is not a readable regular file: missing, a broken symlink, a
+    folder, a FIFO or a device (opening those can block forever), or empty."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        broken = path.is_symlink()
+        raise MraError(f"image {path} | {'a broken symbolic link' if broken else 'file not found'}") from None
+    except OSError as e:
+        raise MraError(f"image {path} | cannot read it: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MraError(f"image {path} | is a folder, expected an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise MraError(f"image {path} | not a regular file (a FIFO, socket or device); expected an image file")
+    if st.st_size == 0:
         raise MraError(f"image {path} | the file is empty")
+
+
+def _open(path: Path) -> Image.Image:
+    check_image_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise MraError(
-                        f"image {path} | {im.width}x{im.height} pixels is over the limit of {MAX_PIXELS}: "
-                        "refusing a possible decompression bomb; downscale it first")
+                _check_size(im, f"image {path}")
                 im.load()  # decode now, so a truncated file fails here and not later
                 return im.copy()
     except MraError:
@@ -64,7 +100,9 @@ def _open(path: Path) -> Image.Image:
         raise MraError(f"image {path} | refusing a possible decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise MraError(f"image {path} | not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except MemoryError:
+        raise MraError(f"image {path} | out of memory decoding it") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MraError(f"image {path} | cannot decode: {e} (truncated or corrupt file?)") from None
 
 
@@ -75,6 +113,8 @@ def _from_array(a: np.ndarray) -> Image.Image:
     if a.dtype != np.uint8:
         raise MraError(f"image array | got dtype {a.dtype}, expected uint8 (or uint16)")
     if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)):
+        if 0 in a.shape[:2]:
+            raise MraError(f"image array | shape {a.shape}: the image is empty")
         return Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
     raise MraError(f"image array | got shape {a.shape}, expected HxW, HxWx3 or HxWx4")
 
@@ -83,11 +123,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(image, dtype=np.uint32 if image.mode != "I" else np.int64)
         image = Image.fromarray(((np.clip(a, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
-    return image if image.mode == "RGB" else image.convert("RGB")
+    if image.mode == "F":  # floats in an unknown range: any guess would give a wrong picture silently
+        raise MraError("image | PIL mode 'F' (32-bit float pixels) has no defined 8-bit range; convert it to "
+                       "8-bit RGB ('L' or 'RGB') with the scaling your data needs first")
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise MraError(f"image | PIL cannot convert mode {image.mode!r} to RGB ({e}); convert it to RGB first") from None
 
 
 def expand_to_square(image: Image.Image, color=PAD_COLOR) -> Image.Image:
-    """Centre the image on a square canvas of the pad colour (the reference's expand2square)."""
+    """Centre the image on a square canvas of the pad colour (the reference's expand2square).
+    The reference; preprocessing itself uses :func:`pad_resize`, which never builds this canvas."""
     w, h = image.size
     if w == h:
         return image
@@ -97,10 +146,52 @@ def expand_to_square(image: Image.Image, color=PAD_COLOR) -> Image.Image:
     return canvas
 
 
+def pad_resize(image: Image.Image, size: int, color=PAD_COLOR) -> Image.Image:
+    """``expand_to_square(image).resize((size, size), BICUBIC)``, bit for bit, in memory bounded by
+    one side x size intermediate instead of the side x side canvas.
+
+    PIL resizes in two passes, horizontal then vertical, each on the rows/columns alone. So
+    the horizontal pass of the canvas is computed per padded row (a wide image: its own rows,
+    plus one pad row that every pad row shares; a tall image: its rows padded a chunk at a
+    time), stacked into the side x size intermediate, and PIL's vertical pass runs on that
+    with the same coefficients it would use on the canvas."""
+    w, h = image.size
+    side = max(w, h)
+    if w == h:
+        return image.resize((size, size), resample=Image.Resampling.BICUBIC)
+    need = side * size * 3
+    if need > MAX_INTERMEDIATE_BYTES:
+        raise MraError(f"image | {w}x{h} pixels: padding to a {side}-pixel square and resizing to {size} needs "
+                       f"{need / 2**20:.0f} MiB, over the bound of {MAX_INTERMEDIATE_BYTES >> 20} MiB (longest side "
+                       f"at most {MAX_INTERMEDIATE_BYTES // (3 * size)} pixels at S={size}); crop or downscale it first")
+    if h > w and h > MAX_TALL_SIDE:
+        raise MraError(f"image | {w}x{h} pixels: a portrait image is padded to a {h}-pixel square, over the bound "
+                       f"of {MAX_TALL_SIDE} pixels for its height; crop or downscale it first")
+    bicubic = Image.Resampling.BICUBIC
+    rows = Image.new("RGB", (size, side))  # the horizontal pass of every canvas row
+    if w > h:  # pad rows above and below; the image rows span the full width
+        top = (side - h) // 2
+        pad_row = Image.new("RGB", (side, 1), color).resize((size, 1), bicubic, box=(0, 0, side, 1))
+        band = pad_row.resize((size, min(side, 1024)), Image.Resampling.NEAREST)  # the row, repeated
+        for y in [*range(0, top, band.height), *range(top + h, side, band.height)]:
+            rows.paste(band, (0, y))  # pasted rows past the pad are overwritten by the image rows next
+        rows.paste(image.resize((size, h), bicubic, box=(0, 0, w, h)), (0, top))
+    else:  # pad columns left and right of every row: pad a band of rows at a time
+        left = (side - w) // 2
+        band = max(1, min(h, _ROW_CHUNK_BYTES // (3 * side)))
+        canvas = Image.new("RGB", (side, band), color)
+        for y in range(0, h, band):
+            n = min(band, h - y)
+            if n != band:
+                canvas = Image.new("RGB", (side, n), color)
+            canvas.paste(image.crop((0, y, w, y + n)), (left, 0))
+            rows.paste(canvas.resize((size, n), bicubic, box=(0, 0, side, n)), (0, y))
+    return rows.resize((size, size), bicubic, box=(0, 0, size, side))
+
+
 def preprocess_image(image: ImageLike, size: int, exif_transpose: bool = False) -> np.ndarray:
     """float32 [3, size, size], ready for the vision graph's ``pixel_values``."""
-    square = expand_to_square(load_image(image, exif_transpose))
-    resized = square.resize((size, size), resample=Image.Resampling.BICUBIC)
+    resized = pad_resize(load_image(image, exif_transpose), size)
     x = np.asarray(resized, dtype=np.float32) * np.float32(1 / 255)
     x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
