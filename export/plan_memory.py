@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mra.runtime.errors import MraError
+from mra.runtime.llama_enums import KV_TYPES
 from mra.runtime.manifest import Artifact, Manifest
 
 log = logging.getLogger("mra.export")
@@ -48,8 +49,8 @@ SYSTEM = (
 # Bits per weight of llama.cpp's types, from its published 7B sizes: used only when the
 # bundle lacks the GGUF asked for.
 GGUF_BPW = {"F32": 32.0, "F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q4_K_M": 4.85, "Q4_0": 4.55}
-# Bytes per KV-cache element of llama.cpp's cache types (block formats: 34 B / 32, 18 B / 32).
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# Bytes per KV-cache element of llama.cpp's cache types: the runtime's one table.
+KV_BYTES = {name: t.bytes_per_element for name, t in KV_TYPES.items()}
 LLAMA_7B = {"n_vocab": 32000, "n_embd": 4096, "n_layer": 32, "n_head": 32, "n_head_kv": 32, "n_ff": 11008,
             "n_ctx_train": 4096}
 

@@ -6,7 +6,6 @@ get a legacy type, which `tensor_types` reads back so the bundle can report it).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import shutil
@@ -16,6 +15,7 @@ from typing import Iterator
 
 from mra.runtime.errors import MraError
 from mra.runtime.files import atomic_path
+from mra.runtime.llm import capture_llama_log
 
 from .gguf_types import GGUF_TYPES
 
@@ -38,25 +38,6 @@ def _ftype(quant: str) -> int:
     if quant not in LLAMA_FTYPES:
         raise MraError(f"GGUF type | got {quant!r}, expected one of {', '.join(GGUF_TYPES)}")
     return int(getattr(llama_cpp, LLAMA_FTYPES[quant]))
-
-
-@contextlib.contextmanager
-def captured_llama_log() -> Iterator[list[str]]:
-    """Collect llama.cpp's log lines (instead of printing them) while the block runs."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):  # noqa: ARG001 (ctypes signature)
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int = 0) -> Path:
@@ -82,7 +63,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int = 0) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = nthread
-    with atomic_path(dst) as tmp, captured_llama_log() as lines:
+    with atomic_path(dst) as tmp, capture_llama_log() as lines:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
             why = [ln.strip() for ln in lines if "error" in ln.lower() or "failed" in ln.lower()] or lines[-3:]

@@ -9,17 +9,22 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
+import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import MraError
+from .errors import MraError, cli_logging, run_cli
+from .llama_enums import KV_TYPES
+from .preprocess import check_image_file
+from .prompt import check_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-KV_CHOICES = ("f16", "f32", "q8_0", "q4_0")
 
 
 def _positive(kind: type, name: str):
@@ -34,6 +39,21 @@ def _positive(kind: type, name: str):
     return parse
 
 
+def _number(name: str, low: float, low_open: bool, high: float = math.inf):
+    """A finite float in [low, high] (or (low, high]): nan and inf are refused here, not later."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a number") from None
+        if not math.isfinite(v) or v < low or (low_open and v == low) or v > high:
+            raise argparse.ArgumentTypeError(f"{name} | got {text}, expected a finite number "
+                                             f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}"
+                                                                                         if high < math.inf else ""))
+        return v
+    return parse
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory (with mra.json)")
     g = p.add_argument_group("runtime")
@@ -43,14 +63,15 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-ctx", type=_positive(int, "--n-ctx"), help="context length (default: the model's)")
     g.add_argument("--threads", type=_positive(int, "--threads"), help="CPU threads (default: like llama-cpp-python)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers to offload to the GPU (-1: all)")
-    g.add_argument("--kv-type", choices=KV_CHOICES, default="f16", help="KV cache type (default f16)")
+    g.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16", help="KV cache type (default f16)")
     g.add_argument("--no-hash", action="store_true",
                    help="check artifact sizes only, skip sha256 (saves seconds on multi-GB files)")
     g.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (camera photos)")
     s = p.add_argument_group("generation")
     s.add_argument("--max-tokens", type=_positive(int, "--max-tokens"), default=256)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--temperature", type=_number("--temperature", 0, False), default=0.0,
+                   help="0 (default): greedy")
+    s.add_argument("--top-p", type=_number("--top-p", 0, True, 1), default=1.0, help="in (0, 1]; 1 (default): off")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable); </s> always stops")
     p.add_argument("--timings", action="store_true",
@@ -98,15 +119,21 @@ def run_parser() -> argparse.ArgumentParser:
 
 def _run(argv: list[str]) -> int:
     a = run_parser().parse_args(argv)
+    check_text(a.prompt, "--prompt")
     if a.images is not None and a.out is None:
         raise MraError("--images | needs --out answers.jsonl (the folder run writes one JSON line per image)")
-    if a.image is not None and not a.image.is_file():
-        raise MraError(f"image {a.image} | file not found")
-    if a.images is not None and not a.images.is_dir():
-        raise MraError(f"--images {a.images} | not a directory")
+    if a.image is not None:
+        check_image_file(a.image)
+    if a.images is not None:
+        if not a.images.is_dir():
+            raise MraError(f"--images {a.images} | not a directory")
+        images = folder_images(a.images)
+        if not images:
+            raise MraError(f"--images {a.images} | no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        log = ResultLog.open(a.out)  # refuses a file mra-run did not write, before loading the model
     with _open_pipeline(a) as pipe:
         if a.images is not None:
-            return _run_folder(pipe, a)
+            return _run_folder(pipe, a, images, log)
         if a.json:
             answer = pipe.ask(a.image, a.prompt, **_gen_kwargs(a))
             print(json.dumps({"image": str(a.image), "prompt": a.prompt, "answer": answer,
@@ -119,55 +146,112 @@ def _run(argv: list[str]) -> int:
 
 
 def folder_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Regular image files under ``folder`` (by suffix), without following symlinked folders
+    (no loops) and without FIFOs or devices (reading one can block forever)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in files:
+            p = Path(root) / name
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                out.append(p)
+    return sorted(out)
+
+
+def image_name(path: Path, folder: Path) -> str:
+    """The image's name in the results: its path under the folder; bytes that are not UTF-8 (a
+    file name from another system) are written as \\xNN escapes, the same on every run."""
+    return os.fsencode(path.relative_to(folder)).decode("utf-8", "backslashreplace").replace(os.sep, "/")
+
+
+RECORD_KEYS = {"image", "prompt", "answer", "timings", "error"}
+MAX_ATTEMPTS = 2  # an image that failed is retried by one rerun, not forever
+
+
+def is_record(d: object) -> bool:
+    """Whether ``d`` is a line mra-run writes: image, prompt, and an answer or an error."""
+    return (isinstance(d, dict) and set(d) <= RECORD_KEYS and isinstance(d.get("image"), str)
+            and isinstance(d.get("prompt"), str)
+            and (isinstance(d.get("answer"), str) or isinstance(d.get("error"), str)))
+
+
+@dataclass
+class ResultLog:
+    """The JSON-lines results of a folder run, resumable: only a file whose every complete line
+    is an mra-run record is appended to; a trailing partial record (an interrupted write) is
+    cut; anything else is refused, so a notes file or a photo passed as --out stays untouched."""
+    path: Path
+    answered: set[tuple[str, str]]
+    failures: collections.Counter
+
+    @classmethod
+    def open(cls, path: Path) -> "ResultLog":
+        answered: set[tuple[str, str]] = set()
+        failures: collections.Counter = collections.Counter()
+        if not path.exists() and not path.is_symlink():
+            return cls(path, answered, failures)
+        if not path.is_file():
+            raise MraError(f"--out {path} | exists and is not a regular file; pass a .jsonl file name")
+        keep = 0
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                complete = line.endswith(b"\n")
+                try:
+                    d = json.loads(line.decode("utf-8"))
+                    ok = is_record(d)
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    ok = False
+                if not complete and not ok and line.startswith(b'{"image": '):
+                    break  # the last write was interrupted: drop this partial record
+                if not ok or not complete:
+                    raise MraError(f"--out {path} | line {n} is not a record written by mra-run: refusing to "
+                                   "append to (or cut) a file this tool did not write; pass another --out")
+                key = (d["image"], d["prompt"])
+                if "answer" in d:
+                    answered.add(key)
+                else:
+                    failures[key] += 1
+                keep += len(line)
+        if keep != path.stat().st_size:
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+            logging.getLogger("mra.runtime").warning("mra-run: dropped a partial last record of %s", path)
+        return cls(path, answered, failures)
+
+    def todo(self, key: tuple[str, str]) -> bool:
+        return key not in self.answered and self.failures[key] < MAX_ATTEMPTS
 
 
 def answered(out: Path) -> set[tuple[str, str]]:
-    """(image, prompt) pairs already answered in ``out``; a line cut by an interrupted run is dropped."""
-    done: set[tuple[str, str]] = set()
-    if not out.is_file():
-        return done
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):  # the last write was interrupted: cut the partial line
-        with open(out, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-        data = data[:data.rfind(b"\n") + 1]
-    for line in data.decode("utf-8", "replace").splitlines():
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(d, dict) and "answer" in d and "image" in d:
-            done.add((d["image"], d.get("prompt", "")))
-    return done
+    """(image, prompt) pairs already answered in ``out``."""
+    return ResultLog.open(out).answered
 
 
-def _run_folder(pipe, a: argparse.Namespace) -> int:
+def _run_folder(pipe, a: argparse.Namespace, images: list[Path], results: ResultLog) -> int:
     from tqdm import tqdm
 
-    images = folder_images(a.images)
-    if not images:
-        raise MraError(f"--images {a.images} | no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    done = answered(a.out)
-    todo = [p for p in images if (p.relative_to(a.images).as_posix(), a.prompt) not in done]
+    named = [(p, image_name(p, a.images)) for p in images]
+    todo = [(p, n) for p, n in named if results.todo((n, a.prompt))]
     failed = 0
     with open(a.out, "a", encoding="utf-8") as f, tqdm(todo, desc="images", unit="img", disable=a.quiet,
                                                        file=sys.stderr) as bar:
-        for path in bar:
-            rec = {"image": path.relative_to(a.images).as_posix(), "prompt": a.prompt}
+        for path, name in bar:
+            rec = {"image": name, "prompt": a.prompt}
             try:
                 rec["answer"] = pipe.ask(path, a.prompt, **_gen_kwargs(a))
                 rec["timings"] = pipe.timings.as_dict()
-            except MraError as e:
+            except MraError as e:  # this image is bad: record it and go on with the others
                 rec["error"] = str(e)
                 failed += 1
-                bar.write(f"mra-run: {rec['image']}: {e}", file=sys.stderr)
+                bar.write(f"mra-run: {name}: {e}", file=sys.stderr)
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
     if not a.quiet:
-        print(f"mra-run: {len(todo) - failed} answered, {len(images) - len(todo)} already in {a.out}, "
-              f"{failed} failed", file=sys.stderr)
+        gave_up = sum(1 for _, n in named if results.failures[(n, a.prompt)] >= MAX_ATTEMPTS)
+        print(f"mra-run: {len(todo) - failed} answered, {len(images) - len(todo) - gave_up} already in {a.out}, "
+              f"{failed} failed" + (f", {gave_up} skipped (failed {MAX_ATTEMPTS} times)" if gave_up else ""),
+              file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -199,8 +283,13 @@ def _chat(argv: list[str]) -> int:
             if interactive:
                 sys.stdout.write("USER> ")
                 sys.stdout.flush()
-            line = sys.stdin.readline()
-            if not line:
+            try:
+                line = _read_line()
+            except UnicodeDecodeError as e:  # say so and keep chatting
+                print(f"mra-chat: error: input | not valid UTF-8 ({e.reason} at byte {e.start}); type UTF-8 text",
+                      file=sys.stderr)
+                continue
+            if line is None:
                 break
             line = line.strip()
             if not line:
@@ -218,6 +307,15 @@ def _chat(argv: list[str]) -> int:
             except KeyboardInterrupt:  # Ctrl-C stops this answer (kept as far as it got); at the prompt it quits
                 print("\n(interrupted)", file=sys.stderr)
     return 0
+
+
+def _read_line() -> str | None:
+    """The next stdin line, decoded as UTF-8 whatever the locale (None at the end)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    raw = buffer.readline() if buffer is not None else sys.stdin.readline()
+    if not raw:
+        return None
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
 
 
 def _command(line: str, chat, pipe) -> bool:
@@ -247,25 +345,10 @@ def _command(line: str, chat, pipe) -> bool:
 def _main(prog: str, body: Callable[[list[str]], int], argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = "-v" in argv or "--verbose" in argv
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+    cli_logging(verbose)
     if not verbose:
         _quiet_onnxruntime()
-    try:
-        return body(argv)
-    except MraError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `mra-run ... | head -1`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except Exception as e:  # one line for the user; -v shows the traceback
-        if verbose:
-            raise
-        print(f"{prog}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    return run_cli(prog, body, argv, verbose)
 
 
 def _quiet_onnxruntime() -> None:

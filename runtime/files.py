@@ -8,15 +8,20 @@ import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
+        return sha256_stream(f, hashlib.sha256(), chunk).hexdigest()
+
+
+def sha256_stream(f: BinaryIO, h=None, chunk: int = 1 << 22):
+    """Feed an open binary file to a sha256 (new unless given) in chunks: memory stays at one chunk."""
+    h = h if h is not None else hashlib.sha256()
+    while b := f.read(chunk):
+        h.update(b)
+    return h
 
 
 def partial_name(path: Path) -> Path:

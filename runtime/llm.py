@@ -23,12 +23,9 @@ from typing import Any, Hashable, Sequence, Union
 import numpy as np
 
 from .errors import MraError
+from .llama_enums import KV_TYPES, constant, flash_attn_type, kv_type as kv_type_value
 
 log = logging.getLogger("mra.runtime.llama")
-
-# KV-cache element types (ggml type ids); a quantized V cache needs flash attention.
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
-FLASH_ATTN = {False: 0, True: 1}  # llama.cpp's disabled | enabled
 
 
 def use_flash_attn(flash_attn: bool | None, kv_type: str, n_gpu_layers: int) -> bool:
@@ -73,12 +70,15 @@ def model_params_for_llama_class():
 
 
 _lib: Any = None
-_recent_errors: collections.deque[str] = collections.deque(maxlen=4)
+_recent_errors: collections.deque[str] = collections.deque(maxlen=4)  # ERROR and WARN lines, newest last
+_listeners: list[list[str]] = []  # capture_llama_log() blocks in progress
 _log_callback: Any = None  # kept referenced: llama.cpp calls it for the life of the process
 
 
 def llama_lib():
-    """Import llama_cpp once, route its log to Python logging, init the backend."""
+    """Import llama_cpp once, route its log to Python logging, init the backend. This is the
+    one owner of llama.cpp's process-wide log callback: code that wants the log lines uses
+    :func:`capture_llama_log` instead of installing its own (which would deafen this one)."""
     global _lib, _log_callback
     if _lib is None:
         try:
@@ -86,11 +86,18 @@ def llama_lib():
         except ImportError as e:
             raise MraError(f"llama-cpp-python | cannot import it ({e}); install it with "
                            "`pip install 'mra-edge[llm]'` (it compiles llama.cpp)") from None
+        warn, error, cont = (constant(f"GGML_LOG_LEVEL_{n}") for n in ("WARN", "ERROR", "CONT"))
+        last = [0]
 
         @llama_cpp.llama_log_callback
         def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-            msg = text.decode("utf-8", "replace").rstrip()
-            if level == 3 and msg:  # GGML_LOG_LEVEL_ERROR: kept for the MraError message
+            msg = text.decode("utf-8", "replace")
+            level = last[0] if level == cont else level
+            last[0] = level
+            for lines in list(_listeners):
+                lines.append(msg)
+            msg = msg.strip()
+            if msg and level in (warn, error):  # kept for the MraError message
                 _recent_errors.append(msg)
             if msg:
                 log.debug("%s", msg)
@@ -102,8 +109,24 @@ def llama_lib():
     return _lib
 
 
+@contextlib.contextmanager
+def capture_llama_log():
+    """Collect llama.cpp's log lines (all levels) while the block runs, beside the runtime's own
+    error capture."""
+    llama_lib()
+    lines: list[str] = []
+    _listeners.append(lines)
+    try:
+        yield lines
+    finally:
+        _listeners.remove(lines)
+
+
 def _last_error() -> str:
-    return _recent_errors[-1] if _recent_errors else "no message from llama.cpp"
+    """llama.cpp's latest error or warning lines (a failed allocation is logged as a warning)."""
+    if not _recent_errors:
+        return "no message from llama.cpp"
+    return " / ".join(list(_recent_errors)[-2:])
 
 
 def default_threads() -> tuple[int, int]:
@@ -146,14 +169,23 @@ def _runs_from(items: Sequence[Item], start: int) -> list[list[int] | tuple[Embe
     return runs
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and x == x
+
+
 class Sampler:
     """llama.cpp sampler chain: greedy when temperature == 0, else temp -> top-p -> seeded draw."""
 
+    chain = None  # so that close() and __del__ work when __init__ raised
+
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         lib = llama_lib()
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise MraError(f"sampling | temperature={temperature}, top_p={top_p}; expected temperature >= 0 "
-                           "and 0 < top_p <= 1")
+        if not _is_number(temperature) or not _is_number(top_p) or not (0 <= temperature < float("inf")) \
+                or not 0 < top_p <= 1:
+            raise MraError(f"sampling | temperature={temperature!r}, top_p={top_p!r}; expected a finite "
+                           "temperature >= 0 and 0 < top_p <= 1")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MraError(f"sampling | seed={seed!r}, expected an integer")
         self._lib = lib
         self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if temperature == 0:
@@ -207,8 +239,8 @@ class LlamaSession:
         cp.n_seq_max = 1
         cp.n_threads = n_threads or threads
         cp.n_threads_batch = n_threads or threads_batch
-        cp.type_k = cp.type_v = KV_TYPES[kv_type]
-        cp.flash_attn_type = FLASH_ATTN[use_flash_attn(flash_attn, kv_type, n_gpu_layers)]
+        cp.type_k = cp.type_v = kv_type_value(kv_type)
+        cp.flash_attn_type = flash_attn_type(use_flash_attn(flash_attn, kv_type, n_gpu_layers))
         cp.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, cp)
         if not self.ctx:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import MraError
@@ -89,16 +89,79 @@ class Manifest:
         if not path.is_file():
             raise MraError(f"bundle {bundle} | no {MANIFEST_FILE}: not a bundle, or its export did not finish")
         try:
-            d = json.loads(path.read_text())
-            if d.get("format_version") != MANIFEST_FORMAT:
-                raise MraError(f"{path} | format_version {d.get('format_version')}, expected {MANIFEST_FORMAT}; "
-                               "re-export the bundle with this version")
-            d["artifacts"] = [Artifact(**a) for a in d.get("artifacts", [])]
-            return cls(**d)
-        except MraError:
-            raise
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise MraError(f"{path} | corrupt manifest: {e}") from None
+            d = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MraError(f"{path} | corrupt manifest: {e}; re-export the bundle") from None
+        except OSError as e:
+            raise MraError(f"{path} | cannot read it: {e.strerror or e}") from None
+        return cls.from_dict(d, path)
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str | Path = MANIFEST_FILE) -> "Manifest":
+        """A manifest from parsed JSON, every field checked: a hand-edited or damaged file is
+        named with its field, never an AttributeError deep in the runtime."""
+        if not isinstance(d, dict):
+            raise MraError(f"{path} | top level is a JSON {type(d).__name__}, expected an object; re-export the bundle")
+        if d.get("format_version") != MANIFEST_FORMAT:
+            raise MraError(f"{path} | format_version {d.get('format_version')!r}, expected {MANIFEST_FORMAT}; "
+                           "re-export the bundle with this version")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in ("image_size", "num_image_tokens", "embed_dim"):
+            _field(d, name, int, path)
+        for name in ("source", "preprocess", "prompt"):
+            _field(d, name, dict, path, optional=name != "source")
+        if not isinstance(d.get("mra_version", ""), str):
+            raise MraError(f"{path} mra_version | got {d['mra_version']!r}, expected a string")
+        arts = d.get("artifacts", [])
+        if not isinstance(arts, list):
+            raise MraError(f"{path} artifacts | got {type(arts).__name__}, expected a list")
+        d = {k: v for k, v in d.items() if k in known}
+        d["artifacts"] = [_artifact(a, f"{path} artifacts[{i}]") for i, a in enumerate(arts)]
+        return cls(**d)
+
+
+_TYPES = {int: "a positive integer", dict: "an object", str: "a string", list: "a list"}
+
+
+def _field(d: dict, name: str, kind: type, where, optional: bool = False) -> None:
+    if name not in d:
+        if optional:
+            return
+        raise MraError(f"{where} {name} | missing; re-export the bundle")
+    v = d[name]
+    ok = isinstance(v, kind) and not isinstance(v, bool) and (kind is not int or v > 0)
+    if not ok:
+        raise MraError(f"{where} {name} | got {v!r}, expected {_TYPES[kind]}; re-export the bundle")
+
+
+def _artifact(a: Any, where: str) -> Artifact:
+    if not isinstance(a, dict):
+        raise MraError(f"{where} | got {type(a).__name__}, expected an object")
+    for name in ("file", "kind", "format", "precision", "sha256"):
+        _field(a, name, str, where)
+    if isinstance(a.get("size"), bool) or not isinstance(a.get("size"), int) or a["size"] < 0:
+        raise MraError(f"{where} size | got {a.get('size')!r}, expected a byte count")
+    _field(a, "info", dict, where, optional=True)
+    _field(a, "validation", dict, where, optional=True)
+    check_bundle_path(a["file"], f"{where} file")
+    extra = a.get("info", {}).get("external_data", [])
+    if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
+        raise MraError(f"{where} info.external_data | got {extra!r}, expected a list of file names")
+    for x in extra:
+        check_bundle_path(x, f"{where} info.external_data")
+    known = {f.name for f in dataclasses.fields(Artifact)}
+    return Artifact(**{k: v for k, v in a.items() if k in known})
+
+
+def check_bundle_path(name: str, where: str) -> str:
+    """A file name inside the bundle: relative, no '..', no drive or backslash tricks, so a
+    manifest can never make the runtime read (or verify) a file outside its bundle."""
+    p = PurePosixPath(name)
+    if not isinstance(name, str) or not p.parts or p.is_absolute() or ".." in p.parts or "\\" in name \
+            or "\0" in name or name.startswith("~"):
+        raise MraError(f"{where} | {name!r} is not a file name inside the bundle (absolute paths and '..' are "
+                       "refused); re-export the bundle")
+    return name
 
 
 def describe_file(path: Path) -> tuple[int, str]:
@@ -108,7 +171,10 @@ def describe_file(path: Path) -> tuple[int, str]:
 
 def verify_artifact(bundle: str | Path, a: Artifact, check_hash: bool = True) -> Path:
     """The artifact's path after checking it exists with the recorded size (and sha256)."""
+    check_bundle_path(a.file, f"bundle {bundle} artifact")
     path = Path(bundle) / a.file
+    if path.is_symlink() and not path.resolve().is_relative_to(Path(bundle).resolve()):
+        raise MraError(f"{path} | a symbolic link out of the bundle ({path.resolve()}); refusing it")
     if not path.is_file():
         raise MraError(f"bundle {bundle} | {a.file} is listed in {MANIFEST_FILE} but missing")
     if path.stat().st_size != a.size:
@@ -117,6 +183,7 @@ def verify_artifact(bundle: str | Path, a: Artifact, check_hash: bool = True) ->
     if check_hash and sha256_file(path) != a.sha256:
         raise MraError(f"{path} | sha256 differs from the manifest: corrupt or replaced; re-export the bundle")
     for extra in a.info.get("external_data", []):
+        check_bundle_path(extra, f"bundle {bundle} artifact {a.file}")
         if not (Path(bundle) / extra).is_file():
             raise MraError(f"bundle {bundle} | {extra} (external weights of {a.file}) is missing")
     return path

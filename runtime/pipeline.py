@@ -9,6 +9,14 @@
 One llama.cpp sequence serves every call; its KV cache is matched against each new prompt,
 so the system prompt, an image already seen and earlier chat turns are not evaluated again.
 Image embeddings are cached by the image's content. No torch anywhere.
+
+Concurrency: a Pipeline may be shared by threads; one ``threading.RLock`` serialises every
+call that touches the llama.cpp context (or the vision runner and the caches). ``ask``,
+``next_token_logits``, ``encode_image`` and a chat turn run whole under it, so two threads
+get the answers each would get alone. A stream prefills under the lock at the call and then
+takes it for each token; a later call on the Pipeline (any thread) makes an unfinished
+stream stale, and its next read raises ``MraError`` instead of reading someone else's
+context. For parallel answers, use one Pipeline per thread (each has its own context).
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import math
+import numbers
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +36,11 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import MraError
+from .files import sha256_stream
 from .llm import Embeddings, LlamaSession, Sampler
 from .manifest import Artifact, Manifest, verify_artifact
-from .preprocess import ImageLike, load_image, preprocess_image
-from .prompt import Conversation, ImageSlot, Template, count_positions, tokenize_parts
+from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
+from .prompt import Conversation, ImageSlot, Template, check_text, count_positions, tokenize_parts
 from .textstream import TextStream
 from .vision_select import VisionChoice, select_vision
 
@@ -86,24 +98,68 @@ class GenerationParams:
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
 
     def check(self) -> None:
-        if self.max_tokens < 1:
-            raise MraError(f"max_tokens | got {self.max_tokens}, expected >= 1")
+        """Every field typed and in range: nan, a bytes stop or a str where a list belongs would
+        otherwise give a silently wrong answer."""
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, numbers.Integral) \
+                or self.max_tokens < 1:
+            raise MraError(f"max_tokens | got {self.max_tokens!r}, expected an integer >= 1")
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise MraError(f"{name} | got {v!r}, expected a finite number")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise MraError(f"seed | got {self.seed!r}, expected an integer")
+        for s in self.stop:
+            if not check_text(s, "stop"):
+                raise MraError("stop | got an empty string, expected non-empty stop strings")
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``stop`` as a tuple of strings: one string is one stop string (not its characters)."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, (bytes, bytearray)) or not isinstance(stop, (list, tuple)):
+        raise MraError(f"stop | got {type(stop).__name__}, expected a str or a list of str")
+    return tuple(stop)
 
 
 def image_key(image: ImageLike, exif_transpose: bool = False) -> str:
-    """sha256 of the image content (file bytes, or mode/size/pixels), the embedding cache key."""
+    """sha256 of the image content (file bytes, or mode/size/pixels), the embedding cache key.
+    A file is checked first (a regular file PIL recognises) and hashed in a stream."""
     h = hashlib.sha256(b"exif" if exif_transpose else b"raw")
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
-        if not p.is_file() or p.stat().st_size == 0:
-            load_image(p)  # raises the precise error (missing / empty)
-        h.update(b"file:" + p.read_bytes())
+        check_image_file(p)  # missing, broken link, folder, FIFO, device, empty: one clear error
+        try:
+            with open(p, "rb") as f:
+                if not _looks_like_image(f):
+                    load_image(p)  # raises PIL's precise complaint
+                f.seek(0)
+                h.update(b"file:")
+                sha256_stream(f, h)
+        except OSError as e:
+            raise MraError(f"image {p} | cannot read it: {e.strerror or e}") from None
     elif isinstance(image, np.ndarray):
         h.update(f"array:{image.dtype}:{image.shape}:".encode() + np.ascontiguousarray(image).tobytes())
     else:
         im = load_image(image)  # type check
         h.update(f"pil:{im.mode}:{im.size}:".encode() + im.tobytes())
     return h.hexdigest()
+
+
+def _looks_like_image(f) -> bool:
+    """Whether PIL identifies the file from its header (without decoding the pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            return im.size is not None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return False
+    except Exception:  # a decompression-bomb error and the like: load_image words it
+        return False
 
 
 class EmbeddingCache:
@@ -163,6 +219,7 @@ class Pipeline:
         self.timings = Timings()
         self.last_tokens: list[int] = []  # token ids sampled by the last ask (EOS included)
         self._call = 0  # bumped by every call: a stream left open notices it is stale
+        self.lock = threading.RLock()  # one caller at a time on the llama.cpp context (see the module doc)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, vision: str = "auto", llm_quant: str | None = None,
@@ -199,10 +256,11 @@ class Pipeline:
     # --- images -----------------------------------------------------------------------
     def encode_image(self, image: ImageLike) -> np.ndarray:
         """float32 [N, D] image embeddings (preprocess + vision backend), cached by content."""
-        t = self.timings = Timings()
-        emb = self._embed(image, t)
-        t.stamp()
-        return emb.rows
+        with self.lock:
+            t = self.timings = Timings()
+            emb = self._embed(image, t)
+            t.stamp()
+            return emb.rows
 
     def _embed(self, image: ImageLike, t: Timings) -> Embeddings:
         key = image_key(image, self.exif_transpose)
@@ -231,18 +289,20 @@ class Pipeline:
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
             ignore_eos: bool = False) -> str | Iterator[str]:
         """Answer one question about one image (or none): a string, or text pieces when ``stream``."""
-        params = GenerationParams(max_tokens, temperature, top_p, seed, tuple(stop), ignore_eos)
+        params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos)
         conv = Conversation(self.template)
         conv.add_user(question, with_image=image is not None)
-        pieces = self._answer(conv, [image] if image is not None else [], params)
-        return pieces if stream else "".join(pieces)
+        with self.lock:
+            pieces = self._answer(conv, [image] if image is not None else [], params)
+            return pieces if stream else "".join(pieces)
 
     def next_token_logits(self, image: ImageLike | None, question: str) -> np.ndarray:
         """float32 [n_vocab] logits after the full prompt (scoring, multiple choice)."""
         conv = Conversation(self.template)
         conv.add_user(question, with_image=image is not None)
-        self._prefill(conv, [image] if image is not None else [])
-        return self.llm.logits()
+        with self.lock:
+            self._prefill(conv, [image] if image is not None else [])
+            return self.llm.logits()
 
     def chat(self, image: ImageLike | None = None) -> "ChatSession":
         """A conversation that keeps its history and KV cache between turns."""
@@ -252,6 +312,8 @@ class Pipeline:
     def _prefill(self, conv: Conversation, images: Sequence[ImageLike | Embeddings],
                  t: Timings | None = None) -> Timings:
         """Encode images, tokenize, check the context, evaluate what the KV cache lacks."""
+        if self.llm is None:
+            raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
         self._call += 1
         t = self.timings = t or Timings()
         embs = [im if isinstance(im, Embeddings) else self._embed(im, t) for im in images]
@@ -291,8 +353,9 @@ class Pipeline:
         first = last = None
         try:
             while t.generated < p.max_tokens:
-                self._check_current(call)
-                tok = self.llm.sample(sampler)
+                with self.lock:
+                    self._check_current(call)
+                    tok = self.llm.sample(sampler)
                 last = time.perf_counter()
                 if first is None:
                     first = last
@@ -307,8 +370,9 @@ class Pipeline:
                     yield piece
                 if (text.stopped and not p.ignore_eos) or self.llm.full or t.generated >= p.max_tokens:
                     break
-                self._check_current(call)
-                self.llm.eval_token(tok)
+                with self.lock:
+                    self._check_current(call)
+                    self.llm.eval_token(tok)
             tail = text.finish()
             if tail:
                 out.append(tail)
@@ -321,18 +385,20 @@ class Pipeline:
                 on_done("".join(out))
 
     def _check_current(self, call: int) -> None:
-        if call != self._call:
+        if call != self._call or self.llm is None:
             raise MraError("stream | another call was made on this Pipeline since this answer started; "
                            "read a streamed answer to the end before the next call")
 
     # --- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
-        if getattr(self, "runner", None) is not None:
-            self.runner.__exit__(None, None, None)
-            self.runner = None
-        if getattr(self, "llm", None) is not None:
-            self.llm.close()
-            self.llm = None
+        with self.lock:
+            self._call += 1  # an open stream becomes stale, not a reader of freed memory
+            if getattr(self, "runner", None) is not None:
+                self.runner.__exit__(None, None, None)
+                self.runner = None
+            if getattr(self, "llm", None) is not None:
+                self.llm.close()
+                self.llm = None
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -379,23 +445,27 @@ class ChatSession:
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
             ignore_eos: bool = False) -> str | Iterator[str]:
         """Answer the next question; ``image`` (or the session's pending one) goes with this turn."""
-        images, t = self._open_turn(question, image)
-        params = GenerationParams(max_tokens, temperature, top_p, seed, tuple(stop), ignore_eos)
-        try:
-            pieces = self.pipe._answer(self.conversation, images, params, self._close_turn(images), t)
-        except BaseException:
-            self.conversation.drop_open_turn()
-            raise
-        return pieces if stream else "".join(pieces)
+        params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos)
+        check_text(question, "question")
+        with self.pipe.lock:
+            images, t = self._open_turn(question, image)
+            try:
+                pieces = self.pipe._answer(self.conversation, images, params, self._close_turn(images), t)
+            except BaseException:
+                self.conversation.drop_open_turn()
+                raise
+            return pieces if stream else "".join(pieces)
 
     def next_token_logits(self, question: str, image: ImageLike | None = None) -> np.ndarray:
         """Logits after this question, without adding it to the conversation."""
-        images, t = self._open_turn(question, image)
-        try:
-            self.pipe._prefill(self.conversation, images, t)
-            return self.pipe.llm.logits()
-        finally:
-            self.conversation.drop_open_turn()
+        check_text(question, "question")
+        with self.pipe.lock:
+            images, t = self._open_turn(question, image)
+            try:
+                self.pipe._prefill(self.conversation, images, t)
+                return self.pipe.llm.logits()
+            finally:
+                self.conversation.drop_open_turn()
 
     def _close_turn(self, images: list[Embeddings]):
         turn = self._turn

@@ -54,13 +54,26 @@ class Template:
 
     @classmethod
     def from_manifest(cls, prompt: dict[str, Any]) -> "Template":
+        if not isinstance(prompt, dict):
+            raise MraError(f"manifest prompt | got {type(prompt).__name__}, expected an object; re-export the bundle")
         if prompt.get("template", "v1") != "v1":
             raise MraError(f"manifest prompt | template {prompt.get('template')!r}, expected 'v1'; "
                            "this runtime knows the LLaVA v1 conversation only")
         d = cls()
-        return cls(system=prompt.get("system", d.system), roles=tuple(prompt.get("roles", d.roles)),
-                   sep=prompt.get("sep", d.sep), sep2=prompt.get("sep2", d.sep2),
-                   image_marker=prompt.get("image_marker", d.image_marker), add_bos=prompt.get("add_bos", True))
+        t = cls(system=prompt.get("system", d.system), roles=prompt.get("roles", d.roles),
+                sep=prompt.get("sep", d.sep), sep2=prompt.get("sep2", d.sep2),
+                image_marker=prompt.get("image_marker", d.image_marker), add_bos=prompt.get("add_bos", True))
+        texts = {"system": t.system, "sep": t.sep, "sep2": t.sep2, "image_marker": t.image_marker}
+        bad = [k for k, v in texts.items() if not isinstance(v, str)]
+        if not isinstance(t.roles, (list, tuple)) or len(t.roles) != 2 or not all(isinstance(r, str) for r in t.roles):
+            bad.append("roles")
+        if not isinstance(t.add_bos, bool):
+            bad.append("add_bos")
+        if bad:
+            raise MraError(f"manifest prompt | malformed field(s) {', '.join(bad)}: expected strings, roles as two "
+                           "strings and add_bos a boolean; re-export the bundle")
+        t.roles = tuple(t.roles)
+        return t
 
 
 @dataclass
@@ -86,6 +99,7 @@ class Conversation:
         return [(t.role, f"{m}\n{t.text}" if t.image and t.text is not None else t.text) for t in self.turns]
 
     def add_user(self, question: str, with_image: bool = False) -> None:
+        question = check_text(question, "question")
         if self.turns and self.turns[-1].text is None:
             raise MraError("conversation | the previous assistant turn is still open; answer it first")
         self.turns += [Turn(self.template.roles[0], question, with_image), Turn(self.template.roles[1], None)]
@@ -123,6 +137,20 @@ class Conversation:
         t = self.template
         return "".join(t.image_marker if isinstance(p, ImageSlot) else t.sep2 if p is EOS else p
                        for p in self.parts())
+
+
+def check_text(text: object, what: str) -> str:
+    """``text`` if it is a str that UTF-8 can encode: bytes, None or lone surrogates (a
+    non-UTF-8 command line) would otherwise become wrong prompts or bare exceptions."""
+    if not isinstance(text, str):
+        hint = "; decode bytes first (text.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""
+        raise MraError(f"{what} | got {type(text).__name__}, expected a str{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MraError(f"{what} | not valid UTF-8 text: {e.reason} at character {e.start} "
+                       f"({text[e.start:e.end]!r}); pass UTF-8 text") from None
+    return text
 
 
 def _merge_text(parts: list[Part]) -> list[Part]:
