@@ -93,8 +93,14 @@ def export(opts: ExportOptions) -> Path:
             manifest.save(work)
             (work / PARTIAL_MARK).unlink()
             work.chmod(0o755)
-            if replaceable(out, opts.force) != before:
-                raise MraError(f"--out {out} | changed during the export; nothing was replaced, rerun the export")
+            try:
+                now = replaceable(out, opts.force)
+            except MraError as e:
+                now = str(e).split(" | ", 1)[-1]
+            if now != before:
+                what = now if isinstance(now, str) else "another bundle is there now"
+                raise MraError(f"--out {out} | changed during the export ({what}); nothing was replaced: check it "
+                               "and rerun the export")
             swap_in(work, out)
         finally:
             if work.exists():

@@ -4,6 +4,7 @@
   mra-export --bundle BUNDLE --target trt             (engines on the device, no torch)
   mra-export make-tiny OUT [--preset tiny|7b|x]       (random checkpoints for tests/demos)
   mra-export plan-memory --bundle BUNDLE              (Jetson memory budget)
+  mra-export verify --bundle BUNDLE                   (every artifact's size, sha256, GGUF header)
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mra-export", description="Turn a LLaVA-HR checkpoint into a deployable bundle: the vision tower "
         "(ConvNeXt + CLIP ViT + MR-Adapters + projector) as verified ONNX graphs / TensorRT engines, and the "
-        "LLM as GGUF for llama.cpp. Subcommands: make-tiny, plan-memory (see `mra-export make-tiny --help`).",
+        "LLM as GGUF for llama.cpp. Subcommands: make-tiny, plan-memory, verify (see `mra-export make-tiny --help`).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="LLaVA-HR checkpoint directory (config.json, *.safetensors)")
@@ -195,7 +196,13 @@ def plan_memory_main(argv: list[str]) -> None:
     main(argv)
 
 
-SUBCOMMANDS = {"make-tiny": make_tiny_main, "plan-memory": plan_memory_main}
+def verify_main(argv: list[str]) -> int:
+    from mra.export.verify import verify_main as main
+
+    return main(argv)
+
+
+SUBCOMMANDS = {"make-tiny": make_tiny_main, "plan-memory": plan_memory_main, "verify": verify_main}
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
