@@ -1,0 +1,138 @@
+"""Hostile images: thin shapes whose padded square would not fit in memory, special files,
+huge non-images, empty and float images, lazily opened truncated files (issue 11, 5, 6, 8, 9)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mra.runtime.errors import MraError
+from mra.runtime.pipeline import image_key
+from mra.runtime.preprocess import (MAX_TALL_SIDE, expand_to_square, load_image, pad_resize, preprocess_image)
+
+
+@pytest.mark.parametrize("w, h, s", [(1, 40, 8), (40, 1, 8), (3, 50, 16), (50, 3, 16), (17, 33, 32), (33, 17, 32),
+                                     (1, 7, 32), (7, 1, 32), (2, 3, 5), (300, 299, 384), (640, 480, 384),
+                                     (480, 640, 384), (5, 2100, 64), (2100, 5, 64), (1500, 1100, 96)])
+def test_pad_resize_is_the_reference_bit_for_bit(w, h, s, monkeypatch):
+    import mra.runtime.preprocess as pre
+
+    monkeypatch.setattr(pre, "_ROW_CHUNK_BYTES", 3 * 3 * max(w, h))  # bands of 3 rows: the chunk seams are tested
+    rng = np.random.default_rng(w * 1000 + h)
+    for a in (rng.integers(0, 256, (h, w, 3), dtype=np.uint8), np.full((h, w, 3), 255, np.uint8)):
+        im = Image.fromarray(a)
+        ref = expand_to_square(im).resize((s, s), Image.Resampling.BICUBIC)
+        assert np.array_equal(np.asarray(pad_resize(im, s)), np.asarray(ref))
+
+
+def _peak_rss_mb(code: str) -> float:
+    """Peak RSS of ``code`` in a child whose address space is capped at 3 GiB, so that a
+    regression fails with MemoryError instead of taking the machine's memory."""
+    cap = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+    r = subprocess.run([sys.executable, "-c", cap + textwrap.dedent(code) + textwrap.dedent("""
+        import resource
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        """)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout.split()[-1])
+
+
+def test_thin_images_preprocess_in_bounded_memory(tmp_path):
+    """1 x 20000 and 100000 x 10 PNGs: the padded squares would be 1.2 GB and 30 GB."""
+    for w, h in ((1, 20000), (100000, 10)):
+        Image.new("RGB", (w, h), (200, 10, 10)).save(tmp_path / f"{w}x{h}.png")
+    mb = _peak_rss_mb(f"""
+        from mra.runtime.preprocess import preprocess_image
+        for name in ("1x20000.png", "100000x10.png"):
+            x = preprocess_image({str(tmp_path)!r} + "/" + name, 384)
+            assert x.shape == (3, 384, 384)
+        """)
+    assert mb < 1024, f"peak RSS {mb} MB"
+
+
+def test_too_tall_an_image_is_refused_with_the_bound(tmp_path):
+    p = tmp_path / "tall.png"
+    Image.new("L", (1, MAX_TALL_SIDE + 1)).save(p)
+    with pytest.raises(MraError, match=f"bound of {MAX_TALL_SIDE}"):
+        preprocess_image(p, 384)
+
+
+def test_calibration_uses_the_bounded_path(tmp_path):
+    from mra.quantize.calibration import load_calibration_set
+
+    Image.new("RGB", (3, 900), (1, 2, 3)).save(tmp_path / "thin.png")
+    calib = load_calibration_set(tmp_path, 1, 32)
+    ref = expand_to_square(Image.open(tmp_path / "thin.png").convert("RGB")).resize((32, 32), Image.Resampling.BICUBIC)
+    assert np.allclose(calib.pixel_values[0], preprocess_image(ref, 32), atol=0)
+
+
+# --- special and hostile files: one clear error, never a hang -------------------------------------
+@pytest.fixture
+def special(tmp_path):
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    broken = tmp_path / "broken.png"
+    broken.symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "empty.png").write_bytes(b"")
+    return {"fifo.png": "not a regular file", "broken.png": "broken symbolic link", "folder.png": "is a folder",
+            "empty.png": "empty", "/dev/zero": "not a regular file", "missing.png": "file not found"}
+
+
+@pytest.mark.parametrize("how", ["load_image", "image_key"])
+def test_special_files_are_one_clear_error(special, tmp_path, how):
+    fn = load_image if how == "load_image" else image_key
+    for name, message in special.items():
+        with pytest.raises(MraError, match=message):
+            fn(tmp_path / name)  # /dev/zero stays absolute
+
+
+def test_a_huge_non_image_is_refused_without_reading_it(tmp_path):
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:  # 1.5 GB, sparse: costs no disk
+        f.write(b"not an image at all")
+        f.truncate(1500 << 20)
+    mb = _peak_rss_mb(f"""
+        from mra.runtime.errors import MraError
+        from mra.runtime.pipeline import image_key
+        try:
+            image_key({str(big)!r})
+            raise SystemExit("no error")
+        except MraError as e:
+            assert "not an image" in str(e), e
+        """)
+    assert mb < 500
+
+
+def test_image_key_streams_and_matches_the_file_hash(photo_paths):
+    import hashlib
+
+    data = photo_paths[0].read_bytes()
+    assert image_key(photo_paths[0]) == hashlib.sha256(b"raw" + b"file:" + data).hexdigest()
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((0, 0, 3), np.uint8), "empty"),
+    (np.zeros((64, 0, 3), np.uint8), "empty"),
+    (Image.new("RGB", (0, 0)), "empty"),
+    (Image.new("RGB", (64, 0)), "empty"),
+    (Image.new("F", (8, 8), 0.5), "mode 'F'"),
+])
+def test_empty_and_undefined_images_are_errors(image, message):
+    with pytest.raises(MraError, match=message):
+        preprocess_image(image, 32)
+
+
+def test_a_lazily_opened_truncated_image_is_an_mra_error(photo_paths, tmp_path):
+    data = photo_paths[0].read_bytes()
+    lazy = Image.open(io.BytesIO(data[: len(data) // 3]))  # header fine, pixels cut
+    with pytest.raises(MraError, match="cannot decode"):
+        preprocess_image(lazy, 32)
