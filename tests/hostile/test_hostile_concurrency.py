@@ -1,0 +1,90 @@
+"""One Pipeline shared by threads: serialised, never corrupted (issue 11, case 7); llama.cpp's
+own error text reaches the user, also after the quantizer captured its log (case 9)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from mra.runtime.errors import MraError
+
+
+def test_threads_asking_greedily_get_the_answer_each_would_get_alone(pipe, photo_paths):
+    alone = {i: pipe.ask(photo_paths[i], "Describe it.", max_tokens=8) for i in (0, 1)}
+    results: dict[int, list[str]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(3):
+                results[i].append(pipe.ask(photo_paths[i], "Describe it.", max_tokens=8))
+                results[i].append("".join(pipe.ask(photo_paths[i], "Describe it.", max_tokens=8, stream=True)))
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i % 2,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    # Streams may be made stale by the other thread's calls: that is a clear MraError, never a crash.
+    assert all(isinstance(e, MraError) and "another call" in str(e) for e in errors), errors
+    for i in (0, 1):
+        assert results[i] and all(r == alone[i] for r in results[i])
+
+
+def test_an_open_stream_and_another_call_do_not_corrupt_each_other(pipe, photo_paths):
+    expected = pipe.ask(photo_paths[1], "What colour?", max_tokens=8)
+    stream = pipe.ask(photo_paths[0], "Describe it.", max_tokens=8, stream=True)
+    next(stream, None)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("a", pipe.ask(photo_paths[1], "What colour?", max_tokens=8)))
+    t.start()
+    t.join(timeout=300)
+    assert got["a"] == expected
+    with pytest.raises(MraError, match="another call"):
+        list(stream)
+
+
+def test_a_closed_pipeline_refuses_calls(hostile_bundle, photo_paths):
+    from mra.runtime import Pipeline
+
+    p = Pipeline.from_bundle(hostile_bundle, n_ctx=1024, n_threads=1)
+    stream = p.ask(photo_paths[0], "Describe it.", max_tokens=4, stream=True)
+    p.close()
+    with pytest.raises(MraError):
+        list(stream)
+    with pytest.raises(MraError, match="closed"):
+        p.ask(photo_paths[0], "What?", max_tokens=2)
+
+
+def test_llama_cpp_errors_keep_their_text_after_the_quantizer_ran(hostile_bundle, tmp_path):
+    from mra.quantize.gguf_quant import quantize_gguf
+    from mra.runtime.llm import LlamaSession
+
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(b"GGUF" + b"\x07" * 60)
+    with pytest.raises(MraError) as before:
+        LlamaSession(bad)
+    quantize_gguf(next(hostile_bundle.glob("*.gguf")), tmp_path / "q.gguf", "Q8_0")
+    with pytest.raises(MraError) as after:
+        LlamaSession(bad)
+    for e in (before, after):
+        assert "no message" not in str(e.value) and "failed" in str(e.value).lower()
+
+
+def test_llama_cpp_log_levels_come_from_the_named_table():
+    from mra.runtime.llama_enums import KV_TYPES, constant, flash_attn_type, kv_type
+
+    import llama_cpp
+
+    assert kv_type("q8_0") == llama_cpp.GGML_TYPE_Q8_0 and kv_type("f16") == llama_cpp.GGML_TYPE_F16
+    assert flash_attn_type(False) == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    assert constant("GGML_LOG_LEVEL_ERROR") > constant("GGML_LOG_LEVEL_WARN") > constant("GGML_LOG_LEVEL_INFO")
+    from mra.export.plan_memory import KV_BYTES
+    from mra.runtime.cli import run_parser
+
+    assert set(KV_BYTES) == set(KV_TYPES)
+    kv = next(a for a in run_parser()._actions if a.dest == "kv_type")
+    assert tuple(kv.choices) == tuple(KV_TYPES)
