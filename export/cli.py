@@ -181,6 +181,10 @@ def make_tiny_main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-mb", type=int, help="safetensors shard size (default: one file for tiny, 2000 MB else)")
     a = p.parse_args(argv)
+    if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
+        from mra.runtime.errors import MraError
+
+        raise MraError(f"{a.out} | exists and is not an empty folder; pass a new folder name")
     from tqdm import tqdm
 
     from mra.model.tiny import make_checkpoint

@@ -219,6 +219,15 @@ class LlamaSession:
         self.model = self.ctx = None
         if kv_type not in KV_TYPES:
             raise MraError(f"kv_type | got {kv_type!r}, expected one of {', '.join(KV_TYPES)}")
+        # llama.cpp asserts (aborting the process) on some nonsense sizes: refuse them here.
+        for name, v, allow_none in (("n_ctx", n_ctx, True), ("n_threads", n_threads, True), ("n_batch", n_batch, False)):
+            if (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 24):
+                continue
+            raise MraError(f"{name} | got {v!r}, expected a positive integer")
+        if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
+            raise MraError(f"n_gpu_layers | got {n_gpu_layers!r}, expected an integer (-1: all)")
+        if not self.path.is_file():
+            raise MraError(f"{self.path} | not a file; pass a GGUF file")
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         mp.use_extra_bufts = extra_buffers_default() if extra_buffers is None else extra_buffers

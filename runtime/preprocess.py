@@ -54,7 +54,10 @@ def load_image(image: ImageLike, exif_transpose: bool = False) -> Image.Image:
         raise MraError(f"image | got {type(image).__name__}, expected a path, a PIL image or a numpy array")
     _check_size(image)
     if exif_transpose:
-        image = ImageOps.exif_transpose(image)
+        try:
+            image = ImageOps.exif_transpose(image)
+        except (OSError, SyntaxError, ValueError, KeyError, TypeError) as e:  # a damaged EXIF block
+            raise MraError(f"image | cannot apply its EXIF orientation ({e}); pass exif_transpose=False") from None
     return to_rgb(image)
 
 

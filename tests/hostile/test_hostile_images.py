@@ -109,7 +109,7 @@ def test_a_huge_non_image_is_refused_without_reading_it(tmp_path):
         except MraError as e:
             assert "not an image" in str(e), e
         """)
-    assert mb < 500
+    assert mb < 1000  # reading it whole (as before) takes 1.5 GB or more
 
 
 def test_image_key_streams_and_matches_the_file_hash(photo_paths):
