@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -89,7 +90,7 @@ def export(opts: ExportOptions) -> Path:
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
             (work / PARTIAL_MARK).touch()
-            _build(opts, work, manifest)
+            _build_checking_disk(opts, work, manifest)
             manifest.save(work)
             (work / PARTIAL_MARK).unlink()
             work.chmod(0o755)
@@ -247,6 +248,25 @@ def preflight(opts: ExportOptions) -> None:
 
         llama_lib()  # llama-cpp-python importable (it validates every GGUF)
         LlamaGGUFConverter(opts.model)  # config, LLaMA architecture, tokenizer.model: read, not converted
+
+
+LOW_DISK_BYTES = 256 << 20
+
+
+def _build_checking_disk(opts: ExportOptions, work: Path, manifest: Manifest) -> None:
+    """Run the export steps; a failure while the disk is (nearly) full is reported as that,
+    whatever shape it took on the way (an ENOSPC, or a truncated file that a library then
+    calls "Wire format was corrupt")."""
+    try:
+        _build(opts, work, manifest)
+    except (MraError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        free = shutil.disk_usage(work).free
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or free < LOW_DISK_BYTES:
+            raise MraError(f"--out {opts.out} | the disk filled up during the export ({free / 2**20:.0f} MiB free; "
+                           f"{type(e).__name__}: {e}); free space or write the bundle elsewhere") from e
+        raise
 
 
 def _new_manifest(opts: ExportOptions) -> Manifest:

@@ -240,3 +240,25 @@ def test_image_size_zero_is_an_error_in_the_library(tiny_ckpt, tmp_path):
         describe_source(tiny_ckpt, 0)
     with pytest.raises(MraError, match="positive multiple of 32"):
         describe_source(tiny_ckpt, -32)
+
+
+def test_a_full_disk_is_reported_as_such(tiny_ckpt, tmp_path, monkeypatch):
+    """Whatever shape the failure takes (a library reading back its truncated file says "Wire
+    format was corrupt"), a failure with the disk (nearly) full says the disk is full."""
+    import errno
+    import shutil
+
+    def fail(error):
+        def build(opts, work, manifest):
+            (work / "vision.onnx").write_bytes(b"half")
+            raise error
+        return build
+
+    monkeypatch.setattr(bundle_mod, "_build", fail(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(MraError, match="disk filled up"):
+        export(vision_only(tmp_path / "b", tiny_ckpt))
+    monkeypatch.setattr(bundle_mod, "LOW_DISK_BYTES", shutil.disk_usage(tmp_path).free + (1 << 30))
+    monkeypatch.setattr(bundle_mod, "_build", fail(ValueError("Wire format was corrupt")))
+    with pytest.raises(MraError, match="disk filled up.*Wire format"):
+        export(vision_only(tmp_path / "b", tiny_ckpt))
+    assert list(tmp_path.iterdir()) == []  # the partial bundle is gone
