@@ -195,7 +195,11 @@ def swap_in(work: Path, out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.rename(out, aside)  # replaces the empty placeholder mkdtemp made
-        os.rename(work, out)
+        try:
+            os.rename(work, out)
+        except BaseException:
+            os.rename(aside, out)  # the old bundle back at once (a kill here: recover() does it)
+            raise
         shutil.rmtree(aside)
         return
     if out.is_dir():
