@@ -11,7 +11,6 @@ import logging
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 from mra.runtime.errors import MraError
 from mra.runtime.files import atomic_path
