@@ -106,10 +106,17 @@ def test_existing_bundle_is_refused_then_replaced_with_force(bundle, tiny_ckpt, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "exists" in err and "--force" in err
     assert (bundle / "mra.json").read_text() == before
-    # --force replaces it (here with an fp32-only bundle).
+    # --force replaces only a finished bundle (here with an fp32-only one); a folder holding
+    # anything else is refused and left as it is (issue 11).
+    import shutil
+
     out = bundle.parent / "forced"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    assert main(export_args(tiny_ckpt, out, "--force")) == 1
+    assert "not a finished bundle" in capsys.readouterr().err and (out / "stale.txt").read_text() == "old"
+    shutil.rmtree(out)
+    shutil.copytree(bundle, out)
     assert main(export_args(tiny_ckpt, out, "--force")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["mra.json", "vision.onnx"]
     assert not leftovers(out.parent)

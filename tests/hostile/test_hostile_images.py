@@ -36,9 +36,10 @@ def _peak_rss_mb(code: str) -> float:
     """Peak RSS of ``code`` in a child whose address space is capped at 3 GiB, so that a
     regression fails with MemoryError instead of taking the machine's memory."""
     cap = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+    # VmHWM, not getrusage: ru_maxrss survives exec, so a child of a big pytest would report its size.
     r = subprocess.run([sys.executable, "-c", cap + textwrap.dedent(code) + textwrap.dedent("""
-        import resource
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        import re
+        print(int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).group(1)) // 1024)
         """)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return float(r.stdout.split()[-1])
