@@ -149,6 +149,9 @@ def _artifact(a: Any, where: str) -> Artifact:
         raise MraError(f"{where} info.external_data | got {extra!r}, expected a list of file names")
     for x in extra:
         check_bundle_path(x, f"{where} info.external_data")
+    for key in ("int8", "tensorrt_check"):  # read as objects by the vision selection
+        if key in a.get("info", {}) and not isinstance(a["info"][key], dict):
+            raise MraError(f"{where} info.{key} | got {a['info'][key]!r}, expected an object")
     known = {f.name for f in dataclasses.fields(Artifact)}
     return Artifact(**{k: v for k, v in a.items() if k in known})
 

@@ -153,8 +153,10 @@ def _looks_like_image(f) -> bool:
     """Whether PIL identifies the file from its header (without decoding the pixels)."""
     from PIL import Image, UnidentifiedImageError
 
+    from .preprocess import image_formats
+
     try:
-        with Image.open(f) as im:
+        with Image.open(f, formats=image_formats()) as im:
             return im.size is not None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         return False

@@ -32,6 +32,15 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # Padding to a square never builds the max(w, h)^2 canvas (a 1 x 40000 PNG would cost
 # 4.8 GB): the resize runs on one side x S intermediate instead. This bounds it.
 MAX_INTERMEDIATE_BYTES = 512 << 20
+# Photo formats PIL may open: the rest (EPS runs Ghostscript, PSD, FITS, ...) is refused, so a
+# file named .jpg is decoded by a photo decoder or not at all.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")  # JPEG includes MPO (camera photos)
+
+
+def image_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this Pillow build has (WEBP is optional)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 _ROW_CHUNK_BYTES = 16 << 20  # padded rows resized horizontally at a time (thin tall images)
 # A tall image's every padded row goes through PIL's horizontal pass (about 4 x side^2
 # multiply-adds, as in the reference): bounded so that a thin PNG cannot take minutes of CPU.
@@ -93,7 +102,7 @@ def _open(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=image_formats()) as im:
                 _check_size(im, f"image {path}")
                 im.load()  # decode now, so a truncated file fails here and not later
                 return im.copy()
@@ -102,7 +111,8 @@ def _open(path: Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise MraError(f"image {path} | refusing a possible decompression bomb: {e}") from None
     except UnidentifiedImageError:
-        raise MraError(f"image {path} | not an image file PIL can read") from None
+        raise MraError(f"image {path} | not an image file PIL can read (accepted: {', '.join(IMAGE_FORMATS)})") \
+            from None
     except MemoryError:
         raise MraError(f"image {path} | out of memory decoding it") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

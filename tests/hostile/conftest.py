@@ -1,23 +1,12 @@
-"""The hostile-input suite: a tiny bundle (FP32 vision at S=384, F32 GGUF) exported once, and
-a cheap vision-only export for the tests that replace, lock and interrupt exports."""
+"""The hostile-input suite's fixtures: a tiny bundle (FP32 vision at S=384, F32 GGUF) exported
+once, and one Pipeline on it shared by the tests (which also checks that sharing is safe)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-S = 384
-BIN = Path(sys.executable).parent
-FAST = ["--n-ctx", "1024", "--threads", "1", "--max-tokens", "4"]
-
-
-def vision_only(out: Path, model: Path, force: bool = False):
-    from mra.export.bundle import ExportOptions
-
-    return ExportOptions(out=out, model=model, image_size=S, precisions=["fp32"], llm_quants=[], force=force,
-                         progress=False)
+from hostile_helpers import S
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ def _artifact(key, value, index=0):
     (_set("artifacts", {"a": 1}), "artifacts"),
     (_artifact("size", "12"), "size"),
     (_artifact("info", []), "info"),
+    (_artifact("info", {"int8": "cpu"}), "info.int8"),
     (_artifact("file", "/etc/passwd"), "not a file name inside the bundle"),
     (_artifact("file", "../outside.onnx"), "not a file name inside the bundle"),
     (_artifact("file", "sub/../../x.gguf"), "not a file name inside the bundle"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, S, vision_only
+from hostile_helpers import BIN, S, vision_only
 from mra.export import bundle as bundle_mod
 from mra.export.bundle import export, output_lock, recover
 from mra.runtime.errors import MraError

@@ -136,3 +136,12 @@ def test_a_lazily_opened_truncated_image_is_an_mra_error(photo_paths, tmp_path):
     lazy = Image.open(io.BytesIO(data[: len(data) // 3]))  # header fine, pixels cut
     with pytest.raises(MraError, match="cannot decode"):
         preprocess_image(lazy, 32)
+
+
+def test_only_photo_formats_are_decoded(tmp_path):
+    """An EPS (PIL would run Ghostscript on it) named like a photo is refused unread."""
+    p = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(p, format="EPS")
+    for fn in (load_image, image_key):
+        with pytest.raises(MraError, match="not an image file PIL can read"):
+            fn(p)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import BIN, FAST
+from hostile_helpers import BIN, FAST
 from mra.runtime.errors import MraError
 from mra.runtime.llm import Sampler
 

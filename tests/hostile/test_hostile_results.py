@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST
+from hostile_helpers import FAST
 from mra.runtime.cli import run_main
 
 
