@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import logging
 import os
 import shutil
@@ -187,7 +188,7 @@ def output_lock(out: Path) -> Iterator[None]:
 
 # --- swap by renames, and what a crash left ---------------------------------------------
 def _side_paths(out: Path, kind: str) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.{kind}-*"))
+    return sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"))  # "b[1]" must not match ".b1.old-"
 
 
 def swap_in(work: Path, out: Path) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -130,10 +132,11 @@ def _run(argv: list[str]) -> int:
         images = folder_images(a.images)
         if not images:
             raise MraError(f"--images {a.images} | no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        log = ResultLog.open(a.out)  # refuses a file mra-run did not write, before loading the model
+        with results_lock(a.out):  # one folder run per results file
+            log = ResultLog.open(a.out)  # refuses a file mra-run did not write, before loading the model
+            with _open_pipeline(a) as pipe:
+                return _run_folder(pipe, a, images, log)
     with _open_pipeline(a) as pipe:
-        if a.images is not None:
-            return _run_folder(pipe, a, images, log)
         if a.json:
             answer = pipe.ask(a.image, a.prompt, **_gen_kwargs(a))
             print(json.dumps({"image": str(a.image), "prompt": a.prompt, "answer": answer,
@@ -220,6 +223,30 @@ class ResultLog:
 
     def todo(self, key: tuple[str, str]) -> bool:
         return key not in self.answered and self.failures[key] < MAX_ATTEMPTS
+
+
+@contextlib.contextmanager
+def results_lock(out: Path) -> Iterator[None]:
+    """An exclusive flock on the results file while a folder run reads and appends to it: a
+    second run on the same file fails at once instead of interleaving or cutting its lines.
+    (The kernel drops the lock with the process.)"""
+    if (out.exists() or out.is_symlink()) and not out.is_file():
+        raise MraError(f"--out {out} | exists and is not a regular file; pass a .jsonl file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        with open(out, "ab") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                created = False
+                raise MraError(f"--out {out} | another mra-run is writing it; wait for it or pass another "
+                               "--out") from None
+            yield
+    except BaseException:
+        if created and out.is_file() and out.stat().st_size == 0:
+            out.unlink()  # made by this run, and nothing in it: no trace of a failed start
+        raise
 
 
 def answered(out: Path) -> set[tuple[str, str]]:

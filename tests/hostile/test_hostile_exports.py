@@ -262,3 +262,11 @@ def test_a_full_disk_is_reported_as_such(tiny_ckpt, tmp_path, monkeypatch):
     with pytest.raises(MraError, match="disk filled up.*Wire format"):
         export(vision_only(tmp_path / "b", tiny_ckpt))
     assert list(tmp_path.iterdir()) == []  # the partial bundle is gone
+
+
+def test_recovery_touches_only_its_own_side_paths(finished, tmp_path):
+    """An --out named like a glob pattern ("b[1]") must not match another bundle's ".b1.old-"."""
+    other = copy_bundle(finished, tmp_path / ".b1.old-zz")
+    before = tree(other)
+    recover(tmp_path / "b[1]")
+    assert tree(other) == before and not (tmp_path / "b[1]").exists()

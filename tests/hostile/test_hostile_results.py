@@ -73,3 +73,13 @@ def test_a_special_file_as_out_is_refused(hostile_bundle, folder, tmp_path):
     fifo = tmp_path / "out.jsonl"
     os.mkfifo(fifo)
     assert folder_run(hostile_bundle, folder, fifo) == 1  # no hang reading a FIFO
+
+
+def test_a_second_run_on_the_same_results_fails_at_once(hostile_bundle, folder, tmp_path, capsys):
+    from mra.runtime.cli import results_lock
+
+    out = tmp_path / "answers.jsonl"
+    with results_lock(out):
+        assert folder_run(hostile_bundle, folder, out) == 1
+    assert "another mra-run is writing it" in capsys.readouterr().err and out.read_bytes() == b""
+    assert folder_run(hostile_bundle, folder, out) == 0 and len(out.read_bytes().splitlines()) == 1
