@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hostile_helpers import FAST
 from mra.runtime.errors import MraError
 from mra.runtime.pipeline import image_key
 from mra.runtime.preprocess import (MAX_TALL_SIDE, expand_to_square, load_image, pad_resize, preprocess_image)
@@ -32,10 +33,10 @@ def test_pad_resize_is_the_reference_bit_for_bit(w, h, s, monkeypatch):
         assert np.array_equal(np.asarray(pad_resize(im, s)), np.asarray(ref))
 
 
-def _peak_rss_mb(code: str) -> float:
-    """Peak RSS of ``code`` in a child whose address space is capped at 3 GiB, so that a
-    regression fails with MemoryError instead of taking the machine's memory."""
-    cap = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+def _peak_rss_mb(code: str, cap_gib: int = 3) -> float:
+    """Peak RSS of ``code`` in a child whose address space is capped, so that a regression
+    fails with MemoryError instead of taking the machine's memory."""
+    cap = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({cap_gib} << 30, {cap_gib} << 30))\n"
     # VmHWM, not getrusage: ru_maxrss survives exec, so a child of a big pytest would report its size.
     r = subprocess.run([sys.executable, "-c", cap + textwrap.dedent(code) + textwrap.dedent("""
         import re
@@ -45,16 +46,24 @@ def _peak_rss_mb(code: str) -> float:
     return float(r.stdout.split()[-1])
 
 
-def test_thin_images_preprocess_in_bounded_memory(tmp_path):
-    """1 x 20000 and 100000 x 10 PNGs: the padded squares would be 1.2 GB and 30 GB."""
+def test_mra_run_answers_thin_images_in_bounded_memory(hostile_bundle, tmp_path):
+    """1 x 20000 and 100000 x 10 PNGs (the padded squares: 1.6 GB and 40 GB in PIL): mra-run
+    answers both with a peak RSS under 1 GB."""
+    folder = tmp_path / "thin"
+    folder.mkdir()
     for w, h in ((1, 20000), (100000, 10)):
-        Image.new("RGB", (w, h), (200, 10, 10)).save(tmp_path / f"{w}x{h}.png")
+        Image.new("RGB", (w, h), (200, 10, 10)).save(folder / f"{w}x{h}.png")
+    out = tmp_path / "answers.jsonl"
     mb = _peak_rss_mb(f"""
-        from mra.runtime.preprocess import preprocess_image
-        for name in ("1x20000.png", "100000x10.png"):
-            x = preprocess_image({str(tmp_path)!r} + "/" + name, 384)
-            assert x.shape == (3, 384, 384)
-        """)
+        from mra.runtime.cli import run_main
+        rc = run_main(["--bundle", {str(hostile_bundle)!r}, "--images", {str(folder)!r}, "--out", {str(out)!r},
+                       "--prompt", "What?", "-q", *{FAST!r}])
+        assert rc == 0, rc
+        """, cap_gib=4)
+    import json
+
+    assert sorted(json.loads(x)["image"] for x in out.read_text().splitlines()) == ["100000x10.png", "1x20000.png"]
+    assert all("answer" in json.loads(x) for x in out.read_text().splitlines())
     assert mb < 1024, f"peak RSS {mb} MB"
 
 
