@@ -240,6 +240,10 @@ class LlamaSession:
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.model))
         self.bos = int(lib.llama_vocab_bos(self.vocab))
         self.eos = int(lib.llama_vocab_eos(self.vocab))
+        if n_ctx is not None and self.n_ctx_train > 0 and n_ctx > self.n_ctx_train:
+            self.close()  # llama.cpp would allocate (and zero) the whole KV cache for it: a huge n_ctx eats the RAM
+            raise MraError(f"n_ctx | got {n_ctx}, the model was trained with {self.n_ctx_train} positions; pass at "
+                           f"most {self.n_ctx_train}")
 
         threads, threads_batch = default_threads()
         cp = lib.llama_context_default_params()

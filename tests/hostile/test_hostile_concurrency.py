@@ -88,3 +88,14 @@ def test_llama_cpp_log_levels_come_from_the_named_table():
     assert set(KV_BYTES) == set(KV_TYPES)
     kv = next(a for a in run_parser()._actions if a.dest == "kv_type")
     assert tuple(kv.choices) == tuple(KV_TYPES)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n_ctx": 0}, "n_ctx"), ({"n_ctx": 100_000}, "trained with"), ({"n_threads": 0}, "n_threads"),
+    ({"n_batch": 0}, "n_batch"), ({"n_ctx": 1 << 30}, "n_ctx"),
+])
+def test_sizes_llama_cpp_would_abort_or_choke_on_are_refused(hostile_bundle, kwargs, message):
+    from mra.runtime.llm import LlamaSession
+
+    with pytest.raises(MraError, match=message):
+        LlamaSession(next(hostile_bundle.glob("*.gguf")), **kwargs)
