@@ -21,11 +21,16 @@ class ConfigError(MraError):
     """config.json describes something this project cannot build."""
 
 
+MAX_DIM = 1 << 20  # no real width, depth or size comes near it; torch would try to allocate it
+
+
 def _int(value: Any, where: str) -> int:
-    """A JSON integer > 0 (not a bool, a string or a float): config fields are read typed, so a
-    hand-edited ``"hidden_size": "64"`` is named instead of failing deep in torch."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(f"{where} | got {value!r} ({type(value).__name__}), expected a positive integer")
+    """A JSON integer in [1, MAX_DIM] (not a bool, a string or a float): config fields are read
+    typed, so a hand-edited ``"hidden_size": "64"`` or ``1e12`` is named instead of failing
+    deep in torch."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_DIM:
+        raise ConfigError(f"{where} | got {value!r} ({type(value).__name__}), expected a positive integer "
+                          f"up to {MAX_DIM}")
     return int(value)
 
 

@@ -108,6 +108,9 @@ class Manifest:
         known = {f.name for f in dataclasses.fields(cls)}
         for name in ("image_size", "num_image_tokens", "embed_dim"):
             _field(d, name, int, path)
+            if d[name] > MAX_SIZES[name]:  # buffers are sized by these: a damaged value must not allocate
+                raise MraError(f"{path} {name} | got {d[name]}, expected at most {MAX_SIZES[name]}; re-export the "
+                               "bundle")
         for name in ("source", "preprocess", "prompt"):
             _field(d, name, dict, path, optional=name != "source")
         if not isinstance(d.get("mra_version", ""), str):
@@ -120,6 +123,7 @@ class Manifest:
         return cls(**d)
 
 
+MAX_SIZES = {"image_size": 8192, "num_image_tokens": 1 << 16, "embed_dim": 1 << 16}
 _TYPES = {int: "a positive integer", dict: "an object", str: "a string", list: "a list"}
 
 

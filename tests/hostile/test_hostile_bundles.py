@@ -45,6 +45,7 @@ def _artifact(key, value, index=0):
     (_set("image_size", True), "image_size"),
     (_set("prompt", None), "prompt"),
     (_set("embed_dim", "64"), "embed_dim"),
+    (_set("image_size", 10**9), "at most 8192"),
     (_set("artifacts", {"a": 1}), "artifacts"),
     (_artifact("size", "12"), "size"),
     (_artifact("info", []), "info"),
@@ -106,6 +107,7 @@ def test_verify_checks_the_gguf_header_even_when_the_hash_matches(copy, capsys):
 @pytest.mark.parametrize("field, value, message", [
     ("hidden_size", "64", "hidden_size"),
     ("hidden_size", 0, "hidden_size"),
+    ("hidden_size", 10**12, "hidden_size"),
     ("input_image_size", "1024", "input_image_size"),
     ("mm_vision_tower_config", [1], "mm_vision_tower_config"),
     ("vision_tower_slow_config", {"depths": [1, 1, "2", 1], "dims": [8, 16, 24, 48]}, "depths"),
