@@ -129,6 +129,18 @@ def _last_error() -> str:
     return " / ".join(list(_recent_errors)[-2:])
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def default_threads() -> tuple[int, int]:
     """(decode, batch) threads, as llama-cpp-python's ``Llama`` picks them."""
     n = os.cpu_count() or 1
@@ -240,10 +252,8 @@ class LlamaSession:
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.model))
         self.bos = int(lib.llama_vocab_bos(self.vocab))
         self.eos = int(lib.llama_vocab_eos(self.vocab))
-        if n_ctx is not None and self.n_ctx_train > 0 and n_ctx > self.n_ctx_train:
-            self.close()  # llama.cpp would allocate (and zero) the whole KV cache for it: a huge n_ctx eats the RAM
-            raise MraError(f"n_ctx | got {n_ctx}, the model was trained with {self.n_ctx_train} positions; pass at "
-                           f"most {self.n_ctx_train}")
+        if n_gpu_layers == 0:
+            self._check_kv_memory(n_ctx or self.n_ctx_train, kv_type)
 
         threads, threads_batch = default_threads()
         cp = lib.llama_context_default_params()
@@ -269,6 +279,20 @@ class LlamaSession:
         self._eog: dict[int, bool] = {}
         self.keys: list[Hashable] = []  # what each KV position holds
         self.evaluated_total = 0  # positions run through the model, ever (tests check re-use with it)
+
+    def _check_kv_memory(self, n_ctx: int, kv_type: str) -> None:
+        """Refuse a KV cache larger than the memory available: llama.cpp allocates and zeroes it
+        all at once, so an oversized n_ctx would take the machine's memory (or be OOM-killed)."""
+        lib = self._lib
+        n_layer, n_head = int(lib.llama_model_n_layer(self.model)), int(lib.llama_model_n_head(self.model))
+        n_kv = self.n_embd * int(lib.llama_model_n_head_kv(self.model)) // max(n_head, 1)
+        need = int(2 * n_layer * n_ctx * n_kv * KV_TYPES[kv_type].bytes_per_element)
+        free = available_memory()
+        if free is not None and need > free:
+            self.close()
+            raise MraError(f"n_ctx | {n_ctx} positions need a {need / 2**30:.1f} GiB {kv_type} KV cache, "
+                           f"{free / 2**30:.1f} GiB of memory is available; pass a smaller n_ctx (trained: "
+                           f"{self.n_ctx_train}) or a quantized kv_type")
 
     # --- batches ------------------------------------------------------------------
     def _new_batch(self, embd: int):
