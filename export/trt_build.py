@@ -238,12 +238,17 @@ def build_serialized(env: TrtEnv, onnx_path: Path, plan: EnginePlan, image_size:
 def use_timing_cache(config, path: Path, version: str) -> bool:
     """Load ``path`` into ``config``; True if it was used. A cache from another TensorRT
     version or GPU is refused by ``set_timing_cache`` (it returns False with
-    ignore_mismatch=False): warn and start an empty one, which the build then writes back."""
+    ignore_mismatch=False), a corrupt one by ``create_timing_cache``: warn and start an empty
+    one, which the build then writes back in its place."""
     blob = path.read_bytes() if path.is_file() else b""
-    if config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
+    try:
+        cache = config.create_timing_cache(blob)  # a corrupt blob: None or an exception, by version
+    except Exception:  # noqa: BLE001  (TensorRT raises its own types)
+        cache = None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
         return bool(blob)
-    log.warning("--timing-cache %s | written by another TensorRT version or GPU, TensorRT %s refused it; "
-                "building with a new cache, which replaces it", path, version)
+    log.warning("--timing-cache %s | written by another TensorRT version or GPU (or corrupt), TensorRT %s refused "
+                "it; building with a new cache, which replaces it", path, version)
     if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
         raise MraError(f"--timing-cache {path} | TensorRT {version} refused even an empty timing cache; "
                        "build without --timing-cache")
@@ -348,7 +353,8 @@ def build_engines(opts, work: Path, manifest: Manifest) -> list[Artifact]:
             raise MraError(describe_problems(plan.source.file, problems))
     pixels, names = validation_pixels(opts, manifest.image_size)
     ref = reference_embeddings(work, manifest, pixels)
-    tag = engine_tag(env.gpu, env.version)
+    # a DLA engine is another engine than the GPU one of the same precision: its own file
+    tag = engine_tag(env.gpu, env.version) + (f"-dla{opts.trt_dla_core}" if opts.trt_dla_core is not None else "")
     built: list[Artifact] = []
     with contextlib.ExitStack() as stack:  # every engine renamed into place only if all pass
         for plan in plans:
