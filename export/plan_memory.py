@@ -145,7 +145,10 @@ def _activations(bundle: Path, m: Manifest, engine: Artifact | None, graphs: dic
                  batch: int) -> tuple[int, str]:
     if engine is not None and engine.info.get("device_memory_bytes"):
         return int(engine.info["device_memory_bytes"]), f"recorded by TensorRT for {engine.file} (max batch)"
-    elem = 4 if precision == "fp32" else 2  # INT8 engines keep float16 between quantized layers
+    # INT8 engines keep float16 between quantized layers on TensorRT 10 (its FP16 flag); on
+    # TensorRT 11 only when built from an INT8 graph whose float parts are FP16 (else FP32:
+    # this estimate is then low by up to 2x; an engine's recorded device memory replaces it)
+    elem = 4 if precision == "fp32" else 2
     src = graphs.get(precision) or graphs.get("fp32")
     largest = _largest_tensor_elems(bundle / src.file) if src else None
     if largest:

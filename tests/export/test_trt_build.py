@@ -235,6 +235,9 @@ def test_engines_from_a_bundle_are_validated_recorded_and_rebuilt(onnx_bundle, t
         assert e.info["source_onnx_sha256"] == onnx[e.info["source_onnx"]].sha256
         assert e.validation["passed"] and e.validation["reference"].startswith("onnxruntime fp32")
     assert engines["fp16"].validation["cosine"] >= 0.999
+    for e in engines.values():  # what the GPU check reports: build time, layer precisions, latency
+        assert e.info["build_seconds"] > 0 and "error" not in e.info["layers"]
+        assert set(e.info["latency_ms"]) == {"1", "4"}
     int8_bar = [a for a in m.find("vision", "onnx", "int8") if a.info.get("int8", {}).get("flavour") != "cpu"][0]
     assert engines["int8"].validation["cosine"] >= int8_bar.validation["threshold"]["min_cosine"]
     # a rebuild replaces the entry, keeps one file per precision and GPU, and loads

@@ -88,13 +88,16 @@ def test_mra_export_refuses_tensorrt_8_before_any_work(tmp_path):
 
 
 def test_one_statement_of_the_supported_versions_and_the_docs_agree():
-    readme = (ROOT / "README.md").read_text()
-    assert SUPPORTED_TENSORRT in readme
+    """The guides and the TensorRT modules state the versions from gpu_stack or point to it;
+    nothing tells anyone to install the plain `tensorrt` metapackage."""
+    for doc in (ROOT / "README.md", ROOT / "examples" / "jetson" / "README.md", ROOT / "export" / "trt_build.py",
+                ROOT / "runtime" / "trt_backend.py"):
+        text = doc.read_text().replace("\n> ", " ").replace("\n", " ")
+        assert SUPPORTED_TENSORRT in text or "gpu_stack.SUPPORTED_TENSORRT" in text, doc
     for doc in (ROOT / "README.md", ROOT / "examples" / "jetson" / "README.md", *sorted((ROOT / "runtime").glob("*.py")),
                 *sorted((ROOT / "export").glob("*.py")), ROOT / "benchmarks" / "gpu_check.sh"):
         text = doc.read_text()
         assert "pip install tensorrt " not in text and "pip install tensorrt`" not in text, doc  # the metapackage
-        assert "TensorRT 8" not in text or doc.name == "gpu_stack.py", doc
 
 
 def test_ort_tensorrt_pairs():
