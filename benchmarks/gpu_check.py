@@ -60,7 +60,8 @@ def stages(sizes: tuple[int, ...] = SIZES, with_tests: bool = True) -> list[Stag
             needs = (f"engine-{s}-{b.split('-')[1]}",) if b.startswith("trt-") else (f"prepare-{s}",)
             out.append(Stage(f"latency-{s}-{b}", 90 if big else 45, f"{b} latency at S={s}, batch 1 and 4", needs))
         if i == 0 and with_tests:
-            out.append(Stage("pytest-gpu", 300, "pytest -m gpu (engines from a tiny bundle, Pipeline through TensorRT)"))
+            out.append(Stage("pytest-gpu", 300, "pytest -m gpu (engines from a tiny bundle, the Pipeline "
+                             "through TensorRT)"))
     return out
 
 
@@ -273,7 +274,8 @@ def probe_versions(work: Path) -> dict:
         from mra.runtime.gpu_stack import cuda_major_for_driver, gpu_packages
 
         try:
-            v["recommended_packages"] = gpu_packages(cuda_major_for_driver(v["driver"]), v.get("compute_capability")).as_dict()
+            major = cuda_major_for_driver(v["driver"])
+            v["recommended_packages"] = gpu_packages(major, v.get("compute_capability")).as_dict()
         except Exception as e:  # noqa: BLE001
             v["recommended_packages"] = {"error": str(e)}
     return v
@@ -407,9 +409,9 @@ def auto_choices(engines: dict[str, dict]) -> dict[str, str]:
 
 def markdown(report: dict, latency_table: str) -> str:
     v = report["versions"]
-    lines = ["# GPU check", "",
-             f"Generated {report['generated_at']}" + (f" after {report['run_seconds']:.0f} s (deadline "
-                                                      f"{report['deadline_s']:.0f} s)" if report["run_seconds"] else ""),
+    took = (f" after {report['run_seconds']:.0f} s (deadline {report['deadline_s']:.0f} s)"
+            if report["run_seconds"] else "")
+    lines = ["# GPU check", "", f"Generated {report['generated_at']}{took}",
              "", "## Versions", ""]
     for k in ("gpu_name", "compute_capability", "gpu_memory", "driver", "driver_cuda", "python"):
         lines.append(f"- {k}: {v.get(k, '-')}")
@@ -493,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_check(a.out, a.work, a.deadline, set(a.redo), a.preset, tuple(int(x) for x in a.sizes.split(",")),
                        not a.no_tests)
     bad = [s["name"] for s in report["stages"] if s["status"] not in ("passed",)]
-    print(f"[gpu-check] report: {a.out / 'gpu_check.md'}" + (f"; not passed: {', '.join(bad)}" if bad else "; all passed"))
+    print(f"[gpu-check] report: {a.out / 'gpu_check.md'}"
+          + (f"; not passed: {', '.join(bad)}" if bad else "; all passed"))
     return 0 if not bad else 1
 
 

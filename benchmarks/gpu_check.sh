@@ -54,9 +54,11 @@ if [ -n "$SPEC" ]; then
   # llama-cpp-python first, in the background: a CUDA build compiles for minutes, while the rest installs
   if ! have "import llama_cpp"; then
     if command -v nvcc >/dev/null 2>&1; then
-      ( CMAKE_ARGS="$(field llama_cmake_args)" timeout 480 $PIP llama-cpp-python >"$OUT/llama_build.log" 2>&1 \
+      # its dependencies now, in the foreground: two pips must not install the same package at once
+      $PIP numpy typing-extensions diskcache jinja2 >>"$LOG" 2>&1
+      ( CMAKE_ARGS="$(field llama_cmake_args)" timeout 480 $PIP --no-deps llama-cpp-python >"$OUT/llama_build.log" 2>&1 \
           && have "import llama_cpp; assert llama_cpp.llama_supports_gpu_offload()" \
-          || $PIP llama-cpp-python >>"$OUT/llama_build.log" 2>&1 ) &
+          || $PIP --no-deps --force-reinstall --no-cache-dir llama-cpp-python >>"$OUT/llama_build.log" 2>&1 ) &
       LLAMA_PID=$!
       say "llama-cpp-python: CUDA build in the background (pid $LLAMA_PID, log $OUT/llama_build.log)"
     else

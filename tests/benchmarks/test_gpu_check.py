@@ -98,3 +98,12 @@ def test_torch_and_onnxruntime_through_one_factory_agree(first_run, photo_paths)
         a, b = t.infer(pixels), o.infer(pixels)
     assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
     assert compare(b, a)["rel_err"] < 1e-4
+
+
+def test_gpu_check_sh_parses_and_takes_its_packages_from_gpu_stack():
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for spec in ("tensorrt", "cuda_python", "onnxruntime", "llama_cmake_args"):
+        assert f"$(field {spec})" in text, spec  # matched to the driver, not hard-coded
+    assert "-m mra.benchmarks.gpu_check run" in text and "--deadline" in text
