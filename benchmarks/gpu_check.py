@@ -247,9 +247,10 @@ def run_gpu_tests(out: Path) -> dict:
     summary = next((x for x in reversed(p.stdout.splitlines()) if re.search(r"passed|failed|error|skipped", x)), "")
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", summary)}
     failures = [x for x in p.stdout.splitlines() if x.startswith(("FAILED", "ERROR"))]
-    data = {"summary": summary.strip("= "), "counts": counts, "failures": failures[:20]}
-    if p.returncode != 0:
-        data["error"] = f"pytest -m gpu: {summary.strip('= ')}; " + " / ".join(failures[:5])
+    skips = [x for x in p.stdout.splitlines() if x.startswith("SKIPPED")]
+    data = {"summary": summary.strip("= "), "counts": counts, "failures": failures[:20], "skipped": skips[:20]}
+    if p.returncode != 0 or not counts.get("passed"):  # all skipped settles nothing: not a pass
+        data["error"] = f"pytest -m gpu: {summary.strip('= ')}; " + " / ".join((failures or skips)[:5])
         _write_data(out, "pytest-gpu", data)
         raise SystemExit(1)
     return data

@@ -213,8 +213,11 @@ class TrtRunner:
         self.runtime = trt.Runtime(self.logger)
         if dla_core is None and artifact is not None:
             dla_core = artifact.info.get("dla_core")
-        if dla_core is not None:
-            self.runtime.DLA_core = int(dla_core)  # read at deserialization: the core the engine runs on
+        if dla_core is not None:  # read at deserialization: the core the engine runs on
+            if not 0 <= int(dla_core) < self.runtime.num_DLA_cores:
+                raise MraError(f"{self.path} | a DLA engine for core {dla_core}, this device has "
+                               f"{self.runtime.num_DLA_cores} DLA core(s); pass another dla_core or use a GPU engine")
+            self.runtime.DLA_core = int(dla_core)
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise MraError(f"{self.path} | TensorRT {trt.__version__} cannot deserialize it (built with another "
