@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mra.llama_shape import LLAMA_7B, LLAMA_13B
+
 from .cases import CLAIM_PAIR, VisionCase
-from .flops import LLAMA_13B, LLAMA_7B, counted_flops
+from .flops import counted_flops
 from .llm_bench import PrefillCost
 from .runners import TorchRunner, export_fp32_onnx
 from .timing import time_call

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .flops import LlamaDims, llama_prefill_flops
+from mra.llama_shape import LlamaShape
+
+from .flops import llama_prefill_flops
 
 QUESTION = "Describe the image in detail."
 
@@ -32,25 +34,26 @@ class LlmSpeed:
         return asdict(self)
 
 
-def gguf_dims(path: Path) -> LlamaDims:
+def gguf_shape(path: Path) -> LlamaShape:
     """The LLaMA shape from a GGUF's metadata (what prefill FLOPs depend on)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader, Keys
 
     r = GGUFReader(path)
-    arch = _field(r, "general.architecture")
+    arch = r.get_field(Keys.General.ARCHITECTURE).contents()
 
     def get(key: str) -> int:
-        return int(_field(r, f"{arch}.{key}"))
+        return int(r.get_field(key.format(arch=arch)).contents())
 
-    heads, kv_heads, hidden = get("attention.head_count"), get("attention.head_count_kv"), get("embedding_length")
     vocab = next(int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight")
-    return LlamaDims(hidden, get("feed_forward_length"), get("block_count"), vocab, kv_heads * hidden // heads)
+    return LlamaShape(get(Keys.LLM.EMBEDDING_LENGTH), get(Keys.LLM.FEED_FORWARD_LENGTH), get(Keys.LLM.BLOCK_COUNT),
+                      get(Keys.Attention.HEAD_COUNT), vocab, get(Keys.Attention.HEAD_COUNT_KV),
+                      get(Keys.LLM.CONTEXT_LENGTH))
 
 
-def _field(r, key: str):
-    f = r.fields[key]
-    v = f.parts[f.data[0]]
-    return bytes(v).decode() if v.dtype == np.uint8 else v[0]
+def dims_record(s: LlamaShape) -> dict:
+    """A shape as results.json records it (the keys of the committed results)."""
+    return {"hidden": s.n_embd, "intermediate": s.n_ff, "layers": s.n_layer, "vocab": s.n_vocab,
+            "kv_hidden": s.kv_dim}
 
 
 def _random_tokens(n: int, n_vocab: int, seed: int = 0) -> list[int]:
@@ -137,16 +140,16 @@ class PrefillCost:
     flops: int  # of that prefill on the bench LLM
     rate: float  # flops / seconds
 
-    def extrapolate(self, dims: LlamaDims) -> float:
-        """Seconds for the same prompt on a model of ``dims``, at the measured FLOP rate."""
-        return llama_prefill_flops(dims, self.positions) / self.rate
+    def extrapolate(self, shape: LlamaShape) -> float:
+        """Seconds for the same prompt on a model of ``shape``, at the measured FLOP rate."""
+        return llama_prefill_flops(shape, self.positions) / self.rate
 
 
 def prefill_costs(path: Path, image_tokens: list[int], threads: int, repeats: int) -> dict[int, PrefillCost]:
     """Median prefill time of the v1 prompt with each image-token count, from an empty cache."""
     from mra.runtime.llm import LlamaSession
 
-    dims = gguf_dims(path)
+    shape = gguf_shape(path)
     n_ctx = max(image_tokens) + 256
     out: dict[int, PrefillCost] = {}
     with LlamaSession(path, n_ctx=n_ctx, n_threads=threads) as s:
@@ -160,6 +163,6 @@ def prefill_costs(path: Path, image_tokens: list[int], threads: int, repeats: in
                 stats = s.prefill(items)
                 runs.append(time.perf_counter() - t0)
             sec = statistics.median(runs)
-            flops = llama_prefill_flops(dims, stats.positions)
+            flops = llama_prefill_flops(shape, stats.positions)
             out[n] = PrefillCost(n, stats.positions, sec, flops, flops / sec)
     return out

@@ -15,18 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mra.runtime.files import atomic_write_text
+from mra.runtime.gguf_types import least_quantized
 
 log = logging.getLogger("mra.benchmarks")
 
 SECTIONS = ("limit", "flops", "efficiency", "backends", "llm")
 LLM_QUANTS = ("F16", "Q8_0", "Q4_K_M")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def least_quantized(quants) -> str:
-    from mra.quantize.gguf_types import GGUF_TYPES  # most bits first
-
-    return min(quants, key=lambda q: GGUF_TYPES.index(q) if q in GGUF_TYPES else len(GGUF_TYPES))
 
 
 def bench_llm_name(quick: bool) -> str:
@@ -166,7 +161,7 @@ class Suite:
     def section_efficiency(self) -> None:
         from .cases import vision_cases
         from .efficiency import conclusion, efficiency_rows, time_case, time_case_isolated
-        from .llm_bench import gguf_dims, prefill_costs
+        from .llm_bench import dims_record, gguf_shape, prefill_costs
 
         o = self.o
         cases = vision_cases(o.quick)
@@ -191,7 +186,7 @@ class Suite:
         rows = efficiency_rows(cases, timings, prefill)
         self.results["efficiency"] = {
             "backend": o.backend, "precision": "fp32", "warmup": o.warmup, "repeats": o.repeats,
-            "prefill_llm": {"model": bench_llm_name(o.quick), "file": probe.name, "dims": asdict(gguf_dims(probe)),
+            "prefill_llm": {"model": bench_llm_name(o.quick), "file": probe.name, "dims": dims_record(gguf_shape(probe)),
                             "rates_gflop_s": {n: p.rate / 1e9 for n, p in prefill.items()}},
             "rows": rows, "failed": failed, "conclusion": conclusion(rows)}
 
@@ -237,7 +232,7 @@ class Suite:
     def section_llm(self) -> None:
         from mra.quantize.photos import photo_paths
 
-        from .llm_bench import QUESTION, bare_speed, gguf_dims, runtime_speed
+        from .llm_bench import QUESTION, bare_speed, dims_record, gguf_shape, runtime_speed
 
         o = self.o
         _, bundle = self.bundle()
@@ -249,7 +244,7 @@ class Suite:
             bare = bare_speed(self.gguf(q), q, o.threads, rt.prompt_tokens, o.decode_tokens, o.repeats, rt.n_ctx)
             rows += [rt.to_dict(), bare.to_dict()]
         probe = self.gguf(o.llm_quants[0])
-        self.results["llm"] = {"model": bench_llm_name(o.quick), "dims": asdict(gguf_dims(probe)),
+        self.results["llm"] = {"model": bench_llm_name(o.quick), "dims": dims_record(gguf_shape(probe)),
                                "prompt": f"the LLaVA v1 prompt with one photo ({photo.name}) and '{QUESTION}'",
                                "decode_tokens": o.decode_tokens, "rows": rows}
 
