@@ -17,6 +17,8 @@ from pathlib import Path
 from mra.runtime.files import atomic_write_text
 from mra.runtime.gguf_types import least_quantized
 
+from .machine import usable_cores
+
 log = logging.getLogger("mra.benchmarks")
 
 SECTIONS = ("limit", "flops", "efficiency", "backends", "llm")
@@ -28,17 +30,13 @@ def bench_llm_name(quick: bool) -> str:
     return "tiny random LLaMA" if quick else "2-layer slice of the LLaMA-2-7B shape (random weights)"
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 @dataclass
 class BenchOptions:
     out: Path
     quick: bool = False
     work: Path | None = None  # checkpoints, bundle, scratch graphs (default: a cache folder)
     only: tuple[str, ...] = SECTIONS
-    threads: int = field(default_factory=default_threads)
+    threads: int = field(default_factory=usable_cores)
     warmup: int = 1
     repeats: int | None = None  # None: 2 quick, 3 full
     backend: str = "onnxruntime"  # of the efficiency table
@@ -195,7 +193,7 @@ class Suite:
         from mra.runtime.compare import compare
         from mra.runtime.manifest import Manifest
 
-        from .backends import accuracy_inputs, backend_specs, logit_drift, row_key, run_worker
+        from .backends import accuracy_inputs, backend_specs, drift_by_backend, row_key, run_worker
         from .flops import mra_flops
 
         o = self.o
@@ -219,7 +217,7 @@ class Suite:
             rows.append(r)
         ref = "torch:fp32"
         # The least quantized GGUF, so the drift is the vision backend's, not the LLM's rounding.
-        drift = logit_drift(bundle, embeds, ref, o.threads, least_quantized(o.llm_quants))
+        drift = drift_by_backend(bundle, embeds, ref, o.threads, least_quantized(o.llm_quants))
         for r in rows:
             c = compare(embeds[row_key(r)], embeds[ref])
             r["accuracy"] = {k: c[k] for k in ("cosine", "min_cosine", "max_abs", "rel_err")}
