@@ -73,12 +73,9 @@ def time_case_isolated(name: str, quick: bool, backend: str, threads: int, warmu
     """``time_case`` in a fresh process: the real towers' export peaks at about 4x their
     weights (20 GB for LLaVA-HR-X), so no case may start on memory an earlier one left
     fragmented, and each is timed without the others' allocations around."""
-    import concurrent.futures
-    import multiprocessing
+    from .isolated import run_isolated
 
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_time_named_case, name, quick, backend, threads, warmup, repeats, work).result()
+    return run_isolated(_time_named_case, name, quick, backend, threads, warmup, repeats, work).value
 
 
 def _time_named_case(name: str, quick: bool, backend: str, threads: int, warmup: int, repeats: int,

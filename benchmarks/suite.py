@@ -18,10 +18,11 @@ from mra.runtime.files import atomic_write_text
 from mra.runtime.gguf_types import least_quantized
 
 from .machine import usable_cores
+from .report import SECTION_KEYS
 
 log = logging.getLogger("mra.benchmarks")
 
-SECTIONS = ("limit", "flops", "efficiency", "backends", "llm")
+SECTIONS = tuple(SECTION_KEYS)  # in the order they run
 LLM_QUANTS = ("F16", "Q8_0", "Q4_K_M")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -174,7 +175,7 @@ class Suite:
             try:  # hours into a full run, one case that runs out of memory must not lose the others
                 timings[c.name] = time_case_isolated(c.name, o.quick, o.backend, o.threads, o.warmup, o.repeats,
                                                      o.work)
-            except Exception as e:  # BrokenProcessPool when the child is killed (OOM), or its own error
+            except Exception as e:  # ChildDied when the child is killed (OOM), or its own error
                 log.warning("efficiency: %s failed: %s", c.name, e)
                 failed[c.name] = f"{type(e).__name__}: {e}"
         cases = [c for c in cases if c.name in timings]
@@ -246,6 +247,30 @@ class Suite:
                                "prompt": f"the LLaVA v1 prompt with one photo ({photo.name}) and '{QUESTION}'",
                                "decode_tokens": o.decode_tokens, "rows": rows}
 
+    def section_decode(self) -> None:
+        from mra.quantize.photos import photo_paths
+
+        from .llm_bench import decode_overhead
+
+        o = self.o
+        _, bundle = self.bundle()
+        self.results["decode"] = decode_overhead(bundle, least_quantized(o.llm_quants), o.threads, o.decode_tokens,
+                                                 o.repeats, photo_paths()[0])
+
+    def section_export_memory(self) -> None:
+        from .memory import vision_export_memory
+
+        ckpt, _ = self.bundle()
+        # Quick: FP32 alone, a check that the measurement runs; full: FP32 + INT8, the export users run.
+        precisions = ["fp32"] if self.o.quick else [p for p in ("fp32", "int8") if p in self.o.precisions]
+        self.results["export_memory"] = vision_export_memory(ckpt, self.o.work, precisions, self.o.calib_count)
+
+    def section_gguf_memory(self) -> None:
+        from .memory import gguf_convert_memory
+
+        ckpt, _ = self.bundle()
+        self.results["gguf_memory"] = gguf_convert_memory(ckpt, self.o.work, ["F16"])
+
     # --- output -----------------------------------------------------------------
     def _fractions_of_the_limit(self) -> None:
         """Each row's achieved rate as a fraction of the limit now in the results, so rows
@@ -266,7 +291,7 @@ class Suite:
 
         out = self.o.out
         self._fractions_of_the_limit()
-        missing = [s for s in ("physical_limit", "flops", "efficiency", "backends", "llm") if s not in self.results]
+        missing = [k for k in SECTION_KEYS.values() if k not in self.results]
         self.results["skipped"] = {s: "not run (see --only)" for s in missing}
         atomic_write_text(out / "results.json", json.dumps(_jsonable(self.results), indent=1) + "\n")
         if "efficiency" in self.results:
