@@ -25,6 +25,7 @@ import torch
 from mra.llama_shape import LlamaShape
 from mra.runtime.errors import MraError
 from mra.runtime.files import atomic_path
+from mra.runtime.gguf_types import gguf_type
 from mra.runtime.names import ROLES, SEP, SEP2, SYSTEM_PROMPT
 
 from .gguf_vocab import SpmVocab, read_spm_vocab
@@ -213,8 +214,7 @@ class LlamaGGUFConverter:
         if s.rope_linear_factor:
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(s.rope_linear_factor)
-        ftype = gguf.LlamaFileType.ALL_F32 if out_type == "F32" else gguf.LlamaFileType.MOSTLY_F16
-        w.add_file_type(int(ftype))
+        w.add_file_type(gguf_type(out_type).ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
