@@ -71,10 +71,9 @@ def read_spm_vocab(ckpt_dir: Path, n_vocab: int) -> SpmVocab:
     except ValueError as e:  # added_tokens.json ids not following the pieces
         raise MraError(f"{ckpt_dir / 'added_tokens.json'} | {e}: added tokens must take the ids after the "
                        "tokenizer.model pieces, in order") from None
-    except Exception as e:  # sentencepiece's OSError / RuntimeError on a damaged file, JSON errors
+    except Exception as e:  # sentencepiece's OSError / RuntimeError on a damaged file
         raise MraError(f"{path} | not a SentencePiece model ({e})") from None
-    n_pieces = spv.vocab_size_base
-    if n_pieces > n_vocab or spv.vocab_size > n_vocab:
+    if spv.vocab_size > n_vocab:  # pieces + added tokens
         raise MraError(f"{path} | {spv.vocab_size} tokens, but config.json vocab_size is {n_vocab}: the tokenizer "
                        "does not belong to these weights")
     tokens, scores, types = (list(x) for x in zip(*spv.all_tokens()))
@@ -93,7 +92,7 @@ def read_spm_vocab(ckpt_dir: Path, n_vocab: int) -> SpmVocab:
     byte_ids = [spv.sentencepiece_tokenizer.PieceToId(b) for b in BYTE_PIECES]
     byte_ok = all(spv.sentencepiece_tokenizer.IsByte(i) for i in byte_ids)
     return SpmVocab(
-        tokens=tokens, scores=scores, types=types, n_pieces=n_pieces,
+        tokens=tokens, scores=scores, types=types, n_pieces=spv.vocab_size_base,
         bos_id=ids.get("bos", ts.bos_id), eos_id=ids.get("eos", ts.eos_id), unk_id=ids.get("unk", ts.unk_id),
         pad_id=ids.get("pad", ts.pad_id if ts.pad_id >= 0 else None),
         add_bos=add.get("bos", True), add_eos=add.get("eos", False),
