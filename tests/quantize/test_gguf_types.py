@@ -36,3 +36,17 @@ def test_orders_and_bars_cover_the_registry():
     assert least_quantized(["Q4_K_M", "F16", "Q8_0"]) == "F16"
     with pytest.raises(MraError, match="got 'Q3_K_S', expected one of F32, F16"):
         gguf_type("Q3_K_S")
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q6_K", "Q4_K_M", "Q4_0"])
+def test_max_bits_bounds_what_llama_cpp_writes(tiny_ckpt, tmp_path, name):
+    """Every matrix type llama.cpp writes is one the registry lists, and the disk check's upper
+    bound holds (the tiny model's rows force the K-quant fallbacks, the widest case)."""
+    from mra.export.gguf_convert import write_gguf
+    from mra.quantize.gguf_quant import quantize_gguf
+
+    path = quantize_gguf(write_gguf(tiny_ckpt, tmp_path / "f16.gguf", "F16"), tmp_path / "q.gguf", name)
+    matrices = [t for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2]
+    t = gguf_type(name)
+    assert {m.tensor_type.name for m in matrices} <= set(t.writes)
+    assert 8 * sum(int(m.n_bytes) for m in matrices) / sum(int(m.n_elements) for m in matrices) <= t.max_bits
