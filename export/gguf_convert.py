@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
