@@ -289,7 +289,7 @@ def engine_layers(runner: TrtRunner, bundle: Path, plan: EnginePlan) -> dict:
 def validation_pixels(opts, image_size: int, count: int = VALIDATION_IMAGES) -> tuple[np.ndarray, list[str]]:
     """Real photos, preprocessed as the runtime does: the built-in ones (scikit-image), or
     the --calib-images folder where scikit-image is not installed (a Jetson)."""
-    from mra.runtime.preprocess import preprocess_batch
+    from mra.runtime.preprocess import image_files, preprocess_batch
 
     try:
         from mra.export.validate import VALIDATION_PHOTOS  # the ONNX graphs' photos, held out from calibration
@@ -299,8 +299,7 @@ def validation_pixels(opts, image_size: int, count: int = VALIDATION_IMAGES) -> 
     except ImportError:
         paths = []
     if not paths and opts.calib_images:
-        exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-        paths = sorted(p for p in Path(opts.calib_images).iterdir() if p.suffix.lower() in exts)[:count]
+        paths = image_files(opts.calib_images)[:count]
     if not paths:
         raise MraError("validation photos | none found: install scikit-image (its photos are the built-in set) "
                        "or pass --calib-images DIR")

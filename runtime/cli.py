@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import MraError
+from .preprocess import IMAGE_SUFFIXES, image_files
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 KV_CHOICES = ("f16", "f32", "q8_0", "q4_0")
 
 
@@ -118,10 +118,6 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
-def folder_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def answered(out: Path) -> set[tuple[str, str]]:
     """(image, prompt) pairs already answered in ``out``; a line cut by an interrupted run is dropped."""
     done: set[tuple[str, str]] = set()
@@ -145,9 +141,9 @@ def answered(out: Path) -> set[tuple[str, str]]:
 def _run_folder(pipe, a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    images = folder_images(a.images)
+    images = image_files(a.images)
     if not images:
-        raise MraError(f"--images {a.images} | no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise MraError(f"--images {a.images} | no image files ({', '.join(IMAGE_SUFFIXES)})")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     done = answered(a.out)
     todo = [p for p in images if (p.relative_to(a.images).as_posix(), a.prompt) not in done]

@@ -28,6 +28,15 @@ ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 # PIL refuses images above 2x this many pixels and only warns above 1x; we refuse
 # above 1x: a 90-megapixel "photo" is almost surely a decompression bomb.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# What counts as an image in a folder (mra-run --images, calibration and validation folders, examples).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursively, by suffix, hidden files left out), sorted
+    for a stable order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
 
 
 def load_image(image: ImageLike, exif_transpose: bool = False) -> Image.Image:
