@@ -35,21 +35,11 @@ def _peak_rss_mb() -> float:
 
 
 def open_runner(spec: dict):
-    backend, path, threads = spec["backend"], Path(spec["path"]), int(spec["threads"])
-    if backend == "torch":
-        from mra.benchmarks.runners import TorchRunner
-        from mra.model import load_vision
+    from mra.benchmarks.runners import open_runner as open_any
 
-        return TorchRunner(load_vision(path, spec["image_size"]), threads)
-    if backend == "onnxruntime":
-        from mra.runtime.ort_backend import OrtRunner
-
-        return OrtRunner(path, providers=spec.get("providers"), threads=threads)
-    if backend == "tensorrt":
-        from mra.runtime.trt_backend import TrtRunner
-
-        return TrtRunner(path)
-    raise ValueError(f"backend | got {backend!r}, expected torch, onnxruntime or tensorrt")
+    options = {"torch": {"image_size": spec["image_size"]},
+               "onnxruntime": {"providers": spec.get("providers")}}.get(spec["backend"], {})
+    return open_any(spec["backend"], spec["path"], threads=int(spec["threads"]), **options)
 
 
 def measure(spec: dict) -> dict:

@@ -65,7 +65,7 @@ def run_worker(spec: dict, work: Path, timeout_s: float) -> dict:
     return result
 
 
-def logit_drift(bundle: Path, embeds: dict[str, np.ndarray], ref: str, threads: int, quant: str | None) -> dict:
+def drift_by_backend(bundle: Path, embeds: dict[str, np.ndarray], ref: str, threads: int, quant: str | None) -> dict:
     """Next-token logits of the v1 prompt with each backend's embeddings of the first photo,
     through the bundle's LLM via the Pipeline, compared with the torch FP32 ones."""
     from mra.runtime.llm import Embeddings

@@ -11,24 +11,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-BENCH_PRESET = "bench-7b-2layer"
-
-
-def register_bench_preset() -> str:
-    """Add the full-run preset to the tiny factory's registry (idempotent)."""
-    from mra.model.tiny import PRESETS, LlamaShape
-
-    if BENCH_PRESET not in PRESETS:
-        PRESETS[BENCH_PRESET] = dataclasses.replace(PRESETS["7b"], llm=LlamaShape(4096, 11008, 2, 32, 32000))
-    return BENCH_PRESET
-
 
 def make_bench_checkpoint(out: Path, quick: bool) -> Path:
-    from mra.model.tiny import make_checkpoint
+    from mra.llama_shape import LLAMA_7B
+    from mra.model.tiny import PRESETS, make_checkpoint
 
     if (out / "config.json").is_file():
         return out
-    return make_checkpoint(out, "tiny" if quick else register_bench_preset())
+    full = dataclasses.replace(PRESETS["7b"], llm=dataclasses.replace(LLAMA_7B, n_layer=2))
+    return make_checkpoint(out, "tiny" if quick else full)
 
 
 def make_bench_bundle(ckpt: Path, out: Path, precisions: list[str], quants: list[str], trt: bool,

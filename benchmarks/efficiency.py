@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mra.llama_shape import LLAMA_7B, LLAMA_13B
+
 from .cases import CLAIM_PAIR, VisionCase
-from .flops import LLAMA_13B, LLAMA_7B, counted_flops
+from .flops import counted_flops
 from .llm_bench import PrefillCost
 from .runners import TorchRunner, export_fp32_onnx
 from .timing import time_call
@@ -71,12 +73,9 @@ def time_case_isolated(name: str, quick: bool, backend: str, threads: int, warmu
     """``time_case`` in a fresh process: the real towers' export peaks at about 4x their
     weights (20 GB for LLaVA-HR-X), so no case may start on memory an earlier one left
     fragmented, and each is timed without the others' allocations around."""
-    import concurrent.futures
-    import multiprocessing
+    from .isolated import run_isolated
 
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_time_named_case, name, quick, backend, threads, warmup, repeats, work).result()
+    return run_isolated(_time_named_case, name, quick, backend, threads, warmup, repeats, work).value
 
 
 def _time_named_case(name: str, quick: bool, backend: str, threads: int, warmup: int, repeats: int,

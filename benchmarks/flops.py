@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mra.llama_shape import LlamaShape
 from mra.model.config import ConvNeXtConfig, VisionConfig, ViTConfig, grids
 
 
@@ -83,35 +84,14 @@ def plain_vit_flops(vit: ViTConfig, llm_hidden_size: int, grid: int, layers: int
     })
 
 
-@dataclass(frozen=True)
-class LlamaDims:
-    """What prefill cost depends on (the GGUF's or the HF config's shape)."""
-    hidden: int
-    intermediate: int
-    layers: int
-    vocab: int
-    kv_hidden: int | None = None  # n_kv_heads * head_dim; None: no GQA
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "LlamaDims":
-        h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        kv = cfg.get("num_key_value_heads", heads) * (h // heads)
-        return cls(h, cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"], kv)
-
-
-# LLaVA-HR-7B's and LLaVA-HR-13B's (LLaVA-HR-X) Vicuna-v1.5 language models.
-LLAMA_7B = LlamaDims(4096, 11008, 32, 32000)
-LLAMA_13B = LlamaDims(5120, 13824, 40, 32000)
-
-
-def llama_prefill_flops(m: LlamaDims, tokens: int) -> int:
+def llama_prefill_flops(m: LlamaShape, tokens: int) -> int:
     """Prefill of ``tokens`` from an empty cache: the projections and SwiGLU MLP per token,
     causal attention (token i attends to i+1 keys: n(n+1)/2 score rows), and the LM head for
     the last token only (llama.cpp computes logits for the last position)."""
-    h, kv, n = m.hidden, m.kv_hidden or m.hidden, tokens
-    proj = 2 * n * (2 * h * h + 2 * h * kv + 3 * h * m.intermediate)
+    h, n = m.n_embd, tokens
+    proj = 2 * n * m.layer_params
     attn = 2 * 2 * h * n * (n + 1) // 2
-    return m.layers * (proj + attn) + 2 * h * m.vocab
+    return m.n_layer * (proj + attn) + 2 * h * m.n_vocab
 
 
 # --- counted ----------------------------------------------------------------------

@@ -27,6 +27,11 @@ SIMD_FLAGS = ["avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni"
               "asimd", "asimddp", "i8mm"]
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), the benchmarks' default threads."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -93,7 +98,7 @@ def describe_machine(threads: int) -> dict:
         "cpu": cpu_model(),
         "arch": platform.machine(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cores(),
         "threads_used": threads,
         "memory_gib": memory_gib(),
         "simd": sorted(flags & set(SIMD_FLAGS)),

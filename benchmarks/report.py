@@ -20,12 +20,16 @@ def _g(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+INT8_TARGET_SPEEDUP = 2.0
+
+
 def _dims(d: dict) -> str:
     return f"hidden {d['hidden']}, MLP {d['intermediate']}, {d['layers']} layers, vocabulary {d['vocab']}"
 
 
+# mra-bench's sections, in the order they run, and their keys in results.json.
 SECTION_KEYS = {"limit": "physical_limit", "flops": "flops", "efficiency": "efficiency", "backends": "backends",
-                "llm": "llm"}
+                "llm": "llm", "decode": "decode", "export_memory": "export_memory", "gguf_memory": "gguf_memory"}
 
 
 def run_label(results: dict) -> str:
@@ -131,6 +135,67 @@ def llm_md(x: dict) -> str:
         "", _table(["GGUF", "engine", "file MB", "prompt positions", "prefill tok/s", "decode tok/s"], body)])
 
 
+def int8_speedup_md(b: dict) -> str:
+    """The INT8 target: onnxruntime INT8 at least 2x faster than torch eager FP32."""
+    lat = {(r["backend"], _precision(r)): r["latency"]["median_s"] for r in b["rows"]}
+    torch_s = lat.get(("torch", "fp32"))
+    int8 = {p: torch_s / s for (be, p), s in lat.items() if be == "onnxruntime" and p.startswith("int8")}
+    if not torch_s or not int8:
+        return ""
+    best = max(int8, key=int8.get)
+    return (f"Target: onnxruntime INT8 >= {INT8_TARGET_SPEEDUP:.0f}x faster than torch eager FP32: "
+            f"**{'met' if int8[best] >= INT8_TARGET_SPEEDUP else 'not met'}** (best: {best}, {int8[best]:.2f}x; "
+            + ", ".join(f"{p} {x:.2f}x" for p, x in int8.items()) + ").")
+
+
+def decode_md(d: dict) -> str:
+    s, tps, t = d["settings"], d["decode_tokens_per_s"], d["ttft_runtime_s"]
+    return "\n".join([
+        f"GGUF `{s['gguf']}` ({s['gguf_mb']} MB), n_ctx {s['n_ctx']}, n_batch {s['n_batch']}, KV {s['kv_type']}, "
+        f"{s['threads']} threads; prompt {s['prompt_positions']} positions ({s['image_tokens']} image rows; random "
+        f"token ids for llama-cpp-python, which takes no embeddings); {s['tokens']} greedy tokens; median of "
+        f"{s['repeats']} alternating runs; vision {s['vision']}.", "",
+        _table(["engine", "decode tokens/s"],
+               [["mra runtime (`Pipeline.ask`)", _g(tps["runtime"])],
+                ["bare llama-cpp-python (`Llama.generate`)", _g(tps["bare_llama_cpp_python"])],
+                ["ratio", f"**{tps['ratio']:.3f}** (target >= {tps['target_ratio']}: "
+                          f"{'met' if tps['within_target'] else 'NOT met'})"]]), "",
+        "Time to first token of the runtime (cold: empty KV and embedding caches):", "",
+        _table(["preprocess", "vision", "prefill", "sample + other", "TTFT", "bare TTFT (same positions, tokens only)"],
+               [[_s(t["preprocess_s"]), _s(t["vision_s"]), _s(t["prefill_s"]), _s(t["sample_and_other_s"]),
+                 _s(t["ttft_s"]), _s(d["ttft_bare_text_only_s"])]])])
+
+
+def export_memory_md(r: dict) -> str:
+    if "failed" in r:
+        return f"`mra-export --precision {','.join(r['precisions'])}` failed: {r['failed']}."
+    body = [[a["file"], a["precision"] + (f" ({a['flavour']})" if a.get("flavour") else ""), _g(a["size_mb"], 0),
+             ", ".join(a["external_data"]) or "-", a["build_seconds"], a["validation_seconds"], f"{a['cosine']:.6f}",
+             f"{a['rel_err']:.3g}"] for a in r["artifacts"]]
+    return "\n".join([
+        f"`mra-export --target onnx --precision {','.join(r['precisions'])}` of the bench checkpoint at S = "
+        f"{r['image_size']}, in its own process: **{r['total_seconds']:.0f} s**, peak RSS "
+        f"**{r['peak_rss_mb'] / 1024:.2f} GB** (limit {r['limit_gb']:.0f} GB: "
+        f"{'within' if r['within_limit'] else 'OVER'}), peak reached {r['peak_sampled_at_s']} s in.", "",
+        _table(["artifact", "precision", "size MB", "external data", "build s", "validation s", "mean cosine",
+                "rel. error"], body), "",
+        "The INT8 build time includes calibration; validation runs onnxruntime on real photos against torch FP32."])
+
+
+def gguf_memory_md(r: dict) -> str:
+    gb = 1e9
+    body = [[x["out_type"], f"{x['seconds']:.1f}", f"{x['peak_rss'] / gb:.2f}", f"{x['rss_before'] / gb:.2f}",
+             f"{x['gguf_bytes'] / gb:.2f}", f"{x['gguf_bytes'] / 1e6 / x['seconds']:.0f}"] for x in r["runs"]]
+    big = r["runs"][0]["largest_tensor"]
+    return "\n".join([
+        f"Checkpoint: the bench LLM (`{r['model']}`), {r['checkpoint_bytes'] / gb:.2f} GB on disk; each conversion "
+        "in its own process.", "",
+        _table(["output", "time (s)", "peak RSS (GB)", "RSS before (GB)", "GGUF size (GB)", "MB/s"], body), "",
+        f"The peak is the interpreter (torch, gguf) plus a few copies of the largest tensor ({big['key']} "
+        f"{big['shape']}): it does not grow with the number of layers. Budget {r['budget_gb']:.0f} GB: "
+        f"{'within' if r['within_budget'] else 'OVER'}."])
+
+
 def render(results: dict) -> str:
     meta = results["meta"]
     parts = [f"# mra-bench report ({run_label(results)})", "",
@@ -151,9 +216,16 @@ def render(results: dict) -> str:
                   efficiency_md(results["efficiency"]), "", "![latency](latency_vs_resolution.png)",
                   "![tokens](tokens_vs_resolution.png)", "![time to first token](ttft_vs_resolution.png)"]
     if "backends" in results:
-        parts += ["", "## Backends and precisions", "", backends_md(results["backends"])]
+        parts += ["", "## Backends and precisions", "", backends_md(results["backends"]), "",
+                  int8_speedup_md(results["backends"])]
     if "llm" in results:
         parts += ["", "## LLM (GGUF) speed", "", llm_md(results["llm"])]
+    if "decode" in results:
+        parts += ["", "## Runtime decode overhead and time to first token", "", decode_md(results["decode"])]
+    if "export_memory" in results:
+        parts += ["", "## Vision export: time and peak memory", "", export_memory_md(results["export_memory"])]
+    if "gguf_memory" in results:
+        parts += ["", "## GGUF conversion: time and peak memory", "", gguf_memory_md(results["gguf_memory"])]
     if results.get("skipped"):
         parts += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in results["skipped"].items()]
     return "\n".join(parts) + "\n"

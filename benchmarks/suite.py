@@ -15,26 +15,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mra.runtime.files import atomic_write_text
+from mra.runtime.gguf_types import least_quantized
+
+from .machine import usable_cores
+from .report import SECTION_KEYS
 
 log = logging.getLogger("mra.benchmarks")
 
-SECTIONS = ("limit", "flops", "efficiency", "backends", "llm")
+SECTIONS = tuple(SECTION_KEYS)  # in the order they run
 LLM_QUANTS = ("F16", "Q8_0", "Q4_K_M")
 VISION_PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def least_quantized(quants) -> str:
-    from mra.quantize.gguf_types import GGUF_TYPES  # most bits first
-
-    return min(quants, key=lambda q: GGUF_TYPES.index(q) if q in GGUF_TYPES else len(GGUF_TYPES))
-
-
 def bench_llm_name(quick: bool) -> str:
     return "tiny random LLaMA" if quick else "2-layer slice of the LLaMA-2-7B shape (random weights)"
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
@@ -43,7 +37,7 @@ class BenchOptions:
     quick: bool = False
     work: Path | None = None  # checkpoints, bundle, scratch graphs (default: a cache folder)
     only: tuple[str, ...] = SECTIONS
-    threads: int = field(default_factory=default_threads)
+    threads: int = field(default_factory=usable_cores)
     warmup: int = 1
     repeats: int | None = None  # None: 2 quick, 3 full
     backend: str = "onnxruntime"  # of the efficiency table
@@ -166,7 +160,7 @@ class Suite:
     def section_efficiency(self) -> None:
         from .cases import vision_cases
         from .efficiency import conclusion, efficiency_rows, time_case, time_case_isolated
-        from .llm_bench import gguf_dims, prefill_costs
+        from .llm_bench import dims_record, gguf_shape, prefill_costs
 
         o = self.o
         cases = vision_cases(o.quick)
@@ -181,7 +175,7 @@ class Suite:
             try:  # hours into a full run, one case that runs out of memory must not lose the others
                 timings[c.name] = time_case_isolated(c.name, o.quick, o.backend, o.threads, o.warmup, o.repeats,
                                                      o.work)
-            except Exception as e:  # BrokenProcessPool when the child is killed (OOM), or its own error
+            except Exception as e:  # ChildDied when the child is killed (OOM), or its own error
                 log.warning("efficiency: %s failed: %s", c.name, e)
                 failed[c.name] = f"{type(e).__name__}: {e}"
         cases = [c for c in cases if c.name in timings]
@@ -191,7 +185,7 @@ class Suite:
         rows = efficiency_rows(cases, timings, prefill)
         self.results["efficiency"] = {
             "backend": o.backend, "precision": "fp32", "warmup": o.warmup, "repeats": o.repeats,
-            "prefill_llm": {"model": bench_llm_name(o.quick), "file": probe.name, "dims": asdict(gguf_dims(probe)),
+            "prefill_llm": {"model": bench_llm_name(o.quick), "file": probe.name, "dims": dims_record(gguf_shape(probe)),
                             "rates_gflop_s": {n: p.rate / 1e9 for n, p in prefill.items()}},
             "rows": rows, "failed": failed, "conclusion": conclusion(rows)}
 
@@ -200,7 +194,7 @@ class Suite:
         from mra.runtime.compare import compare
         from mra.runtime.manifest import Manifest
 
-        from .backends import accuracy_inputs, backend_specs, logit_drift, row_key, run_worker
+        from .backends import accuracy_inputs, backend_specs, drift_by_backend, row_key, run_worker
         from .flops import mra_flops
 
         o = self.o
@@ -224,7 +218,7 @@ class Suite:
             rows.append(r)
         ref = "torch:fp32"
         # The least quantized GGUF, so the drift is the vision backend's, not the LLM's rounding.
-        drift = logit_drift(bundle, embeds, ref, o.threads, least_quantized(o.llm_quants))
+        drift = drift_by_backend(bundle, embeds, ref, o.threads, least_quantized(o.llm_quants))
         for r in rows:
             c = compare(embeds[row_key(r)], embeds[ref])
             r["accuracy"] = {k: c[k] for k in ("cosine", "min_cosine", "max_abs", "rel_err")}
@@ -237,7 +231,7 @@ class Suite:
     def section_llm(self) -> None:
         from mra.quantize.photos import photo_paths
 
-        from .llm_bench import QUESTION, bare_speed, gguf_dims, runtime_speed
+        from .llm_bench import QUESTION, bare_speed, dims_record, gguf_shape, runtime_speed
 
         o = self.o
         _, bundle = self.bundle()
@@ -249,9 +243,33 @@ class Suite:
             bare = bare_speed(self.gguf(q), q, o.threads, rt.prompt_tokens, o.decode_tokens, o.repeats, rt.n_ctx)
             rows += [rt.to_dict(), bare.to_dict()]
         probe = self.gguf(o.llm_quants[0])
-        self.results["llm"] = {"model": bench_llm_name(o.quick), "dims": asdict(gguf_dims(probe)),
+        self.results["llm"] = {"model": bench_llm_name(o.quick), "dims": dims_record(gguf_shape(probe)),
                                "prompt": f"the LLaVA v1 prompt with one photo ({photo.name}) and '{QUESTION}'",
                                "decode_tokens": o.decode_tokens, "rows": rows}
+
+    def section_decode(self) -> None:
+        from mra.quantize.photos import photo_paths
+
+        from .llm_bench import decode_overhead
+
+        o = self.o
+        _, bundle = self.bundle()
+        self.results["decode"] = decode_overhead(bundle, least_quantized(o.llm_quants), o.threads, o.decode_tokens,
+                                                 o.repeats, photo_paths()[0])
+
+    def section_export_memory(self) -> None:
+        from .memory import vision_export_memory
+
+        ckpt, _ = self.bundle()
+        # Quick: FP32 alone, a check that the measurement runs; full: FP32 + INT8, the export users run.
+        precisions = ["fp32"] if self.o.quick else [p for p in ("fp32", "int8") if p in self.o.precisions]
+        self.results["export_memory"] = vision_export_memory(ckpt, self.o.work, precisions, self.o.calib_count)
+
+    def section_gguf_memory(self) -> None:
+        from .memory import gguf_convert_memory
+
+        ckpt, _ = self.bundle()
+        self.results["gguf_memory"] = gguf_convert_memory(ckpt, self.o.work, ["F16"])
 
     # --- output -----------------------------------------------------------------
     def _fractions_of_the_limit(self) -> None:
@@ -273,7 +291,7 @@ class Suite:
 
         out = self.o.out
         self._fractions_of_the_limit()
-        missing = [s for s in ("physical_limit", "flops", "efficiency", "backends", "llm") if s not in self.results]
+        missing = [k for k in SECTION_KEYS.values() if k not in self.results]
         self.results["skipped"] = {s: "not run (see --only)" for s in missing}
         atomic_write_text(out / "results.json", json.dumps(_jsonable(self.results), indent=1) + "\n")
         if "efficiency" in self.results:

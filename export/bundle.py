@@ -72,7 +72,7 @@ def export(opts: ExportOptions) -> Path:
     if opts.target == "trt" and not opts.llm_only:  # fail fast: before any export work or folder
         from mra.export.trt_build import require_tensorrt
 
-        require_tensorrt()
+        require_tensorrt(opts=opts)  # also refuses --dla-core with a dynamic --batch, before any work
     if opts.model is None:
         return _extend(opts)
     out = Path(opts.out)

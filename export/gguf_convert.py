@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mra.llama_shape import LlamaShape
 from mra.runtime.errors import MraError
 from mra.runtime.files import atomic_path
+from mra.runtime.gguf_types import gguf_type
 from mra.runtime.names import ROLES, SEP, SEP2, SYSTEM_PROMPT
 
 from .gguf_vocab import SpmVocab, read_spm_vocab
@@ -41,30 +42,18 @@ _LAYER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
 
 
-@dataclass(frozen=True)
-class LlamaSpec:
-    """The LLM hyper-parameters from config.json, checked to be plain LLaMA."""
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_ff: int
-    n_ctx_train: int
+@dataclass(frozen=True, kw_only=True)
+class LlamaSpec(LlamaShape):
+    """The LLM from config.json, checked to be plain LLaMA: its shape and the numerics the
+    conversion writes."""
     rms_eps: float
     rope_theta: float
     rope_linear_factor: float | None  # rope_scaling {"type": "linear"}; other kinds are refused
     tie_embeddings: bool
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
     def info(self) -> dict:
         """What the manifest records about the LLM."""
-        return {"n_vocab": self.n_vocab, "n_embd": self.n_embd, "n_ctx_train": self.n_ctx_train,
-                "n_layer": self.n_layer, "n_head": self.n_head, "n_head_kv": self.n_head_kv, "n_ff": self.n_ff,
-                "rope_theta": self.rope_theta, "rms_eps": self.rms_eps}
+        return {**super().info(), "rope_theta": self.rope_theta, "rms_eps": self.rms_eps}
 
 
 def llama_spec(cfg: dict, where: str = "config.json") -> LlamaSpec:
@@ -97,11 +86,9 @@ def llama_spec(cfg: dict, where: str = "config.json") -> LlamaSpec:
             factor = float(scaling["factor"])
         elif kind != "default":
             raise MraError(f"{where} | rope_scaling {kind!r} is not supported, expected none or 'linear'")
-    return LlamaSpec(
-        n_vocab=cfg["vocab_size"], n_embd=n_embd, n_layer=cfg["num_hidden_layers"], n_head=n_head,
-        n_head_kv=cfg.get("num_key_value_heads") or n_head, n_ff=cfg["intermediate_size"],
-        n_ctx_train=cfg.get("max_position_embeddings", 2048), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta, rope_linear_factor=factor, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    return LlamaSpec(**vars(LlamaShape.from_hf_config(cfg)), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                     rope_theta=theta, rope_linear_factor=factor,
+                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
 
 def v1_chat_template() -> str:
@@ -226,8 +213,7 @@ class LlamaGGUFConverter:
         if s.rope_linear_factor:
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(s.rope_linear_factor)
-        ftype = gguf.LlamaFileType.ALL_F32 if out_type == "F32" else gguf.LlamaFileType.MOSTLY_F16
-        w.add_file_type(int(ftype))
+        w.add_file_type(gguf_type(out_type).ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")

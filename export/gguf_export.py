@@ -86,11 +86,12 @@ def export_llm(opts, work: Path, manifest: Manifest) -> None:
 
 def _check_disk(conv: LlamaGGUFConverter, base_type: str, quants: list[str], work: Path) -> None:
     """Before anything runs: room for the intermediate and every requested file at once."""
-    from mra.quantize.gguf_quant import BITS_PER_WEIGHT
+    from mra.quantize.gguf_types import gguf_type
 
     plan = conv.plan(base_type)  # also checks every LLM key and shape
     n_weights = sum(math.prod(p.shape) for p in plan)
-    need = conv.estimate_bytes(plan) + sum(int(n_weights * BITS_PER_WEIGHT[q] / 8) for q in quants if q != base_type)
+    # Upper bounds: each type's widest matrices (fallbacks included), so the check never passes short.
+    need = conv.estimate_bytes(plan) + sum(int(n_weights * gguf_type(q).max_bits / 8) for q in quants if q != base_type)
     free = shutil.disk_usage(work).free
     if free < need:
         raise MraError(f"{work.parent} | {free / 1e9:.2f} GB free, the LLM GGUFs ({', '.join(quants)}, with the "

@@ -12,9 +12,6 @@ from pathlib import Path
 from mra.runtime.errors import MraError
 
 TOKENIZER_FILE = "tokenizer.model"
-# sentencepiece_model.proto's SentencePiece.Type and gguf.TokenType share these numbers;
-# named here so that the mapping is checked rather than assumed.
-_PIECE_TYPES = ("NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE")
 BYTE_PIECES = tuple(f"<0x{b:02X}>" for b in range(256))
 
 
@@ -50,84 +47,54 @@ class SpmVocab:
 
 
 def read_spm_vocab(ckpt_dir: Path, n_vocab: int) -> SpmVocab:
-    """Read ``tokenizer.model`` (and added_tokens.json / tokenizer_config.json), padded to
-    ``n_vocab`` entries, the number of rows in the checkpoint's embedding matrix."""
-    from gguf import TokenType
+    """Read ``tokenizer.model`` with gguf-py's ``SentencePieceVocab`` (pieces, scores, types,
+    added_tokens.json) and ``SpecialVocab`` (special ids and add-BOS/EOS from config.json and
+    tokenizer_config.json, as llama.cpp's converter reads them), padded to ``n_vocab`` entries,
+    the number of rows in the checkpoint's embedding matrix."""
+    from gguf import SentencePieceVocab, SpecialVocab, TokenType
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / TOKENIZER_FILE
-    if not path.is_file():
+    if not path.is_file():  # checked here: SentencePieceVocab would also look in the parent folder
         hint = " (only tokenizer.json is present: a fast tokenizer)" if (ckpt_dir / "tokenizer.json").is_file() else ""
         raise MraError(f"checkpoint {ckpt_dir} | no {TOKENIZER_FILE}{hint}: the GGUF needs the SentencePiece "
                        "vocabulary; copy tokenizer.model from the base LLM (e.g. lmsys/vicuna-7b-v1.5) into the "
                        "checkpoint folder")
-    proto = pb.ModelProto()
     try:
-        proto.ParseFromString(path.read_bytes())
-    except Exception as e:  # protobuf's DecodeError
+        spv = SentencePieceVocab(ckpt_dir)
+        proto = pb.ModelProto.FromString(spv.sentencepiece_tokenizer.serialized_model_proto())
+        special = SpecialVocab(ckpt_dir, n_vocab=n_vocab, special_token_types=("bos", "eos", "unk", "pad"))
+    except json.JSONDecodeError as e:
+        raise MraError(f"{ckpt_dir} | added_tokens.json, config.json or tokenizer_config.json is not valid JSON: "
+                       f"{e}") from None
+    except ValueError as e:  # added_tokens.json ids not following the pieces
+        raise MraError(f"{ckpt_dir / 'added_tokens.json'} | {e}: added tokens must take the ids after the "
+                       "tokenizer.model pieces, in order") from None
+    except Exception as e:  # sentencepiece's OSError / RuntimeError on a damaged file
         raise MraError(f"{path} | not a SentencePiece model ({e})") from None
-    if not proto.pieces:
-        raise MraError(f"{path} | not a SentencePiece model: no pieces")
-    n_pieces = len(proto.pieces)
-    if n_pieces > n_vocab:
-        raise MraError(f"{path} | {n_pieces} pieces, but config.json vocab_size is {n_vocab}: the tokenizer does "
-                       "not belong to these weights")
-    type_of = {pb.ModelProto.SentencePiece.Type.Value(n): int(getattr(TokenType, n)) for n in _PIECE_TYPES}
-
-    tokens = [p.piece.encode("utf-8") for p in proto.pieces]
-    scores = [float(p.score) for p in proto.pieces]
-    types = [type_of[p.type] for p in proto.pieces]
-    _add_added_tokens(ckpt_dir, tokens, scores, types, n_vocab)
+    if spv.vocab_size > n_vocab:  # pieces + added tokens
+        raise MraError(f"{path} | {spv.vocab_size} tokens, but config.json vocab_size is {n_vocab}: the tokenizer "
+                       "does not belong to these weights")
+    tokens, scores, types = (list(x) for x in zip(*spv.all_tokens()))
+    types = [int(t) for t in types]
+    # gguf-py leaves USER_DEFINED pieces NORMAL; llama.cpp matches them as whole text, so keep the proto's type.
+    for i, p in enumerate(proto.pieces):
+        if p.type == pb.ModelProto.SentencePiece.USER_DEFINED:
+            types[i] = int(TokenType.USER_DEFINED)
     for i in range(len(tokens), n_vocab):  # as llama.cpp's converter pads a short tokenizer
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
         types.append(int(TokenType.UNUSED))
 
-    piece_ids = {p.piece: i for i, p in enumerate(proto.pieces)}
-    byte_ok = all(piece_ids.get(b) is not None and types[piece_ids[b]] == TokenType.BYTE for b in BYTE_PIECES)
-    ts = proto.trainer_spec
-    cfg = _tokenizer_config(ckpt_dir)
-    unk = ts.unk_id
+    ids, add = special.special_token_ids, special.add_special_token
+    ts = proto.trainer_spec  # what SpecialVocab does not find: the tokenizer's own ids
+    byte_ids = [spv.sentencepiece_tokenizer.PieceToId(b) for b in BYTE_PIECES]
+    byte_ok = all(spv.sentencepiece_tokenizer.IsByte(i) for i in byte_ids)
     return SpmVocab(
-        tokens=tokens, scores=scores, types=types, n_pieces=n_pieces,
-        bos_id=ts.bos_id, eos_id=ts.eos_id, unk_id=unk, pad_id=ts.pad_id if ts.pad_id >= 0 else None,
-        add_bos=bool(cfg.get("add_bos_token", True)), add_eos=bool(cfg.get("add_eos_token", False)),
+        tokens=tokens, scores=scores, types=types, n_pieces=spv.vocab_size_base,
+        bos_id=ids.get("bos", ts.bos_id), eos_id=ids.get("eos", ts.eos_id), unk_id=ids.get("unk", ts.unk_id),
+        pad_id=ids.get("pad", ts.pad_id if ts.pad_id >= 0 else None),
+        add_bos=add.get("bos", True), add_eos=add.get("eos", False),
         add_dummy_prefix=proto.normalizer_spec.add_dummy_prefix, byte_fallback=byte_ok,
         collapses_whitespace=proto.normalizer_spec.remove_extra_whitespaces, model_path=path)
-
-
-def _tokenizer_config(ckpt_dir: Path) -> dict:
-    p = ckpt_dir / "tokenizer_config.json"
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise MraError(f"{p} | not valid JSON: {e}") from None
-
-
-def _add_added_tokens(ckpt_dir: Path, tokens: list[bytes], scores: list[float], types: list[int],
-                      n_vocab: int) -> None:
-    """added_tokens.json ({text: id}) extends the vocabulary past the SentencePiece pieces."""
-    from gguf import TokenType
-
-    p = ckpt_dir / "added_tokens.json"
-    if not p.is_file():
-        return
-    try:
-        added = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise MraError(f"{p} | not valid JSON: {e}") from None
-    for text, tid in sorted(added.items(), key=lambda kv: kv[1]):
-        if tid < len(tokens):
-            if tokens[tid] != text.encode("utf-8"):
-                raise MraError(f"{p} | token {text!r} has id {tid}, which is piece {tokens[tid].decode()!r} "
-                               "in tokenizer.model")
-            continue
-        if tid != len(tokens) or tid >= n_vocab:
-            raise MraError(f"{p} | token {text!r} has id {tid}, expected {len(tokens)} (next free id, "
-                           f"below vocab_size {n_vocab})")
-        tokens.append(text.encode("utf-8"))
-        scores.append(-1000.0)
-        types.append(int(TokenType.USER_DEFINED))

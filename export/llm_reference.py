@@ -28,11 +28,8 @@ def llama_config(spec: LlamaSpec, attn_implementation: str = "eager"):
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     if spec.rope_linear_factor:
         rope = {"rope_type": "linear", "factor": spec.rope_linear_factor, "rope_theta": spec.rope_theta}
-    cfg = LlamaConfig(
-        vocab_size=spec.n_vocab, hidden_size=spec.n_embd, intermediate_size=spec.n_ff,
-        num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head, num_key_value_heads=spec.n_head_kv,
-        max_position_embeddings=spec.n_ctx_train, rms_norm_eps=spec.rms_eps, rope_parameters=rope,
-        tie_word_embeddings=spec.tie_embeddings, hidden_act="silu")
+    cfg = LlamaConfig(**spec.hf_config(), rms_norm_eps=spec.rms_eps, rope_parameters=rope,
+                      tie_word_embeddings=spec.tie_embeddings, hidden_act="silu")
     cfg._attn_implementation = attn_implementation
     return cfg
 

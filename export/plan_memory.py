@@ -16,7 +16,9 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mra.llama_shape import LLAMA_7B, LlamaShape
 from mra.runtime.errors import MraError
+from mra.runtime.gguf_types import GGUF_TYPES, gguf_type
 from mra.runtime.llama_enums import KV_TYPES
 from mra.runtime.manifest import Artifact, Manifest
 
@@ -46,13 +48,8 @@ SYSTEM = (
     ("CUDA context + TensorRT/cuBLAS/cuDNN kernels (lazy loading on)", 0.8),
     ("Python process (numpy, pillow, llama-cpp-python)", 0.25),
 )
-# Bits per weight of llama.cpp's types, from its published 7B sizes: used only when the
-# bundle lacks the GGUF asked for.
-GGUF_BPW = {"F32": 32.0, "F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q4_K_M": 4.85, "Q4_0": 4.55}
 # Bytes per KV-cache element of llama.cpp's cache types: the runtime's one table.
 KV_BYTES = {name: t.bytes_per_element for name, t in KV_TYPES.items()}
-LLAMA_7B = {"n_vocab": 32000, "n_embd": 4096, "n_layer": 32, "n_head": 32, "n_head_kv": 32, "n_ff": 11008,
-            "n_ctx_train": 4096}
 
 
 @dataclass
@@ -110,11 +107,9 @@ def plan_memory(bundle: str | Path, vision_precision: str = "fp16", llm_quant: s
 def _llm_shape(m: Manifest) -> dict:
     ggufs = m.find("llm", "gguf")
     if ggufs and all(k in ggufs[0].info for k in ("n_layer", "n_embd", "n_head", "n_ff", "n_vocab")):
-        info = ggufs[0].info
-        return {**LLAMA_7B, **{k: info[k] for k in LLAMA_7B if k in info},
-                "n_head_kv": info.get("n_head_kv") or info["n_head"], "_from": ggufs[0].file}
+        return {**LlamaShape.from_info(ggufs[0].info).info(), "_from": ggufs[0].file}
     log.warning("plan-memory: the bundle has no GGUF with the LLM's shape; assuming LLaVA-HR-7B's Vicuna-7B")
-    return {**LLAMA_7B, "_from": "assumed Vicuna-7B"}
+    return {**LLAMA_7B.info(), "_from": "assumed Vicuna-7B"}
 
 
 def _files_size(bundle: Path, a: Artifact) -> int:
@@ -146,7 +141,10 @@ def _activations(bundle: Path, m: Manifest, engine: Artifact | None, graphs: dic
                  batch: int) -> tuple[int, str]:
     if engine is not None and engine.info.get("device_memory_bytes"):
         return int(engine.info["device_memory_bytes"]), f"recorded by TensorRT for {engine.file} (max batch)"
-    elem = 4 if precision == "fp32" else 2  # INT8 engines keep float16 between quantized layers
+    # INT8 engines keep float16 between quantized layers on TensorRT 10 (its FP16 flag); on
+    # TensorRT 11 only when built from an INT8 graph whose float parts are FP16 (else FP32:
+    # this estimate is then low by up to 2x; an engine's recorded device memory replaces it)
+    elem = 4 if precision == "fp32" else 2
     src = graphs.get(precision) or graphs.get("fp32")
     largest = _largest_tensor_elems(bundle / src.file) if src else None
     if largest:
@@ -184,13 +182,12 @@ def _llm_weights(bundle: Path, m: Manifest, quant: str, llm: dict) -> Line:
     found = m.find("llm", "gguf", quant)
     if found:
         return Line(f"LLM weights ({quant})", _files_size(bundle, found[0]), f"{found[0].file} (file size)")
-    if quant not in GGUF_BPW:
-        raise MraError(f"--llm-quant | got {quant!r}, expected one of {', '.join(GGUF_BPW)}")
-    n_kv = llm["n_embd"] * llm["n_head_kv"] // llm["n_head"]
-    per_layer = 2 * llm["n_embd"] ** 2 + 2 * llm["n_embd"] * n_kv + 3 * llm["n_embd"] * llm["n_ff"]
-    params = llm["n_layer"] * per_layer + 2 * llm["n_vocab"] * llm["n_embd"]
-    return Line(f"LLM weights ({quant})", int(params * GGUF_BPW[quant] / 8),
-                f"estimate: {params / 1e9:.2f} B params ({llm['_from']}) x {GGUF_BPW[quant]} bits; "
+    if quant not in GGUF_TYPES:
+        raise MraError(f"--llm-quant | got {quant!r}, expected one of {', '.join(GGUF_TYPES)}")
+    bits = gguf_type(quant).bits  # an estimate (the main type's bits), used only when the bundle lacks the file
+    params = LlamaShape.from_info(llm).n_params
+    return Line(f"LLM weights ({quant})", int(params * bits / 8),
+                f"estimate: {params / 1e9:.2f} B params ({llm['_from']}) x {bits:g} bits; "
                 f"the bundle has no {quant} GGUF")
 
 

@@ -26,19 +26,11 @@ from typing import Callable, Iterable
 
 import torch
 
+from mra.llama_shape import LLAMA_7B, LLAMA_13B, LlamaShape
+
 from .config import (CONVNEXT_PRESETS, TINY_CONVNEXT, TINY_VIT, VIT_PRESETS, ConvNeXtConfig, VisionConfig,
                      ViTConfig)
 from .tower import used_checkpoint_keys
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    vocab_size: int | None  # None: the trained tokenizer's size
-    max_position_embeddings: int = 4096
 
 
 @dataclass(frozen=True)
@@ -47,7 +39,7 @@ class Preset:
     vit: ViTConfig
     slow_name: str
     convnext: ConvNeXtConfig
-    llm: LlamaShape
+    llm: LlamaShape  # n_vocab None: the trained tokenizer's size
     image_size: int
     tokenizer_vocab: int
     dtype: torch.dtype
@@ -59,10 +51,10 @@ PRESETS = {
                    LlamaShape(64, 128, 2, 4, None), 1024, 1000, torch.float32, True),
     "7b": Preset("openai/clip-vit-large-patch14-336", VIT_PRESETS["openai/clip-vit-large-patch14-336"],
                  "convnext_large_mlp.clip_laion2b_ft_320", CONVNEXT_PRESETS["convnext_large_mlp"],
-                 LlamaShape(4096, 11008, 32, 32, 32000), 1024, 8000, torch.float16, False),
+                 LLAMA_7B, 1024, 8000, torch.float16, False),
     "x": Preset("openai/clip-vit-large-patch14-336", VIT_PRESETS["openai/clip-vit-large-patch14-336"],
                 "convnext_xxlarge.clip_laion2b_soup", CONVNEXT_PRESETS["convnext_xxlarge"],
-                LlamaShape(5120, 13824, 40, 40, 32000), 1024, 8000, torch.float16, False),
+                LLAMA_13B, 1024, 8000, torch.float16, False),
 }
 
 # Stdlib modules whose source (prose and code: words, digits, whitespace runs) trains the tokenizer.
@@ -104,12 +96,12 @@ def train_tokenizer(path: Path, vocab_size: int) -> int:
 
 
 def llm_keys(s: LlamaShape, vocab: int) -> dict[str, tuple[int, ...]]:
-    h, f = s.hidden_size, s.intermediate_size
+    h, f = s.n_embd, s.n_ff
     keys = {"model.embed_tokens.weight": (vocab, h)}
-    for i in range(s.num_hidden_layers):
+    for i in range(s.n_layer):
         p = f"model.layers.{i}."
-        for n in ("q", "k", "v", "o"):
-            keys[p + f"self_attn.{n}_proj.weight"] = (h, h)
+        for n, rows in (("q", h), ("k", s.kv_dim), ("v", s.kv_dim), ("o", h)):
+            keys[p + f"self_attn.{n}_proj.weight"] = (rows, h)
         keys[p + "mlp.gate_proj.weight"] = (f, h)
         keys[p + "mlp.up_proj.weight"] = (f, h)
         keys[p + "mlp.down_proj.weight"] = (h, f)
@@ -154,13 +146,10 @@ def random_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def config_json(p: Preset, vocab: int) -> dict:
-    s = p.llm
     cfg = {
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
-        "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size,
-        "num_hidden_layers": s.num_hidden_layers, "num_attention_heads": s.num_attention_heads,
-        "num_key_value_heads": s.num_attention_heads, "hidden_act": "silu", "rms_norm_eps": 1e-5,
-        "max_position_embeddings": s.max_position_embeddings, "rope_theta": 10000.0, "vocab_size": vocab,
+        **dataclasses.replace(p.llm, n_vocab=vocab).hf_config(), "hidden_act": "silu", "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
         "torch_dtype": str(p.dtype).removeprefix("torch."),
         "image_aspect_ratio": "pad", "input_image_size": p.image_size, "is_multipath_encoder": True,
@@ -208,16 +197,17 @@ def write_weights(out: Path, keys: dict[str, tuple[int, ...]], seed: int, dtype:
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
-def make_checkpoint(out: str | os.PathLike, preset: str = "tiny", parts: Iterable[str] = ("vision", "llm"),
+def make_checkpoint(out: str | os.PathLike, preset: str | Preset = "tiny", parts: Iterable[str] = ("vision", "llm"),
                     seed: int = 0, shard_mb: int | None = None, dtype: torch.dtype | None = None,
                     progress: Callable[[int], None] | None = None) -> Path:
-    """Write a random LLaVA-HR checkpoint to ``out`` (created; must not exist or be empty)."""
-    if preset not in PRESETS:
+    """Write a random LLaVA-HR checkpoint to ``out`` (created; must not exist or be empty).
+    ``preset``: a name in PRESETS, or a Preset of one's own (e.g. a preset with a shorter LLM)."""
+    if not isinstance(preset, Preset) and preset not in PRESETS:
         raise ValueError(f"preset | got {preset!r}, expected one of {sorted(PRESETS)}")
     parts = set(parts)
     if not parts or parts - {"vision", "llm"}:
         raise ValueError(f"parts | got {sorted(parts)}, expected 'vision', 'llm' or both")
-    p = PRESETS[preset]
+    p = preset if isinstance(preset, Preset) else PRESETS[preset]
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} | exists and is not empty")
@@ -225,13 +215,13 @@ def make_checkpoint(out: str | os.PathLike, preset: str = "tiny", parts: Iterabl
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         vocab = train_tokenizer(tmp / "tokenizer.model", p.tokenizer_vocab)
-        vocab = p.llm.vocab_size or vocab
+        vocab = p.llm.n_vocab or vocab
         cfg = config_json(p, vocab)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         _write_tokenizer_files(tmp)
         keys: dict[str, tuple[int, ...]] = {}
         if "vision" in parts:
-            vc = VisionConfig(p.vit, p.convnext, p.llm.hidden_size, p.image_size)
+            vc = VisionConfig(p.vit, p.convnext, p.llm.n_embd, p.image_size)
             keys.update(used_checkpoint_keys(vc))
             keys.update(unused_vision_keys(p))
         if "llm" in parts:

@@ -19,14 +19,12 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from mra.runtime.errors import MraError
 from mra.runtime.names import INPUT_NAME
-from mra.runtime.preprocess import load_image, preprocess_image
+from mra.runtime.preprocess import IMAGE_SUFFIXES, image_files, load_image, preprocess_image
 
 from .photos import photo_paths
 
 log = logging.getLogger("mra.quantize")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-DEFAULT_CALIB_COUNT = 16
 MAX_LISTED = 5  # skipped files named in a warning; the rest are counted
 
 
@@ -44,12 +42,6 @@ class CalibrationSet:
     def describe(self) -> dict:
         """What the manifest records about the calibration."""
         return {"source": self.source, "count": len(self), "images": self.names, "skipped": len(self.skipped)}
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, by suffix), sorted for a stable choice."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
 
 
 def check_calibration_folder(folder: Path) -> list[Path]:

@@ -16,27 +16,9 @@ from mra.runtime.errors import MraError
 from mra.runtime.files import atomic_path
 from mra.runtime.llm import capture_llama_log
 
-from .gguf_types import GGUF_TYPES
+from .gguf_types import GGUF_TYPES, K_GGML_TYPES, gguf_type
 
 log = logging.getLogger("mra.quantize")
-
-# GGUF type name -> llama.cpp's llama_ftype constant in llama_cpp.
-LLAMA_FTYPES = {
-    "F32": "LLAMA_FTYPE_ALL_F32", "F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-}
-# Bits per weight of the 2D tensors, a safe upper bound for the disk check.
-BITS_PER_WEIGHT = {"F32": 32, "F16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 6.6, "Q4_K_M": 6.6, "Q4_0": 6.6}
-K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
-
-
-def _ftype(quant: str) -> int:
-    import llama_cpp
-
-    if quant not in LLAMA_FTYPES:
-        raise MraError(f"GGUF type | got {quant!r}, expected one of {', '.join(GGUF_TYPES)}")
-    return int(getattr(llama_cpp, LLAMA_FTYPES[quant]))
 
 
 def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int = 0) -> Path:
@@ -44,7 +26,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int = 0) -> Path:
     import llama_cpp
 
     src, dst = Path(src), Path(dst)
-    ftype = _ftype(quant)
+    gtype = gguf_type(quant)
     if not src.is_file():
         raise MraError(f"{src} | missing: quantize_gguf needs an F16 or F32 GGUF")
     from gguf import GGUFReader
@@ -53,14 +35,14 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int = 0) -> Path:
         n_weights = sum(int(t.n_elements) for t in GGUFReader(src).tensors)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on a damaged file
         raise MraError(f"{src} | not a readable GGUF file ({e}); convert it again with write_gguf") from None
-    need = int(n_weights * BITS_PER_WEIGHT.get(quant, 32) / 8) + (16 << 20)
+    need = int(n_weights * gtype.max_bits / 8) + (16 << 20)  # an upper bound: the widest type it may write
     dst.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dst.parent).free
     if free < need:
         raise MraError(f"{dst.parent} | {free / 1e9:.2f} GB free, the {quant} GGUF needs up to {need / 1e9:.2f} GB: "
                        "free disk space or write the bundle elsewhere")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = gtype.ftype
     params.nthread = nthread
     with atomic_path(dst) as tmp, capture_llama_log() as lines:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
@@ -93,9 +75,9 @@ def quant_report(path: Path, quant: str) -> dict:
     out: dict = {"tensor_types": dict(sorted(counts.items())),
                  "bits_per_weight": round(8 * sum(int(t.n_bytes) for t in tensors)
                                           / max(sum(int(t.n_elements) for t in tensors), 1), 3)}
-    if "_K" in quant:
+    if gguf_type(quant).k_quant:
         fell = {t.name: t.tensor_type.name for t in tensors
-                if len(t.shape) == 2 and t.tensor_type.name not in K_TYPES}
+                if len(t.shape) == 2 and t.tensor_type.name not in K_GGML_TYPES}
         out["k_quant_fallback"] = fell
         if fell:
             rows = sorted({int(t.shape[0]) for t in tensors if t.name in fell})

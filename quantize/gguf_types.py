@@ -1,3 +1,8 @@
-"""GGUF quantization types the bundle offers (llama.cpp's llama_ftype names)."""
+"""GGUF quantization types: the runtime's registry (``mra.runtime.gguf_types``), which the
+runtime needs torch-free and gguf-free to pick a bundle's LLM, re-exported for the export side."""
 
-GGUF_TYPES = ("F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+from mra.runtime.gguf_types import (GGML_BITS, GGUF_TYPES, K_GGML_TYPES, LLM_QUANT_ORDER, REGISTRY, GgufType,
+                                    gguf_type, least_quantized)
+
+__all__ = ["GGML_BITS", "GGUF_TYPES", "K_GGML_TYPES", "LLM_QUANT_ORDER", "REGISTRY", "GgufType", "gguf_type",
+           "least_quantized"]

@@ -19,7 +19,7 @@ Two flavours differ in how activations and biases are stored:
 Which the bundle carries: both, from one calibration (export/onnx_export.py), with the
 flavour in each manifest entry. Measured with onnxruntime on this 2-core AVX2 CPU (batch 1,
 S = 1024, mean cosine of the embeddings against torch FP32 on held-out photos; random
-weights; benchmarks/vision_latency.py):
+weights; benchmarks/results/vision_latency.md, now the backends section of mra-bench):
   LLaVA-HR-7B size : torch eager 30.5 s, ort fp32 21.4 s, int8 trt 16.1 s (1.89x torch,
                      cosine 0.99873), int8 cpu 13.6 s (2.24x, cosine 0.99818)
   medium           : torch 5.1 s, fp32 2.14 s, trt 2.13 s (0.9981), cpu 2.05 s (0.9968)

@@ -23,10 +23,8 @@ from typing import Callable, Iterator
 
 from .errors import MraError, cli_logging, run_cli
 from .llama_enums import KV_TYPES
-from .preprocess import check_image_file
+from .preprocess import IMAGE_SUFFIXES, check_image_file, image_files
 from .prompt import check_text
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 def _positive(kind: type, name: str):
@@ -129,9 +127,9 @@ def _run(argv: list[str]) -> int:
     if a.images is not None:
         if not a.images.is_dir():
             raise MraError(f"--images {a.images} | not a directory")
-        images = folder_images(a.images)
+        images = image_files(a.images)
         if not images:
-            raise MraError(f"--images {a.images} | no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise MraError(f"--images {a.images} | no image files ({', '.join(IMAGE_SUFFIXES)})")
         with results_lock(a.out):  # one folder run per results file
             log = ResultLog.open(a.out)  # refuses a file mra-run did not write, before loading the model
             with _open_pipeline(a) as pipe:
@@ -146,19 +144,6 @@ def _run(argv: list[str]) -> int:
             if a.timings:
                 print(f"[{pipe.timings.summary()}]", file=sys.stderr)
     return 0
-
-
-def folder_images(folder: Path) -> list[Path]:
-    """Regular image files under ``folder`` (by suffix), without following symlinked folders
-    (no loops) and without FIFOs or devices (reading one can block forever)."""
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in files:
-            p = Path(root) / name
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                out.append(p)
-    return sorted(out)
 
 
 def image_name(path: Path, folder: Path) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 
 from .errors import MraError
 from .files import sha256_stream
+from .gguf_types import LLM_QUANT_ORDER
 from .llm import Embeddings, LlamaSession, Sampler
 from .manifest import Artifact, Manifest, verify_artifact
 from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
@@ -45,9 +46,6 @@ from .textstream import TextStream
 from .vision_select import VisionChoice, select_vision
 
 log = logging.getLogger("mra.runtime")
-
-# When the caller does not name an LLM quantization: the usual edge trade-off first.
-LLM_QUANT_ORDER = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16", "F32")
 
 
 @dataclass

@@ -32,19 +32,34 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # Padding to a square never builds the max(w, h)^2 canvas (a 1 x 40000 PNG would cost
 # 4.8 GB): the resize runs on one side x S intermediate instead. This bounds it.
 MAX_INTERMEDIATE_BYTES = 512 << 20
+_ROW_CHUNK_BYTES = 16 << 20  # padded rows resized horizontally at a time (thin tall images)
+# A tall image's every padded row goes through PIL's horizontal pass (about 4 x side^2
+# multiply-adds, as in the reference): bounded so that a thin PNG cannot take minutes of CPU.
+MAX_TALL_SIDE = 46_340  # side^2 < 2^31
 # Photo formats PIL may open: the rest (EPS runs Ghostscript, PSD, FITS, ...) is refused, so a
 # file named .jpg is decoded by a photo decoder or not at all.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")  # JPEG includes MPO (camera photos)
+# What counts as an image in a folder (mra-run --images, calibration and validation folders, examples).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 def image_formats() -> tuple[str, ...]:
     """IMAGE_FORMATS that this Pillow build has (WEBP is optional)."""
     Image.init()
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
-_ROW_CHUNK_BYTES = 16 << 20  # padded rows resized horizontally at a time (thin tall images)
-# A tall image's every padded row goes through PIL's horizontal pass (about 4 x side^2
-# multiply-adds, as in the reference): bounded so that a thin PNG cannot take minutes of CPU.
-MAX_TALL_SIDE = 46_340  # side^2 < 2^31
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Regular image files under ``folder`` (recursively, by suffix, hidden files left out),
+    sorted for a stable order; symlinked folders are not followed (no loops) and FIFOs or
+    devices are left out (reading one can block forever)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            p = Path(root) / name
+            if p.suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".") and p.is_file():
+                out.append(p)
+    return sorted(out)
 
 
 def load_image(image: ImageLike, exif_transpose: bool = False) -> Image.Image:

@@ -10,6 +10,7 @@ works without them.
 An engine only runs with the TensorRT version and the GPU model it was built for. The
 runner checks the manifest's record of both before deserializing, and a mismatch names the
 ``mra-export --bundle ... --target trt`` command that rebuilds the engine on this machine.
+Supported TensorRT versions: ``gpu_stack.SUPPORTED_TENSORRT`` (older ones are refused).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from .errors import MraError
+from .gpu_stack import SUPPORTED_TENSORRT, TENSORRT_INSTALL, require_supported_tensorrt, unsupported_tensorrt
 from .manifest import Artifact, Manifest
 from .names import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger("mra.runtime")
 
-INSTALL_HINT = ("install TensorRT from JetPack on a Jetson (it ships python3-libnvinfer), or "
-                "`pip install tensorrt cuda-python` on a machine with an NVIDIA GPU and driver")
+INSTALL_HINT = TENSORRT_INSTALL
 
 
 # --- what this machine has --------------------------------------------------------------
@@ -115,7 +116,9 @@ def missing_for_tensorrt() -> list[str]:
     """What this machine lacks to build or run engines; empty when all is there."""
     missing = []
     try:
-        importlib.import_module("tensorrt")
+        trt = importlib.import_module("tensorrt")
+        if unsupported_tensorrt(trt.__version__):
+            missing.append(f"{SUPPORTED_TENSORRT} (found TensorRT {trt.__version__})")
     except ImportError:
         missing.append("the tensorrt Python package")
     except Exception as e:  # a wheel without its libraries (a placeholder, a lean runtime)
@@ -180,10 +183,13 @@ class TrtRunner:
     engine's optimization profile (larger batches run in chunks of the profile's maximum).
 
     With ``artifact`` (the engine's manifest entry) the runner first checks that the engine
-    was built for this GPU and TensorRT version, and says how to rebuild it if not.
+    was built for this GPU and TensorRT version, and says how to rebuild it if not. A DLA
+    engine needs the runtime's DLA core set before deserialization: ``dla_core``, else the
+    core the manifest records.
     """
 
-    def __init__(self, path: str | os.PathLike, artifact: Artifact | None = None, device: int = 0):
+    def __init__(self, path: str | os.PathLike, artifact: Artifact | None = None, device: int = 0,
+                 dla_core: int | None = None):
         self.path = Path(path)
         missing = missing_for_tensorrt()
         if missing:
@@ -191,6 +197,7 @@ class TrtRunner:
                            f"{INSTALL_HINT}")
         import tensorrt as trt
 
+        require_supported_tensorrt(trt.__version__)
         self.rt = rt = cudart()
         _check(rt.cudaSetDevice(device), "cudaSetDevice")
         self.gpu = gpu_info(device)
@@ -204,6 +211,13 @@ class TrtRunner:
         self.stream = None
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        if dla_core is None and artifact is not None:
+            dla_core = artifact.info.get("dla_core")
+        if dla_core is not None:  # read at deserialization: the core the engine runs on
+            if not 0 <= int(dla_core) < self.runtime.num_DLA_cores:
+                raise MraError(f"{self.path} | a DLA engine for core {dla_core}, this device has "
+                               f"{self.runtime.num_DLA_cores} DLA core(s); pass another dla_core or use a GPU engine")
+            self.runtime.DLA_core = int(dla_core)
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise MraError(f"{self.path} | TensorRT {trt.__version__} cannot deserialize it (built with another "
@@ -271,6 +285,15 @@ class TrtRunner:
         _check(rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         # a copy: the pinned buffer is reused by the next call
         return self.h_out.array[:n_out].reshape(out_shape).astype(np.float32, copy=True)
+
+    def layer_information(self) -> str:
+        """TensorRT's engine inspector, as JSON: per layer its type, tactic and the format and
+        precision of each input and output (detail only if built with DETAILED verbosity)."""
+        import tensorrt as trt
+
+        inspector = self.engine.create_engine_inspector()
+        inspector.execution_context = self.context  # the profile shapes, not -1 dimensions
+        return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
 
     def close(self) -> None:
         for b in self._buffers:

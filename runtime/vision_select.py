@@ -1,5 +1,5 @@
-"""Which vision artifact and backend a Pipeline runs: one small function, so that a new
-backend (TensorRT) is one more branch here.
+"""Which vision artifact and backend a Pipeline runs; ``runners.open_runner`` turns the
+choice into a runner.
 
 ``vision`` is "auto" (the best backend available, then the fastest precision whose export
 validation passed), a backend ("onnxruntime"), a precision ("int8") or both ("onnx:int8").
@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import MraError
 from .manifest import Artifact, Manifest
+from .runners import VisionRunner, open_runner
 
 log = logging.getLogger("mra.runtime")
 
@@ -32,17 +32,9 @@ class VisionChoice:
     backend: str  # "onnxruntime" | "tensorrt"
     providers: list[str] | None = None
 
-    def open(self, bundle: str | Path, threads: int | None = None) -> Any:
-        """The runner (context manager with ``infer(pixel_values) -> embeds``)."""
-        if self.backend == "onnxruntime":
-            from .ort_backend import OrtRunner
-
-            return OrtRunner(Path(bundle) / self.artifact.file, providers=self.providers, threads=threads)
-        if self.backend == "tensorrt":
-            from .trt_backend import TrtRunner
-
-            return TrtRunner(Path(bundle) / self.artifact.file, self.artifact)
-        raise MraError(f"vision backend | {self.backend!r} has no runner in this build")
+    def open(self, bundle: str | Path, threads: int | None = None) -> VisionRunner:
+        return open_runner(self.backend, Path(bundle) / self.artifact.file, artifact=self.artifact,
+                           providers=self.providers, threads=threads)
 
     @property
     def label(self) -> str:
@@ -76,8 +68,22 @@ def select_vision(manifest: Manifest, bundle: str | Path, vision: str = "auto",
     return _select_onnx(manifest, bundle, precision, providers)
 
 
-# FP16 first, as for onnxruntime's TensorRT provider: INT8 when asked for.
+# Engines of one GPU are ranked by the batch-1 latency measured at build time (recorded in
+# the manifest as info["latency_ms"]["1"]): INT8 is not faster than FP16 on every GPU. Where
+# an engine has no measured latency (built by an older version), this fixed order decides.
 TRT_PRECISION_ORDER = ("fp16", "int8", "fp32")
+
+
+def rank_engines(engines: list[Artifact]) -> list[Artifact]:
+    """Fastest first by measured batch-1 latency when every engine has one; ties and
+    unmeasured bundles by TRT_PRECISION_ORDER (so FP16 wins where INT8 is not faster)."""
+    def order(a: Artifact) -> int:
+        return TRT_PRECISION_ORDER.index(a.precision) if a.precision in TRT_PRECISION_ORDER else 99
+
+    latency = {a.file: (a.info.get("latency_ms") or {}).get("1") for a in engines}
+    if all(isinstance(v, (int, float)) and v > 0 for v in latency.values()):
+        return sorted(engines, key=lambda a: (latency[a.file], order(a)))
+    return sorted(engines, key=order)
 
 
 def _select_engine(manifest: Manifest, bundle: str | Path, precision: str | None,
@@ -86,7 +92,7 @@ def _select_engine(manifest: Manifest, bundle: str | Path, precision: str | None
 
     usable = [a for a in usable_engines(manifest) if precision in (None, a.precision)]
     if usable:
-        return VisionChoice(min(usable, key=lambda a: TRT_PRECISION_ORDER.index(a.precision)), "tensorrt")
+        return VisionChoice(rank_engines(usable)[0], "tensorrt")
     if not required:
         return None
     engines = [a for a in manifest.find("vision", "trt") if precision in (None, a.precision)]
@@ -106,10 +112,9 @@ def _select_onnx(manifest: Manifest, bundle: str | Path, precision: str | None,
     if not graphs:
         raise MraError(f"bundle {bundle} | has no vision ONNX graph; export one with "
                        "`mra-export --model CKPT --target onnx`")
-    from .ort_backend import best_providers
+    from .ort_backend import best_providers, provider_names
 
-    first = (providers or best_providers())[0]
-    first = first if isinstance(first, str) else first[0]  # (name, options) tuples are allowed by onnxruntime
+    first = provider_names(providers or best_providers())[0]
     if precision is not None:
         found = sorted((a for a in graphs if a.precision == precision), key=lambda a: _flavour_rank(a, first))
         if not found:

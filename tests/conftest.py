@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,29 @@ def tiny_ckpt(tmp_path_factory):
     from mra.model.tiny import make_checkpoint
 
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+# S=384 keeps the image at 576 tokens (24x24 fast grid), so prefill stays cheap on 2 cores.
+TINY_IMAGE_SIZE = 384
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    """A tiny bundle (FP32 ONNX vision at S=384, F32 GGUF), exported once per session: what the
+    runtime and example tests run."""
+    from mra.export.bundle import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    return export(ExportOptions(out=out, model=tiny_ckpt, image_size=TINY_IMAGE_SIZE, precisions=["fp32"],
+                                llm_quants=["F32"], progress=False))
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tiny_ckpt):
+    """transformers' LlamaTokenizer of the tiny checkpoint: a tokenizer independent of llama.cpp's."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_ckpt), use_fast=False)
 
 
 @pytest.fixture(scope="session")

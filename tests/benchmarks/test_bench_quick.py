@@ -20,7 +20,8 @@ def run(tmp_path_factory):
 
 def test_every_table_is_there(run):
     out, r = run
-    for key in ("meta", "machine", "physical_limit", "flops", "efficiency", "backends", "llm"):
+    for key in ("meta", "machine", "physical_limit", "flops", "efficiency", "backends", "llm", "decode",
+                "export_memory", "gguf_memory"):
         assert key in r, key
     assert r["skipped"] == {} and r["efficiency"]["failed"] == {}
     assert r["machine"]["logical_cores"] >= 1 and r["machine"]["cpu"]
@@ -98,6 +99,29 @@ def test_llm_speed_per_type_and_engine(run):
         assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["file_mb"] > 0
         # The LLaVA prompt: the tiny bundle's 1024 image rows plus the v1 text; bare gets as many tokens.
         assert row["prompt_tokens"] > 1024
+
+
+def test_decode_overhead_section(run):
+    d = run[1]["decode"]
+    assert d["settings"]["gguf"] == "llm.F16.gguf" and d["settings"]["image_tokens"] == 1024
+    assert all(x["generated"] == d["settings"]["tokens"] for x in d["runs"]["runtime"] + d["runs"]["bare"])
+    assert d["decode_tokens_per_s"]["ratio"] > 0
+    assert "## Runtime decode overhead" in (run[0] / "REPORT.md").read_text()
+
+
+def test_exporter_memory_sections(run):
+    out, r = run
+    e = r["export_memory"]
+    assert [a["precision"] for a in e["artifacts"]] == ["fp32"] and e["artifacts"][0]["rel_err"] < 1e-4
+    # The child's own peak (VmHWM) is at least every RSS the parent sampled while it ran.
+    assert e["peak_rss_mb"] >= max(m for _, m in e["rss_timeline_mb"]) > 0 and e["total_seconds"] > 0
+    assert not (out.parent / "work" / "export-memory").exists()  # scratch removed; the bench bundle kept
+    g = r["gguf_memory"]
+    assert [x["out_type"] for x in g["runs"]] == ["F16"] and g["runs"][0]["gguf_bytes"] > 0
+    assert g["runs"][0]["peak_rss"] > g["runs"][0]["rss_before"] > 0
+    assert g["runs"][0]["largest_tensor"]["key"] in ("model.embed_tokens.weight", "lm_head.weight")
+    report = (out / "REPORT.md").read_text()
+    assert "## Vision export: time and peak memory" in report and "## GGUF conversion" in report
 
 
 def test_only_updates_one_section_and_keeps_the_rest(run):

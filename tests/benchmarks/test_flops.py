@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from mra.benchmarks.cases import vision_cases
-from mra.benchmarks.flops import LlamaDims, counted_flops, llama_prefill_flops
+from mra.benchmarks.flops import counted_flops, llama_prefill_flops
+from mra.llama_shape import LlamaShape
 
 FULL = {c.name: c for c in vision_cases(quick=False)}
 
@@ -45,7 +46,7 @@ def test_llama_prefill_formula_matches_transformers():
     cfg = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=500, attn_implementation="eager")
     model = LlamaForCausalLM(cfg).eval()
-    dims = LlamaDims.from_config(cfg.to_dict())
+    dims = LlamaShape.from_hf_config(cfg.to_dict())
     n = 37
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:

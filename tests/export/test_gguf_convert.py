@@ -216,8 +216,9 @@ def test_streaming_reader_reopens_and_reads_the_same(tiny_ckpt):
     from mra.model.checkpoint import CheckpointReader
 
     plain, stream = CheckpointReader(tiny_ckpt), StreamingReader(tiny_ckpt, reopen_bytes=100_000)
-    seen = set()
+    readers = []  # kept referenced: ids of freed readers may be reused, objects may not
     for k in plain.keys():
         assert torch.equal(stream.get(k), plain.get(k))
-        seen.add(id(stream._reader))
-    assert len(seen) > 5  # a fresh reader (fresh file maps) every ~100 KB read
+        if not readers or readers[-1] is not stream._reader:
+            readers.append(stream._reader)
+    assert len(readers) > 5  # a fresh reader (fresh file maps) every ~100 KB read

@@ -43,7 +43,7 @@ def test_target_trt_fails_at_once_with_one_line_and_no_files(tiny_ckpt, tmp_path
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("mra-export: error: --target trt | TensorRT engines cannot be built here, missing ")
-    assert "pip install tensorrt cuda-python" in lines[0] and "JetPack" in lines[0]
+    assert "pip install tensorrt-cu12 \"cuda-python>=12,<13\"" in lines[0] and "JetPack" in lines[0]
     assert list(tmp_path.iterdir()) == []  # not even the parent folder
 
 
@@ -56,6 +56,76 @@ def test_bundle_target_trt_leaves_the_bundle_as_it_was(tmp_path):
     r = mra_export("--bundle", bundle, "--target", "trt", "--precision", "int8")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == before
+
+
+def test_dla_needs_a_static_profile_and_says_so_before_any_work(tmp_path, tiny_ckpt):
+    """Everywhere, TensorRT or not: the option check runs before the TensorRT probe and the export."""
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    Manifest.new({"name": "t"}, S, 576, 64).save(bundle)
+    before = {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()}
+    r = mra_export("--bundle", bundle, "--target", "trt", "--precision", "fp16", "--dla-core", "0")
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "mra-export: error: --dla-core | got --batch 1,1,4, expected a static profile N,N,N: the DLA has no dynamic "
+        "shapes; pass e.g. --batch 1,1,1 (one engine per batch size)"]
+    assert {p.name: p.stat().st_mtime_ns for p in bundle.iterdir()} == before
+    r = mra_export("--model", tiny_ckpt, "--target", "trt", "--out", tmp_path / "new", "--dla-core", "0",
+                   "--batch", "2,2,2", "--precision", "fp32")
+    assert r.returncode == 1 and "the DLA runs FP16 or INT8 only" in r.stderr and not (tmp_path / "new").exists()
+
+
+def test_trt_option_check():
+    from mra.export.trt_build import check_trt_options
+
+    opts = lambda batch, dla=None, precisions=("fp16",): SimpleNamespace(  # noqa: E731
+        trt_batch=batch, trt_dla_core=dla, precisions=list(precisions))
+    check_trt_options(opts((1, 1, 4)))
+    check_trt_options(opts((2, 2, 2), dla=1, precisions=("fp16", "int8")))  # the Jetson guide's DLA example
+    with pytest.raises(MraError, match="expected a static profile N,N,N"):
+        check_trt_options(opts((1, 2, 2), dla=0))
+    with pytest.raises(MraError, match="expected 0 or 1"):
+        check_trt_options(opts((1, 1, 1), dla=-1))
+    with pytest.raises(MraError, match="1 <= MIN <= OPT <= MAX"):
+        check_trt_options(opts((4, 1, 1)))
+
+
+def test_jetson_guide_dla_commands_pass_the_option_check():
+    """Every `--dla-core` command in examples/jetson/README.md names a static --batch."""
+    import re
+
+    guide = (Path(__file__).resolve().parents[2] / "examples" / "jetson" / "README.md").read_text()
+    commands = [line for line in guide.splitlines() if "--dla-core" in line and line.startswith("mra-export")]
+    assert commands
+    for c in commands:
+        m = re.search(r"--batch (\d+),(\d+),(\d+)", c)
+        assert m and len(set(m.groups())) == 1, c
+
+
+def test_int8_graph_is_chosen_by_manifest_flavour(tmp_path, monkeypatch, caplog):
+    """TensorRT 11 takes the flavour that INT8_FLAVOURS_STRONGLY_TYPED names first (issue 14 puts its
+    FP16-float QDQ graph there); without one it falls back to the symmetric graph and says so."""
+    import logging
+
+    from mra.export import trt_build
+
+    def int8(file, flavour):
+        g = graph("int8", file)
+        g.info["int8"] = {"flavour": flavour}
+        return g
+
+    m = manifest_with(graph("fp32"), graph("fp16"), int8("vision.int8-cpu.onnx", "cpu"), int8("vision.int8.onnx", "trt"),
+                      int8("vision.int8-f16.onnx", "trt-fp16"))
+    with caplog.at_level(logging.WARNING, logger="mra.export"):
+        assert trt_build.plan_engine(m, tmp_path, "int8", weakly_typed=False).source.file == "vision.int8.onnx"
+    assert "TensorRT 11 (strongly typed) runs its non-quantized layers in FP32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mra.export"):
+        assert trt_build.plan_engine(m, tmp_path, "int8", weakly_typed=True).source.file == "vision.int8.onnx"
+    assert caplog.text == ""  # TensorRT 10 runs the float parts in FP16 through its builder flag
+    monkeypatch.setattr(trt_build, "INT8_FLAVOURS_STRONGLY_TYPED", ("trt-fp16", "trt"))
+    assert trt_build.plan_engine(m, tmp_path, "int8", weakly_typed=False).source.file == "vision.int8-f16.onnx"
+    assert trt_build.plan_engine(m, tmp_path, "int8", weakly_typed=True).source.file == "vision.int8.onnx"
 
 
 def graph(precision: str, file: str | None = None, check: dict | None = None, cosine: float | None = None):
@@ -165,6 +235,9 @@ def test_engines_from_a_bundle_are_validated_recorded_and_rebuilt(onnx_bundle, t
         assert e.info["source_onnx_sha256"] == onnx[e.info["source_onnx"]].sha256
         assert e.validation["passed"] and e.validation["reference"].startswith("onnxruntime fp32")
     assert engines["fp16"].validation["cosine"] >= 0.999
+    for e in engines.values():  # what the GPU check reports: build time, layer precisions, latency
+        assert e.info["build_seconds"] > 0 and "error" not in e.info["layers"]
+        assert set(e.info["latency_ms"]) == {"1", "4"}
     int8_bar = [a for a in m.find("vision", "onnx", "int8") if a.info.get("int8", {}).get("flavour") != "cpu"][0]
     assert engines["int8"].validation["cosine"] >= int8_bar.validation["threshold"]["min_cosine"]
     # a rebuild replaces the entry, keeps one file per precision and GPU, and loads

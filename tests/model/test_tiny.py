@@ -89,9 +89,8 @@ def expected_adapters(d: int, c: int, llm: int) -> dict[str, tuple[int, ...]]:
 
 
 def expected_llm(s, vocab: int) -> dict[str, tuple[int, ...]]:
-    c = LlamaConfig(vocab_size=vocab, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                    num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
-                    num_key_value_heads=s.num_attention_heads, tie_word_embeddings=False)
+    c = LlamaConfig(vocab_size=vocab, hidden_size=s.n_embd, intermediate_size=s.n_ff, num_hidden_layers=s.n_layer,
+                    num_attention_heads=s.n_head, num_key_value_heads=s.n_head, tie_word_embeddings=False)
     return meta_state(LlamaForCausalLM, c)
 
 
@@ -104,7 +103,7 @@ def test_tiny_has_the_released_layout(tiny_ckpt):
     p = PRESETS["tiny"]
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     want = (expected_clip(p.vit) | expected_convnext(p.convnext)
-            | expected_adapters(p.vit.hidden_size, p.convnext.dims[-1], p.llm.hidden_size)
+            | expected_adapters(p.vit.hidden_size, p.convnext.dims[-1], p.llm.n_embd)
             | expected_llm(p.llm, cfg["vocab_size"]))
     got = shapes(tiny_ckpt)
     assert set(got) - set(want) == set(), "keys the released layout does not have"
@@ -204,16 +203,18 @@ def test_tokenizer_byte_fallback_and_dummy_prefix(sp):
 ])
 def test_real_size_preset_shapes(preset, vision_params, llm_params):
     p = PRESETS[preset]
-    vc = VisionConfig(p.vit, p.convnext, p.llm.hidden_size, p.image_size)
+    vc = VisionConfig(p.vit, p.convnext, p.llm.n_embd, p.image_size)
     used = used_checkpoint_keys(vc)
     want = (expected_clip(p.vit) | expected_convnext(p.convnext)
-            | expected_adapters(p.vit.hidden_size, p.convnext.dims[-1], p.llm.hidden_size))
+            | expected_adapters(p.vit.hidden_size, p.convnext.dims[-1], p.llm.n_embd))
     assert used == {k: s for k, s in want.items() if k not in UNUSED}
     n = sum(math.prod(s) for s in used.values())
     assert vision_params[0] < n < vision_params[1], n
-    llm = llm_keys(p.llm, p.llm.vocab_size)
-    assert llm == expected_llm(p.llm, p.llm.vocab_size)
+    llm = llm_keys(p.llm, p.llm.n_vocab)
+    assert llm == expected_llm(p.llm, p.llm.n_vocab)
     assert sum(math.prod(s) for s in llm.values()) == llm_params
+    norms = (2 * p.llm.n_layer + 1) * p.llm.n_embd
+    assert p.llm.n_params == llm_params - norms  # the shape's own count: every matrix
 
 
 def test_convnext_downsamples_every_later_stage():

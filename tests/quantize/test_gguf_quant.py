@@ -11,7 +11,8 @@ import pytest
 
 from mra.export.gguf_convert import LlamaGGUFConverter, write_gguf
 from mra.export.llm_validate import THRESHOLDS, SpTokenizer, reference_run, validate_gguf
-from mra.quantize.gguf_quant import K_TYPES, quant_report, quantize_gguf, tensor_types
+from mra.quantize.gguf_quant import quant_report, quantize_gguf, tensor_types
+from mra.quantize.gguf_types import K_GGML_TYPES
 from mra.runtime.errors import MraError
 
 
@@ -57,19 +58,19 @@ def test_k_quant_fallback_is_reported(f16_gguf, tmp_path):
     path = quantize_gguf(f16_gguf, tmp_path / "q4km.gguf", "Q4_K_M")
     types = tensor_types(path)
     matrices = [n for n in types if not n.endswith("norm.weight")]
-    assert not any(types[n] in K_TYPES for n in matrices)
+    assert not any(types[n] in K_GGML_TYPES for n in matrices)
     r = quant_report(path, "Q4_K_M")
     assert set(r["k_quant_fallback"]) == set(matrices)
     assert "[64, 128]" in r["k_quant_fallback_reason"]
 
 
-def test_k_quant_without_fallback(tmp_path, monkeypatch):
+def test_k_quant_without_fallback(tmp_path):
     """With rows that are multiples of 256, Q4_K_M is the real mix (Q4_K + Q6_K), no fallback."""
+    from mra.llama_shape import LlamaShape
     from mra.model import tiny
 
-    shape = tiny.LlamaShape(256, 512, 1, 4, None)
-    monkeypatch.setitem(tiny.PRESETS, "llm256", dataclasses.replace(tiny.PRESETS["tiny"], llm=shape))
-    ck = tiny.make_checkpoint(tmp_path / "ck", "llm256", ["llm"])
+    preset = dataclasses.replace(tiny.PRESETS["tiny"], llm=LlamaShape(256, 512, 1, 4, None))
+    ck = tiny.make_checkpoint(tmp_path / "ck", preset, ["llm"])
     path = quantize_gguf(write_gguf(ck, tmp_path / "f16.gguf", "F16"), tmp_path / "q4km.gguf", "Q4_K_M")
     r = quant_report(path, "Q4_K_M")
     assert r["k_quant_fallback"] == {} and "k_quant_fallback_reason" not in r

@@ -46,7 +46,7 @@ def test_runner_without_tensorrt_says_what_is_missing(tmp_path):
     engine = tmp_path / "vision.fp16.x.plan"
     engine.write_bytes(b"\0" * 64)
     with pytest.raises(MraError, match=r"vision.fp16.x.plan \| cannot run a TensorRT engine here, missing .*"
-                                       r"pip install tensorrt cuda-python"):
+                                       r"pip install tensorrt-cu12 \"cuda-python>=12,<13\""):
         TrtRunner(engine)
 
 
