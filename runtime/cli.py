@@ -152,13 +152,13 @@ def image_name(path: Path, folder: Path) -> str:
     return os.fsencode(path.relative_to(folder)).decode("utf-8", "backslashreplace").replace(os.sep, "/")
 
 
-RECORD_KEYS = {"image", "prompt", "answer", "timings", "error"}
 MAX_ATTEMPTS = 2  # an image that failed is retried by one rerun, not forever
 
 
 def is_record(d: object) -> bool:
-    """Whether ``d`` is a line mra-run writes: image, prompt, and an answer or an error."""
-    return (isinstance(d, dict) and set(d) <= RECORD_KEYS and isinstance(d.get("image"), str)
+    """Whether ``d`` is a line mra-run writes (or an app on its resume rule, e.g.
+    examples/caption_folder.py, which adds fields): image, prompt, and an answer or an error."""
+    return (isinstance(d, dict) and isinstance(d.get("image"), str)
             and isinstance(d.get("prompt"), str)
             and (isinstance(d.get("answer"), str) or isinstance(d.get("error"), str)))
 
