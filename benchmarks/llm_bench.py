@@ -119,9 +119,10 @@ def bare_llama(path: Path, threads: int, n_ctx: int, n_batch: int = 512, kv_type
     llama-cpp-python's defaults)."""
     import llama_cpp
 
-    from mra.runtime.llm import KV_TYPES, model_params_for_llama_class, use_flash_attn
+    from mra.runtime.llama_enums import kv_type as kv_type_value
+    from mra.runtime.llm import model_params_for_llama_class, use_flash_attn
 
-    kv = {} if kv_type is None else {"type_k": KV_TYPES[kv_type], "type_v": KV_TYPES[kv_type],
+    kv = {} if kv_type is None else {"type_k": kv_type_value(kv_type), "type_v": kv_type_value(kv_type),
                                      "flash_attn": use_flash_attn(None, kv_type, 0), "n_ubatch": n_batch}
     with model_params_for_llama_class():  # the same weight buffers as the runtime's session
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
