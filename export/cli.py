@@ -130,13 +130,16 @@ def make_tiny_main(argv: list[str]) -> None:
     p.add_argument("--parts", type=_csv("--parts", ("vision", "llm")), default=["vision", "llm"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-mb", type=int, help="safetensors shard size (default: one file for tiny, 2000 MB else)")
+    p.add_argument("--outliers", metavar="K,F", help="INT8 stress checkpoint: K channels of every LayerNorm -> "
+                   "Linear pair scaled by F (the float function is unchanged), e.g. 2,40")
     a = p.parse_args(argv)
     from tqdm import tqdm
 
-    from mra.model.tiny import make_checkpoint
+    from mra.model.tiny import Outliers, make_checkpoint
 
+    outliers = Outliers.parse(a.outliers) if a.outliers else None
     with tqdm(desc="writing tensors", unit="tensor", disable=a.preset == "tiny") as bar:
-        make_checkpoint(a.out, a.preset, a.parts, a.seed, a.shard_mb, progress=bar.update)
+        make_checkpoint(a.out, a.preset, a.parts, a.seed, a.shard_mb, progress=bar.update, outliers=outliers)
     print(a.out)
 
 
