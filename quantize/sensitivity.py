@@ -87,7 +87,7 @@ class Group:
     nodes: list[str]
     flops: int
     contribution: float | None = None  # mean cosine gained by keeping it in float
-    decision: str = "int8"  # "int8" | "float: sensitive" | "float: fixed"
+    decision: str = "int8"  # "int8" | "float: sensitive" | "float: fixed" | "float: not quantized"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "nodes": len(self.nodes), "flops": self.flops,
@@ -109,14 +109,12 @@ def _label(nodes: list[str]) -> str:
 
 
 def quantizable_groups(model: onnx.ModelProto, fixed_float: list[str]) -> list[Group]:
-    """Groups of quantizable nodes in graph order; ``fixed_float`` nodes (gates, attention
-    products) are not candidates and not listed, except gates with constant weights, which
-    appear as "float: fixed"."""
-    weights = {t.name for t in model.graph.initializer}
+    """Groups of Conv/MatMul/Gemm nodes in graph order (the attention products too: their
+    first input is their own); groups with a ``fixed_float`` node are marked "float: fixed"."""
     flops = node_flops(model)
     by_input: dict[str, list[str]] = {}
     for n in model.graph.node:
-        if n.op_type in QUANTIZED_OP_TYPES and len(n.input) > 1 and n.input[1] in weights:
+        if n.op_type in QUANTIZED_OP_TYPES:
             by_input.setdefault(n.input[0], []).append(n.name)
     groups = []
     for nodes in by_input.values():
@@ -125,11 +123,6 @@ def quantizable_groups(model: onnx.ModelProto, fixed_float: list[str]) -> list[G
             g.decision = "float: fixed"
         groups.append(g)
     return groups
-
-
-def total_flops(model: onnx.ModelProto) -> int:
-    """All Conv/MatMul/Gemm FLOPs, including the attention products between activations."""
-    return sum(node_flops(model).values())
 
 
 # --- dropping a group from a quantized graph ------------------------------------------------
@@ -163,20 +156,20 @@ def drop_group(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: list[str]) ->
 
 
 def embeddings(model: onnx.ModelProto | str | os.PathLike, images: list[np.ndarray]) -> np.ndarray:
-    """The graph's embeddings of ``images`` (one batch); a ModelProto is saved to a scratch
-    file first (graphs over 2 GiB cannot be passed as bytes)."""
+    """The graph's embeddings of ``images``, one image at a time (the memory of one); a
+    ModelProto is saved to a scratch file first (graphs over 2 GiB cannot go as bytes)."""
     from mra.runtime.ort_backend import OrtRunner
 
     from .onnx_io import save_onnx
 
-    batch = np.stack(images)
+    def run(path) -> np.ndarray:
+        with OrtRunner(path, providers=["CPUExecutionProvider"]) as r:
+            return np.concatenate([r.infer(x[None]) for x in images])
+
     if isinstance(model, onnx.ModelProto):
         with tempfile.TemporaryDirectory(prefix=".sensitivity-") as tmp:
-            path = save_onnx(model, Path(tmp) / "graph.onnx")
-            with OrtRunner(path, providers=["CPUExecutionProvider"]) as r:
-                return r.infer(batch)
-    with OrtRunner(model, providers=["CPUExecutionProvider"]) as r:
-        return r.infer(batch)
+            return run(save_onnx(model, Path(tmp) / "graph.onnx"))
+    return run(model)
 
 
 def measure_contributions(qdq_path: str | os.PathLike, fp32_path: str | os.PathLike, groups: list[Group],
@@ -198,23 +191,28 @@ def measure_contributions(qdq_path: str | os.PathLike, fp32_path: str | os.PathL
 class Plan:
     """The float-kept groups and the numbers the manifest records."""
     groups: list[Group]
-    quantizable_flops: int
-    all_flops: int
     steps: list[dict] = field(default_factory=list)  # one per evaluated candidate set
 
     @property
     def float_nodes(self) -> list[str]:
         return [n for g in self.groups if g.decision == "float: sensitive" for n in g.nodes]
 
-    def int8_flops(self) -> int:
-        return sum(g.flops for g in self.groups if g.decision == "int8")
+    @property
+    def candidate_flops(self) -> int:
+        return sum(g.flops for g in self.groups if g.decision != "float: fixed")
 
-    def summary(self) -> dict:
+    def summary(self, int8_nodes: set[str]) -> dict:
+        """int8_nodes: what the written graph runs in INT8 (int8.quantized_nodes), which
+        marks each group "int8" or float in the table."""
+        for g in self.groups:
+            if g.decision == "int8" and not all(n in int8_nodes for n in g.nodes):
+                g.decision = "float: not quantized"
+        all_flops = sum(g.flops for g in self.groups)
+        int8 = sum(g.flops for g in self.groups if g.decision == "int8")
         kept = [g for g in self.groups if g.decision == "float: sensitive"]
-        return {"int8_fraction_of_quantizable_flops": round(self.int8_flops() / max(self.quantizable_flops, 1), 4),
-                "int8_fraction_of_all_flops": round(self.int8_flops() / max(self.all_flops, 1), 4),
+        return {"int8_flops_fraction": round(int8 / max(all_flops, 1), 4),
                 "float_kept_groups": [g.name for g in kept],
-                "float_kept_fraction": round(sum(g.flops for g in kept) / max(self.quantizable_flops, 1), 4),
+                "float_kept_fraction": round(sum(g.flops for g in kept) / max(self.candidate_flops, 1), 4),
                 "search": self.steps, "layers": [g.to_dict() for g in self.groups]}
 
 
@@ -230,7 +228,7 @@ def choose_float_groups(plan: Plan, evaluate: Callable[[list[str]], Score], max_
     if s.meets(*target):
         return s
     ranked()
-    budget = max_float_fraction * plan.quantizable_flops
+    budget = max_float_fraction * plan.candidate_flops
     spent = 0
     for g in sorted((g for g in plan.groups if g.contribution is not None and g.contribution > 0),
                     key=lambda g: -g.contribution):
