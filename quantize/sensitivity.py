@@ -96,8 +96,13 @@ class Group:
 
 
 def _label(nodes: list[str]) -> str:
-    """'/fast/encoder/layers.0/self_attn/q_proj/MatMul' x3 -> 'fast/encoder/layers.0/self_attn/{q,k,v}_proj'."""
-    parts = [n.strip("/").split("/")[:-1] or [n.strip("/")] for n in nodes]
+    """Module paths without the op name: '/fast/.../self_attn/q_proj/MatMul' x3 ->
+    'fast/.../self_attn/{q_proj,k_proj,v_proj}'; the attention products, which are no module
+    of their own, keep theirs ('layers.0/self_attn/MatMul_1')."""
+    parts = []
+    for n in nodes:
+        p = n.strip("/").split("/")
+        parts.append(p[:-1] if len(p) > 1 and p[-1] in QUANTIZED_OP_TYPES else p)
     head = parts[0]
     common = 0
     while all(len(p) > common + 1 and p[common] == head[common] for p in parts):
