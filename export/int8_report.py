@@ -29,7 +29,7 @@ def format_int8_table(file: str, info: dict, validation: dict | None = None) -> 
              f"kept in float by sensitivity: {len(info.get('float_kept_groups', []))} groups, "
              f"{100 * info.get('float_kept_fraction', 0):.1f}% of the candidate FLOPs "
              f"(budget {100 * info.get('max_float_fraction', 0):.0f}%)"]
-    cs, tg = info.get("calibration_score"), info.get("target")
+    cs, tg = info.get("calibration_score"), info.get("search_target")
     if cs and tg:
         lines.append(f"  calibration images: mean cosine {cs['mean_cosine']:.5f} (target {tg['mean_cosine']}), "
                      f"worst image {cs['worst_image_cosine']:.5f} (target {tg['worst_image_cosine']}); "

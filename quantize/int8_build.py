@@ -83,7 +83,7 @@ def build_int8(fp32: str | Path, outputs: dict[str, Path], calib: CalibrationSet
         images = calib.pixel_values
         reference = embeddings(src, images)
         ranges = scratch / "ranges.json"
-        contributions: dict[str, float] = {}
+        contributions: dict[str, float] = {}  # first node of a group -> its gain
 
         def rank() -> None:  # once, on the trt flavour, shared by every flavour
             if contributions:
@@ -95,7 +95,7 @@ def build_int8(fp32: str | Path, outputs: dict[str, Path], calib: CalibrationSet
             with tqdm(total=len(candidates), desc="sensitivity", unit="group", disable=not progress,
                       leave=False) as bar:
                 measure_contributions(qdq, src, candidates, images[:n], reference[:n], bar.update)
-            contributions.update({g.name: g.contribution for g in candidates if g.contribution is not None})
+            contributions.update({g.nodes[0]: g.contribution for g in candidates if g.contribution is not None})
 
         for flavour, dst in outputs.items():
             plan = Plan([dataclasses.replace(g) for g in groups])
@@ -109,7 +109,7 @@ def build_int8(fp32: str | Path, outputs: dict[str, Path], calib: CalibrationSet
             def ranked() -> None:
                 rank()
                 for g in plan.groups:
-                    g.contribution = contributions.get(g.name)
+                    g.contribution = contributions.get(g.nodes[0])  # a node is in one group only
 
             s = choose_float_groups(plan, evaluate, opts.max_float_fraction, (opts.target_mean, opts.target_worst),
                                     ranked)
@@ -120,7 +120,7 @@ def build_int8(fp32: str | Path, outputs: dict[str, Path], calib: CalibrationSet
                             dst.name, s.mean, s.worst, opts.target_mean, opts.target_worst,
                             100 * summary["float_kept_fraction"], opts.max_float_fraction)
             info.update({"smoothing": smoothing, "calibration_score": s.to_dict(),
-                         "target": {"mean_cosine": opts.target_mean, "worst_image_cosine": opts.target_worst},
+                         "search_target": {"mean_cosine": opts.target_mean, "worst_image_cosine": opts.target_worst},
                          "max_float_fraction": opts.max_float_fraction, **summary})
             yield Int8Graph(flavour, dst, info)
     finally:

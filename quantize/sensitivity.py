@@ -95,14 +95,14 @@ class Group:
                 "decision": self.decision}
 
 
-def _label(nodes: list[str]) -> str:
+def _label(nodes: list[str], shared: set[str]) -> str:
     """Module paths without the op name: '/fast/.../self_attn/q_proj/MatMul' x3 ->
-    'fast/.../self_attn/{q_proj,k_proj,v_proj}'; the attention products, which are no module
-    of their own, keep theirs ('layers.0/self_attn/MatMul_1')."""
+    'fast/.../self_attn/{q_proj,k_proj,v_proj}'; nodes in a ``shared`` module path (the
+    attention products, two in each self_attn) keep their name."""
     parts = []
     for n in nodes:
         p = n.strip("/").split("/")
-        parts.append(p[:-1] if len(p) > 1 and p[-1] in QUANTIZED_OP_TYPES else p)
+        parts.append(p[:-1] if len(p) > 1 and "/".join(p[:-1]) not in shared else p)
     head = parts[0]
     common = 0
     while all(len(p) > common + 1 and p[common] == head[common] for p in parts):
@@ -121,9 +121,11 @@ def quantizable_groups(model: onnx.ModelProto, fixed_float: list[str]) -> list[G
     for n in model.graph.node:
         if n.op_type in QUANTIZED_OP_TYPES:
             by_input.setdefault(n.input[0], []).append(n.name)
+    modules = [n.strip("/").rsplit("/", 1)[0] for nodes in by_input.values() for n in nodes]
+    shared = {m for m in modules if modules.count(m) > 1}
     groups = []
     for nodes in by_input.values():
-        g = Group(_label(nodes), nodes, sum(flops.get(n, 0) for n in nodes))
+        g = Group(_label(nodes, shared), nodes, sum(flops.get(n, 0) for n in nodes))
         if any(n in fixed_float for n in nodes):
             g.decision = "float: fixed"
         groups.append(g)

@@ -19,6 +19,7 @@ come from such a LayerNorm (attention output projection, fc2, adapters) nothing 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from mra.runtime.errors import MraError
 from mra.runtime.names import INPUT_NAME
 
 from .calibration import CalibrationSet
-from .onnx_io import save_onnx
+from .onnx_io import external_files, save_onnx
 
 # Default migration strength, measured on the tiny outlier stress checkpoint (2 channels x40
 # per LayerNorm -> Linear pair) and on the plain tiny model: see README "INT8 and outliers".
@@ -76,20 +77,25 @@ def smoothable_pairs(model: onnx.ModelProto) -> list[SmoothPair]:
     return pairs
 
 
-def channel_maxima(model: onnx.ModelProto, tensors: list[str], calib: CalibrationSet) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of ``tensors`` over the calibration images (batch 1)."""
+def channel_maxima(src: str | os.PathLike, tensors: list[str], calib: CalibrationSet) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of ``tensors`` of the graph at ``src`` over the
+    calibration images (batch 1). The probe graph (``src`` with the tensors as outputs) is
+    written beside ``src`` so that it reads the same external weight file, if any."""
     import onnxruntime as ort
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    src = Path(src)
+    m = onnx.load(str(src), load_external_data=False)
     known = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in known:
-            m.graph.output.append(onnx.ValueInfoProto(name=t))
+    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in known)
     so = ort.SessionOptions()
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # the memory reason of calibration.collect_ranges
-    session = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    del m
+    with tempfile.TemporaryDirectory(prefix=".smooth-probe-", dir=src.parent) as tmp:
+        probe = Path(tmp) / src.name
+        onnx.save_model(m, str(probe))
+        del m
+        for name in external_files(src):
+            os.symlink(src.parent / name, Path(tmp) / name)
+        session = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
     out: dict[str, np.ndarray] = {}
     for x in calib.pixel_values:
         for name, v in zip(tensors, session.run(tensors, {INPUT_NAME: x[None]})):
@@ -106,9 +112,9 @@ def smooth_graph(src: str | os.PathLike, dst: str | os.PathLike, calib: Calibrat
         raise MraError(f"--smooth-alpha | got {alpha}, expected 0 (off) to 1; {DEFAULT_SMOOTH_ALPHA} is the default")
     if len(calib) == 0:
         raise MraError("smoothing | no calibration images")
+    pairs = smoothable_pairs(onnx.load(str(src), load_external_data=False))
+    maxima = channel_maxima(src, [p.output for p in pairs], calib) if pairs else {}
     model = onnx.load(str(src))
-    pairs = smoothable_pairs(model)
-    maxima = channel_maxima(model, [p.output for p in pairs], calib) if pairs else {}
     inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     spreads = []

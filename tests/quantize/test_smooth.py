@@ -34,11 +34,10 @@ def test_smoothing_is_exact_in_float_and_flattens_the_outliers(stress384, calib,
     with OrtRunner(stress384.path) as a, OrtRunner(dst) as b:
         ref, got = a.infer(x), b.infer(x)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
-    before, after = (onnx.load(str(p)) for p in (stress384.path, dst))
-    outputs = [p.output for p in smoothable_pairs(before)]
+    outputs = [p.output for p in smoothable_pairs(onnx.load(str(stress384.path)))]
     spread = {name: [] for name in ("before", "after")}
-    for name, m in (("before", before), ("after", after)):
-        for t, mx in channel_maxima(m, outputs, calib).items():
+    for name, path in (("before", stress384.path), ("after", dst)):
+        for t, mx in channel_maxima(path, outputs, calib).items():
             spread[name].append(mx.max() / np.median(mx))
     assert min(spread["before"]) > 10  # every pair has its outliers
     assert max(spread["after"]) < 3  # and none is left
