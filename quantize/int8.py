@@ -23,9 +23,11 @@ Three flavours differ in how activations and biases are stored:
   non-quantized layer in float32, because a DequantizeLinear's output takes its scale's type.
 
 Which the bundle carries: all three, from one calibration (export/onnx_export.py), with the
-flavour in each manifest entry. Measured with onnxruntime on this 2-core AVX2 CPU (batch 1,
-S = 1024, mean cosine of the embeddings against torch FP32 on held-out photos; random
-weights; benchmarks/vision_latency.py):
+flavour in each manifest entry. Measured before smoothing and mixed precision (image-facing
+convolutions and attention products then fixed in float) with onnxruntime on this 2-core
+AVX2 CPU (batch 1, S = 1024, mean cosine of the embeddings against torch FP32 on held-out
+photos; random weights; benchmarks/vision_latency.py; the new path's numbers at the 7B
+size are benchmarks/int8_outliers.py's to measure):
   LLaVA-HR-7B size : torch eager 30.5 s, ort fp32 21.4 s, int8 trt 16.1 s (1.89x torch,
                      cosine 0.99873), int8 cpu 13.6 s (2.24x, cosine 0.99818)
   medium           : torch 5.1 s, fp32 2.14 s, trt 2.13 s (0.9981), cpu 2.05 s (0.9968)
@@ -38,13 +40,12 @@ both, so the bundle has two (+0.56 GB at the 7B size).
 
 Random weights make INT8 look worse than trained ones in one way (a random network
 amplifies small perturbations layer after layer) and better in another (no outlier
-channels). The default threshold ``INT8_MIN_COSINE`` = 0.98 sits below every configuration
-measured (tiny at S = 384: 0.9895 to 0.9916 over minmax/entropy/percentile and both
-flavours; medium at S = 1024: 0.997 to 0.998): a guard against gross failures, not a
-quality bar. The poorer placement this module avoids (INT8 softmax, quantized
-image-facing convolutions, quantized residual stream) still gave 0.986 on the medium
-model, so read the recorded cosine, and raise --min-cosine int8=... for a trained model
-once its typical value is known.
+channels: model/tiny.py's ``--outliers`` checkpoint adds them, and smoothing is what
+removes their effect; README "INT8 and activation outliers"). The default threshold
+``INT8_MIN_COSINE`` = 0.98 is a guard against gross failures, not a quality bar; the
+sensitivity search aims higher on the calibration images (quantize/sensitivity.py). Read
+the recorded cosine, and raise --min-cosine int8=... for a trained model once its typical
+value is known.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from mra.runtime.errors import MraError
 from mra.runtime.names import INPUT_NAME
 
 from .calibration import CalibrationSet
-from .onnx_io import external_files, save_onnx
+from .onnx_io import save_onnx
 
 # Default migration strength, measured on the tiny outlier stress checkpoint (2 channels x40
 # per LayerNorm -> Linear pair) and on the plain tiny model: see README "INT8 and outliers".
@@ -89,13 +89,14 @@ def channel_maxima(src: str | os.PathLike, tensors: list[str], calib: Calibratio
     m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in known)
     so = ort.SessionOptions()
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # the memory reason of calibration.collect_ranges
-    with tempfile.TemporaryDirectory(prefix=".smooth-probe-", dir=src.parent) as tmp:
-        probe = Path(tmp) / src.name
-        onnx.save_model(m, str(probe))
+    fd, probe = tempfile.mkstemp(prefix=f".{src.stem}.probe-", suffix=".onnx", dir=src.parent)
+    os.close(fd)
+    try:  # beside src: its external data locations are relative names
+        onnx.save_model(m, probe)
         del m
-        for name in external_files(src):
-            os.symlink(src.parent / name, Path(tmp) / name)
-        session = ort.InferenceSession(str(probe), so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(probe, so, providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(probe)
     out: dict[str, np.ndarray] = {}
     for x in calib.pixel_values:
         for name, v in zip(tensors, session.run(tensors, {INPUT_NAME: x[None]})):

@@ -4,7 +4,6 @@ written graphs do."""
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from mra.export.validate import VALIDATION_PHOTOS, Threshold, validate_graph
 from mra.quantize.calibration import load_calibration_set
 from mra.quantize.int8 import INT8_MIN_COSINE, QUANTIZED_OP_TYPES, quantized_nodes
 from mra.quantize.int8_build import Int8Options, build_int8
-from mra.quantize.sensitivity import drop_group, embeddings, node_flops, quantizable_groups, score
+from mra.quantize.sensitivity import drop_group, embeddings, node_flops, quantizable_groups
 from mra.runtime.names import INT8_FLAVOURS
 
 BAR_MEAN, BAR_WORST, BAR_INT8_FLOPS = 0.985, 0.95, 0.85
@@ -37,7 +37,14 @@ def int8_share(path, fp32_path) -> float:
 
 
 @pytest.fixture(scope="module")
-def stress_int8(stress_graph, tmp_path_factory):
+def stress384_int8(stress384, tmp_path_factory):
+    return build(stress384, tmp_path_factory.mktemp("int8-384"))
+
+
+@pytest.fixture(scope="module")
+def stress_int8(stress_graph, tmp_path_factory, request):
+    if stress_graph.size == 384:
+        return stress_graph, request.getfixturevalue("stress384_int8")
     return stress_graph, build(stress_graph, tmp_path_factory.mktemp("int8"))
 
 
@@ -119,12 +126,12 @@ def test_sensitivity_search_keeps_the_most_helpful_groups_within_budget(stress38
         assert v["passed"]
 
 
-def test_float16_qdq_graph_for_tensorrt_11(stress384, tmp_path):
+def test_float16_qdq_graph_for_tensorrt_11(stress384, stress384_int8):
     """TensorRT 11 is strongly typed: the trt-fp16 graph carries float16 itself (scales,
     biases, the compute between INT8 layers), float32 only where the FP16 graph keeps it."""
     from mra.export.trt_check import check_tensorrt_compat
 
-    path, info = build(stress384, tmp_path)["trt-fp16"]
+    path, info = stress384_int8["trt-fp16"]
     assert info["float_compute"] == "float16" and info["bias"] == "float16"
     m = onnx.load(str(path))
     assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 19
