@@ -192,7 +192,9 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
     if unknown:
         raise MraError(f"--precision | got {unknown}, expected some of {', '.join(PRECISION_ORDER)}")
     s = manifest.image_size
-    # Bad calibration folders fail before minutes of tracing, not after.
+    # Bad INT8 options and calibration folders fail before minutes of tracing, not after.
+    if "int8" in opts.precisions:
+        int8_options(opts).check()
     calib = (load_calibration_set(opts.calib_images, opts.calib_count, s, exclude_builtin=VALIDATION_PHOTOS)
              if "int8" in opts.precisions else None)
     tower = load_vision(opts.model, s)

@@ -162,9 +162,10 @@ def drop_group(qdq: onnx.ModelProto, fp32: onnx.ModelProto, nodes: list[str]) ->
     return out
 
 
-def embeddings(model: onnx.ModelProto | str | os.PathLike, images: list[np.ndarray]) -> np.ndarray:
+def embeddings(model: onnx.ModelProto | str | os.PathLike, images: list[np.ndarray],
+               scratch: str | os.PathLike | None = None) -> np.ndarray:
     """The graph's embeddings of ``images``, one image at a time (the memory of one); a
-    ModelProto is saved to a scratch file first (graphs over 2 GiB cannot go as bytes)."""
+    ModelProto is saved to a file in ``scratch`` first (graphs over 2 GiB cannot go as bytes)."""
     from mra.runtime.ort_backend import OrtRunner
 
     from .onnx_io import save_onnx
@@ -174,7 +175,7 @@ def embeddings(model: onnx.ModelProto | str | os.PathLike, images: list[np.ndarr
             return np.concatenate([r.infer(x[None]) for x in images])
 
     if isinstance(model, onnx.ModelProto):
-        with tempfile.TemporaryDirectory(prefix=".sensitivity-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=".sensitivity-", dir=scratch) as tmp:
             return run(save_onnx(model, Path(tmp) / "graph.onnx"))
     return run(model)
 
@@ -188,7 +189,8 @@ def measure_contributions(qdq_path: str | os.PathLike, fp32_path: str | os.PathL
     base = score(embeddings(qdq_path, images), reference)
     for g in groups:
         if g.decision == "int8":
-            g.contribution = score(embeddings(drop_group(qdq, fp32, g.nodes), images), reference).mean - base.mean
+            dropped = embeddings(drop_group(qdq, fp32, g.nodes), images, Path(qdq_path).parent)
+            g.contribution = score(dropped, reference).mean - base.mean
         if progress:
             progress()
     return base
@@ -232,7 +234,7 @@ def choose_float_groups(plan: Plan, evaluate: Callable[[list[str]], Score], max_
     misses the target (measuring costs one graph run per group)."""
     s = evaluate([])
     plan.steps.append({"float_groups": 0, **s.to_dict()})
-    if s.meets(*target):
+    if s.meets(*target) or max_float_fraction <= 0:
         return s
     ranked()
     budget = max_float_fraction * plan.candidate_flops

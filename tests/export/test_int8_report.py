@@ -74,3 +74,14 @@ def test_inspect_without_a_manifest_is_one_line(tmp_path, capsys):
     assert main(["inspect", "--bundle", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mra-export: error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("option,value", [("--smooth-alpha", "1.5"), ("--int8-max-float-fraction", "-0.1")])
+def test_bad_int8_options_fail_before_any_work(tiny_ckpt, tmp_path, capsys, option, value):
+    out = tmp_path / "bundle"
+    args = ["--model", str(tiny_ckpt), "--target", "onnx", "--out", str(out), "--image-size", str(S),
+            "--llm-quant", "none", "--precision", "fp32,int8", option, value, "-q"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mra-export: error: {option} | got {float(value)}") and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
