@@ -9,7 +9,7 @@ torch eager FP32.
 Each backend runs in a fresh process (benchmarks/backend_worker.py), so its peak RSS is
 its own: latency is the median of --repeats batch-1 runs after --warmup; accuracy is the
 mean cosine of its embeddings against torch FP32 on real photos. The graphs are made by a
-child process too (export_onnx + build_int8, no validation). Writes
+child process too (export_onnx + quantize_int8, no validation). Writes
 benchmarks/results/vision_latency[-quick].{json,md}."""
 
 from __future__ import annotations
@@ -35,17 +35,17 @@ def prepare_main(ckpt: Path, graphs: Path, image_size: int, calib_count: int) ->
     from mra.export.validate import VALIDATION_PHOTOS
     from mra.model import load_vision
     from mra.quantize.calibration import load_calibration_set
-    from mra.quantize.int8_build import build_int8
+    from mra.quantize.int8 import quantize_int8
 
     graphs.mkdir(parents=True, exist_ok=True)
     fp32 = graphs / "vision.onnx"
     if not fp32.is_file():
         export_onnx(load_vision(ckpt, image_size), fp32, progress=True)
     calib = load_calibration_set(None, calib_count, image_size, exclude_builtin=VALIDATION_PHOTOS)
-    missing = {f: graphs / f"vision.int8.{f}.onnx" for f in FLAVOURS if not (graphs / f"vision.int8.{f}.onnx").is_file()}
-    if missing:  # the bundle's INT8 path: smoothing, one calibration, the sensitivity search
-        for _ in build_int8(fp32, missing, calib, progress=True):
-            pass
+    for flavour in FLAVOURS:
+        dst = graphs / f"vision.int8.{flavour}.onnx"
+        if not dst.is_file():
+            quantize_int8(fp32, dst, calib, flavour=flavour, ranges_cache=graphs / "ranges.json", progress=True)
     return 0
 
 

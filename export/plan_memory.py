@@ -145,7 +145,7 @@ def _activations(bundle: Path, m: Manifest, engine: Artifact | None, graphs: dic
                  batch: int) -> tuple[int, str]:
     if engine is not None and engine.info.get("device_memory_bytes"):
         return int(engine.info["device_memory_bytes"]), f"recorded by TensorRT for {engine.file} (max batch)"
-    elem = 4 if precision == "fp32" else 2  # INT8: float16 between INT8 layers with the trt-fp16 graph or TensorRT 10's FP16 flag
+    elem = 4 if precision == "fp32" else 2  # INT8 engines keep float16 between quantized layers
     src = graphs.get(precision) or graphs.get("fp32")
     largest = _largest_tensor_elems(bundle / src.file) if src else None
     if largest:
