@@ -31,7 +31,7 @@ from .manifest import Artifact, Manifest, verify_artifact
 from .preprocess import ImageLike, load_image, preprocess_image
 from .prompt import Conversation, ImageSlot, Template, count_positions, tokenize_parts
 from .prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
-from .prompt_cache import PromptCache
+from .prompt_cache import PendingEmbeddings, PromptCache
 from .textstream import TextStream
 from .vision_select import VisionChoice, select_vision
 
@@ -254,6 +254,17 @@ class Pipeline:
         self.cache.put(key, rows)
         return Embeddings(key, rows)
 
+    def _embed_pending(self, image: ImageLike, t: Timings) -> Embeddings:
+        """The cached embeddings, else a placeholder the prompt cache resolves only if it must
+        (issue 12: a prefix loaded from disk needs no vision run)."""
+        key = image_key(image, self.exif_transpose)
+        rows = self.cache.get(key)
+        if rows is not None:
+            t.image_cache_hits += 1
+            return Embeddings(key, rows)
+        shape = (self.n_image_tokens, int(self.manifest.embed_dim))
+        return PendingEmbeddings(key, np.broadcast_to(np.zeros((), np.float32), shape), image)
+
     # --- one-turn API ---------------------------------------------------------------
     def ask(self, image: ImageLike | None, question: str, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
@@ -302,7 +313,8 @@ class Pipeline:
         """Encode images, tokenize, check the context, evaluate what the KV cache lacks."""
         self._call += 1
         t = self.timings = t or Timings()
-        embs = [im if isinstance(im, Embeddings) else self._embed(im, t) for im in images]
+        embed = self._embed if self.prompt_cache is None else self._embed_pending  # issue 12: vision only if needed
+        embs = [im if isinstance(im, Embeddings) else embed(im, t) for im in images]
         units = tokenize_parts(conv.parts(), self.llm.tokenize, self.llm.bos, self.llm.eos, self.template.add_bos)
         if conv.n_images != len(embs):
             raise MraError(f"prompt | {conv.n_images} image turns but {len(embs)} images")
@@ -315,7 +327,7 @@ class Pipeline:
         items = [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
         t0 = time.perf_counter()
         if self.prompt_cache is not None:  # issue 12: the image prefix from disk when it was saved
-            stats, hit = self.prompt_cache.prefill(self.llm, items)
+            stats, hit = self.prompt_cache.prefill(self.llm, items, lambda p: self._embed(p.image, t))
             t.prompt_cache_hits += hit is True
             t.prompt_cache_misses += hit is False
         else:

@@ -23,8 +23,9 @@ import logging
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from .errors import MraError
 from .llm import Embeddings, Item, LlamaSession, PrefillStats
@@ -34,6 +35,14 @@ log = logging.getLogger("mra.runtime.prompt_cache")
 MAGIC = b"MRA-KV\x00\x01"
 SUFFIX = ".mrakv"
 DEFAULT_MAX_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class PendingEmbeddings(Embeddings):
+    """An image not yet through the vision backend: ``rows`` is a zero-stride placeholder of the
+    right shape, replaced by the real rows only if the cache cannot supply the image's KV rows
+    (on a hit the vision backend never runs)."""
+    image: Any = None
 
 
 def image_prefix(items: Sequence[Item]) -> int:
@@ -78,19 +87,26 @@ class PromptCache:
         return self.folder / f"{key}{SUFFIX}"
 
     # --- the Pipeline's hook ------------------------------------------------------------
-    def prefill(self, llm: LlamaSession, items: Sequence[Item]) -> tuple[PrefillStats, bool | None]:
+    def prefill(self, llm: LlamaSession, items: Sequence[Item],
+                resolve: Callable[[PendingEmbeddings], Embeddings] | None = None) -> tuple[PrefillStats, bool | None]:
         """``llm.prefill(items)`` through the cache: (stats, True on a hit, False on a miss, None when
-        the cache played no part: no image, or the prefix already in the KV cache)."""
+        the cache played no part: no image, or the prefix already in the KV cache). ``resolve``
+        computes the rows of :class:`PendingEmbeddings` that must really be evaluated."""
+        def real(its: Sequence[Item]) -> list[Item]:
+            return [resolve(it) if isinstance(it, PendingEmbeddings) and resolve else it for it in its]
+
         end = image_prefix(items)
         if end == 0:
-            return llm.prefill(items), None
+            return llm.prefill(real(items)), None
         prefix = list(items[:end])
         prefix_keys = _keys(prefix)
-        if llm.keys[:len(prefix_keys)] == prefix_keys:
-            return llm.prefill(items), None
+        in_kv = llm.keys[:len(prefix_keys)] == prefix_keys
+        if len(items) > end and (in_kv or self._load(llm, self.key(prefix), prefix_keys)):
+            # the image rows are in the KV cache now: only what follows them is evaluated
+            return llm.prefill(list(items[:end]) + real(items[end:])), None if in_kv else True
         key = self.key(prefix)
-        if self._load(llm, key, prefix_keys):
-            return llm.prefill(items), True
+        items = real(items)
+        prefix = items[:end]
         first = llm.prefill(prefix)
         self._save(llm, key, len(prefix_keys))
         rest = llm.prefill(items)
