@@ -152,8 +152,12 @@ class _Run:
             raise ApiError(504, "timeout | the request took longer than the server's --timeout; ask for fewer "
                            "max_tokens or raise --timeout", "server_error", "timeout")
         try:
-            ev = await asyncio.wait_for(self.events.__anext__(), remaining)
-        except asyncio.TimeoutError:
+            if hasattr(asyncio, "timeout_at"):  # Python 3.11+: a timer handle, not a task per event
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + remaining):
+                    ev = await self.events.__anext__()
+            else:
+                ev = await asyncio.wait_for(self.events.__anext__(), remaining)
+        except (asyncio.TimeoutError, TimeoutError):
             raise ApiError(504, "timeout | the request took longer than the server's --timeout; ask for fewer "
                            "max_tokens or raise --timeout", "server_error", "timeout") from None
         except StopAsyncIteration:
