@@ -6,8 +6,10 @@ Four measurements on one bundle (the server runs in this process on 127.0.0.1, r
   first content chunk, the image sent as a base64 data URL) against ``Pipeline.ask`` (call ->
   first piece, the image as a file), both cold (empty KV and embedding caches), alternating.
   Target: HTTP within 20 ms of the Pipeline.
-- **decode**: decode tokens/s of one long greedy answer (``ignore_eos``) through the server
-  (client clock, first to last content chunk) against the Pipeline's. Target: within 3 %.
+- **decode**: decode tokens/s through the server (streamed, client clock) against the
+  Pipeline's, as (n2 - n1) / (T(n2) - T(n1)) from whole answers of n1 and n2 tokens
+  (``ignore_eos``): fixed costs (TTFT, HTTP) cancel, and chunks the client reads in bursts
+  do not inflate the rate. Target: within 3 %.
 - **load**: N requests from C client threads on ``--parallel P`` slots: throughput, latency
   p50 / p99, and every answer checked against the Pipeline's greedy answer.
 - **prompt_cache**: TTFT of a new process on an image whose prefix another process saved,
@@ -121,7 +123,7 @@ class _Server:
 
 
 def _stream(client, url: str, body: dict) -> dict:
-    """One streamed request: client-side TTFT, first/last content chunk times, text, usage."""
+    """One streamed request: client-side TTFT, time to [DONE], first-to-last chunk, text, usage."""
     t0 = time.perf_counter()
     first = last = None
     text, usage = [], None
@@ -139,7 +141,8 @@ def _stream(client, url: str, body: dict) -> dict:
                     last = time.perf_counter()
                     first = first or last
                     text.append(c["delta"]["content"])
-    return {"ttft_s": first - t0, "decode_s": last - first, "text": "".join(text), "usage": usage}
+    return {"ttft_s": first - t0, "total_s": time.perf_counter() - t0, "decode_s": last - first,
+            "text": "".join(text), "usage": usage}
 
 
 def _cold(pipe) -> None:
@@ -171,17 +174,28 @@ def measure_overhead(pipe, slot_pipe, client, url: str, image: Path, repeats: in
 def measure_decode(pipe, client, url: str, image: Path, tokens: int, repeats: int) -> dict:
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}},
                                                       {"type": "text", "text": QUESTIONS[1]}]}],
-            "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+            "temperature": 0, "ignore_eos": True}
+    short = max(2, tokens // 8)
+
+    def via_http(n: int) -> float:
+        r = _stream(client, url, {**body, "max_tokens": n})
+        assert r["usage"]["completion_tokens"] == n
+        return r["total_s"]
+
+    def via_pipeline(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in pipe.ask(image, QUESTIONS[1], max_tokens=n, ignore_eos=True, stream=True):
+            pass
+        return time.perf_counter() - t0
+
     http, direct = [], []
+    via_http(short), via_pipeline(short)  # warm-up: the image prefix is in both KV caches from here on
     for _ in range(repeats):
-        r = _stream(client, url, body)
-        n = r["usage"]["completion_tokens"]
-        http.append((n - 1) / r["decode_s"] if r["decode_s"] > 0 else float("nan"))
-        pipe.ask(image, QUESTIONS[1], max_tokens=tokens, ignore_eos=True)
-        direct.append(pipe.timings.decode_tokens_per_s)
+        http.append((tokens - short) / (via_http(tokens) - via_http(short)))
+        direct.append((tokens - short) / (via_pipeline(tokens) - via_pipeline(short)))
     ratio = _median(http) / _median(direct)
     return {"http_tokens_per_s": _median(http), "pipeline_tokens_per_s": _median(direct), "ratio": ratio,
-            "tokens": tokens, "target_ratio": TARGETS["decode_ratio"], "within_target": ratio >= TARGETS["decode_ratio"],
+            "tokens": [short, tokens], "target_ratio": TARGETS["decode_ratio"], "within_target": ratio >= TARGETS["decode_ratio"],
             "runs": {"http": http, "pipeline": direct}}
 
 
@@ -254,7 +268,7 @@ def run(o: Options) -> dict:
     from mra.runtime.llm import default_threads
 
     if o.quick:
-        o.repeats, o.tokens, o.requests, o.clients, o.load_tokens = 2, 32, 8, 4, 8
+        o.repeats, o.tokens, o.requests, o.clients, o.load_tokens = 2, 64, 8, 4, 8
     bundle = o.bundle or build_bundle("tiny", o.work, "F32")
     threads = o.threads or default_threads()[0]
 
@@ -296,7 +310,7 @@ def to_markdown(r: dict) -> str:
         "| measurement | mra-serve (HTTP) | Pipeline | difference | target |", "|---|---|---|---|---|",
         f"| TTFT, cold | {ms(ov['http_ttft_s'])} | {ms(ov['pipeline_ttft_s'])} | {ms(ov['overhead_s'])} | "
         f"<= {ms(ov['target_s'])}: {ok(ov['within_target'])} |",
-        f"| decode tokens/s ({de['tokens']} tokens) | {de['http_tokens_per_s']:.1f} | {de['pipeline_tokens_per_s']:.1f} "
+        f"| decode tokens/s ({de['tokens'][0]} -> {de['tokens'][1]} tokens) | {de['http_tokens_per_s']:.1f} | {de['pipeline_tokens_per_s']:.1f} "
         f"| ratio {de['ratio']:.3f} | >= {de['target_ratio']}: {ok(de['within_target'])} |", "",
         f"Load: {lo['requests']} requests from {lo['clients']} client threads on --parallel {lo['parallel']} "
         f"({lo['max_tokens']} tokens each): {lo['requests_per_s']:.2f} requests/s, "

@@ -180,6 +180,11 @@ class LocalBackend:
                 woken[0] = False  # before draining: an event appended from now on wakes us again
                 while pending:
                     ev = pending.popleft()
+                    if isinstance(ev, Text):  # pieces that piled up while the client was sent the last
+                        parts = [ev.text]     # go out as one chunk: a slow reader never slows the slot
+                        while pending and isinstance(pending[0], Text):
+                            parts.append(pending.popleft().text)
+                        ev = Text("".join(parts))
                     if isinstance(ev, ApiError):
                         raise ev
                     if isinstance(ev, Exception):
