@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import API_KEY, PIPE_KW, ServerThread, data_url, local_app, user_message, wait_ready
+from serve_helpers import API_KEY, PIPE_KW, ServerThread, data_url, local_app, user_message, wait_ready
 
 from mra.serve import ApiError, Done, Headers, LocalBackend, Text, parse_chat_request
 
