@@ -217,8 +217,8 @@ def measure_load(open_pipeline, reference, photos: list[Path], o: Options) -> di
     urls = {p: _data_url(p) for p in photos}
     with _Server(open_pipeline, o.parallel, o.requests) as srv, httpx.Client(timeout=600) as client:
         def one(case):
-            body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[case[0]]}},
-                                                              {"type": "text", "text": case[1]}]}],
+            image = {"type": "image_url", "image_url": {"url": urls[case[0]]}}
+            body = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": case[1]}]}],
                     "max_tokens": o.load_tokens, "temperature": 0}
             t0 = time.perf_counter()
             r = client.post(f"{srv.url}/v1/chat/completions", json=body)
