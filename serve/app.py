@@ -60,7 +60,8 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
     async def health(request: Request) -> Response:
         if backend.ready():
             return JSONResponse({"status": "ok", "model": backend.model_id})
-        raise not_ready()
+        error = getattr(backend, "error", None)  # why loading failed, where the backend knows
+        raise not_ready(f"loading failed: {error}" if error else "the model is still loading")
 
     async def models(request: Request) -> Response:
         check_key(request)

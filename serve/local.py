@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import random
 import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -50,14 +51,16 @@ def conversation(job: ChatJob, template) -> Conversation:
 
 
 def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: threading.Event) -> None:
-    """Generate one job on one Pipeline (in a worker thread), emitting Text pieces then Done."""
+    """Generate one job on one Pipeline (in a worker thread), emitting Text pieces then Done;
+    a request without a seed samples with a random one, as OpenAI does. Any backend that owns a
+    Pipeline (a Ray replica) can run jobs with this."""
     p = job.params
     try:
         conv = conversation(job, pipe.template)
         image = job.image.open() if job.image is not None else None
         max_tokens = p.max_tokens or pipe.llm.n_ctx
         pieces = pipe.answer(conv, image, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p,
-                             seed=p.seed if p.seed is not None else 0, stop=p.stop, stream=True, grammar=p.grammar,
+                             seed=p.seed if p.seed is not None else random.getrandbits(32), stop=p.stop, stream=True, grammar=p.grammar,
                              ignore_eos=p.ignore_eos)
     except MraError as e:  # the request cannot run (too long for the context, bad grammar): the client's to fix
         code = "context_length_exceeded" if "context holds" in str(e) else None
