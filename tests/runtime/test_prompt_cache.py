@@ -157,3 +157,29 @@ def test_size_bound_lru_and_foreign_files(tiny_bundle, photo_paths, tmp_path):
     names = set(entries(cache))
     assert one in names and second not in names and foreign in names
     assert sum(e.stat().st_size for e in names if e != foreign) <= bound
+
+
+def test_mra_run_and_mra_chat_prompt_cache(tiny_bundle, plain, photo_paths, tmp_path, capsys):
+    import io
+
+    from mra.runtime.cli import chat_main, run_main
+
+    cache = tmp_path / "cache"
+    image = photo_paths[0]
+    answer = plain.ask(image, QUESTION, max_tokens=6)
+    args = ["--bundle", str(tiny_bundle), "--image", str(image), "--n-ctx", "2048", "--threads", "1",
+            "--max-tokens", "6", "--prompt-cache", str(cache)]
+    for expected_hits in (0, 1):
+        assert run_main([*args, "--prompt", QUESTION, "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["answer"] == answer and d["timings"]["prompt_cache_hits"] == expected_hits
+    (entry,) = entries(cache)
+    os.utime(entry, (1e9, 1e9))  # a hit marks the entry most recently used: the chat's must
+    stdin = sys.stdin
+    sys.stdin = io.StringIO(QUESTION + "\n")
+    try:
+        assert chat_main(args) == 0
+    finally:
+        sys.stdin = stdin
+    assert capsys.readouterr().out.strip() == answer
+    assert entry.stat().st_mtime > 1e9 + 1 and entries(cache) == [entry]  # mra-chat loaded the saved prefix
