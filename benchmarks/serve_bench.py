@@ -71,6 +71,20 @@ class Options:
         return "quick" if self.quick else (self.bundle.name if self.bundle else "tiny")
 
 
+def tiny_bundle(work: Path) -> Path:
+    """The tiny random checkpoint exported at S=384 (576 image rows, F32 GGUF); reused if present."""
+    from mra.export.bundle import ExportOptions, export
+    from mra.model.tiny import make_checkpoint
+
+    bundle, ckpt = work / "bundle-tiny", work / "ckpt-tiny"
+    if (bundle / "mra.json").is_file():
+        return bundle
+    if not (ckpt / "config.json").is_file():
+        make_checkpoint(ckpt)
+    return export(ExportOptions(out=bundle, model=ckpt, image_size=384, precisions=["fp32"], llm_quants=["F32"],
+                                progress=False, force=True))
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -272,14 +286,13 @@ def run(o: Options) -> dict:
     import httpx
 
     from mra.benchmarks.machine import describe_machine
-    from mra.benchmarks.runtime_decode import build_bundle
     from mra.quantize.photos import photo_paths
     from mra.runtime import Pipeline
     from mra.runtime.llm import default_threads
 
     if o.quick:
         o.repeats, o.tokens, o.requests, o.clients, o.load_tokens = 2, 512, 8, 4, 8
-    bundle = o.bundle or build_bundle("tiny", o.work, "F32")
+    bundle = o.bundle or tiny_bundle(o.work)
     threads = o.threads or default_threads()[0]
 
     def open_pipeline():
