@@ -67,7 +67,7 @@ class PromptCache:
     def __init__(self, folder: str | os.PathLike, identity: dict[str, Any], max_bytes: int = DEFAULT_MAX_BYTES):
         if max_bytes <= 0:
             raise MraError(f"prompt cache | max_bytes={max_bytes}, expected > 0")
-        self.folder = Path(folder)
+        self.folder = Path(folder).expanduser()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
