@@ -151,25 +151,34 @@ class LlmReplica:
 
 def llm_pipeline(bundle: str | Path, fingerprint: BundleFingerprint, llm_quant: str | None = None,
                  n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 kv_type: str = "f16", n_batch: int = 512, flash_attn: bool | None = None, image_cache: int = 16,
-                 **vision_options):
-    """A Pipeline with the bundle's LLM and no vision backend (images arrive as Embeddings)."""
+                 kv_type: str = "f16", flash_attn: bool | None = None, prompt_cache: str | Path | None = None,
+                 prompt_cache_bytes: int | None = None):
+    """A Pipeline with the bundle's LLM and no vision backend: images arrive as Embeddings whose
+    keys name the vision graph that made them (so the KV and prompt caches never mix graphs)."""
     from mra.runtime import Pipeline
-    from mra.runtime.llm import LlamaSession
-    from mra.runtime.pipeline import select_llm
+    from mra.runtime.llm import LlamaSession, use_flash_attn
+    from mra.runtime.manifest import Artifact
+    from mra.runtime.pipeline import prompt_cache_identity, select_llm
+    from mra.runtime.prompt_cache import DEFAULT_MAX_BYTES, PromptCache
 
     bundle = Path(bundle)
     manifest = fingerprint.check_manifest(bundle)
     art = select_llm(manifest, bundle, llm_quant)
     fingerprint.check_artifact(bundle, art)
     llm = LlamaSession(bundle / art.file, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                       kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn)
+                       kv_type=kv_type, flash_attn=flash_attn)
     if llm.n_embd != manifest.embed_dim or manifest.num_image_tokens >= llm.n_ctx:
         llm.close()
         raise MraError(f"{bundle / art.file} | n_embd {llm.n_embd} (projector: {manifest.embed_dim}), n_ctx "
                        f"{llm.n_ctx} (one image: {manifest.num_image_tokens} tokens); re-export the bundle or "
                        "raise --n-ctx")
-    return Pipeline(manifest, bundle, None, None, llm, art, image_cache)
+    cache = None
+    if prompt_cache is not None:
+        remote = Artifact("vision deployment", "vision", "ray", "", 0, "named in each image's key")
+        cache = PromptCache(prompt_cache, prompt_cache_identity(remote, art, kv_type, llm.n_ctx,
+                                                                use_flash_attn(flash_attn, kv_type, n_gpu_layers)),
+                            prompt_cache_bytes or DEFAULT_MAX_BYTES)
+    return Pipeline(manifest, bundle, None, None, llm, art, prompt_cache=cache)
 
 
 class RayBackend:
@@ -194,19 +203,21 @@ class RayBackend:
 
     async def generate(self, job: ChatJob) -> AsyncIterator[Event]:
         self.in_flight += 1
-        stream = None
+        stream, ended = None, False
         try:
             image = await self.vision.embed.remote(job.image) if job.image is not None else None
             light = dataclasses.replace(job, image=ImageInput(b"", job.image.key)) if job.image else job
             stream = self.llm.options(session_id=route_key(job)).generate.remote(light, image)
             async for ev in stream:
                 yield ev
+            ended = True
         except Exception as e:  # not cancellation: that is the client going away
+            ended = True
             raise as_api_error(e) from None
         finally:
             self.in_flight -= 1
-            if stream is not None:
-                stream.cancel()  # a no-op once finished; stops the generation when the client left
+            if stream is not None and not ended:
+                stream.cancel()  # closed early (client gone, timeout): stop the generation
 
 
 def route_key(job: ChatJob) -> str:
@@ -229,7 +240,7 @@ def as_api_error(e: Exception) -> Exception:
     if isinstance(cause, MraError):
         return ApiError(400, str(cause))
     if isinstance(cause, BackPressureError):
-        return queue_full(0)
+        return queue_full(int(cause.args[0]) if cause.args else 0)
     if isinstance(cause, (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError, rex.WorkerCrashedError,
                           rex.NodeDiedError)):
         return ApiError(503, f"replica lost | the replica serving this request stopped ({type(cause).__name__}); "
@@ -260,9 +271,8 @@ def build_ray_app(bundle: str | Path, opts: RayOptions, settings, pipeline: dict
     opts.check()
     bundle = str(Path(bundle).resolve())
     fp = BundleFingerprint.of(bundle)
-    vision_keys = ("vision", "providers", "n_threads")
-    vision_kw = {("threads" if k == "n_threads" else k): v for k, v in pipeline.items() if k in vision_keys}
-    llm_kw = {k: v for k, v in pipeline.items() if k not in ("vision", "providers", "exif_transpose", "verify_hash")}
+    vision_kw = {"vision": pipeline.get("vision", "auto"), "threads": pipeline.get("n_threads")}
+    llm_kw = {k: v for k, v in pipeline.items() if k != "vision"}
     vision = VisionReplica.options(
         num_replicas=opts.vision_replicas, max_ongoing_requests=max(4 * opts.max_batch, 16),
         ray_actor_options={"num_cpus": opts.vision_cpus, "num_gpus": opts.vision_gpus},
