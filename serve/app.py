@@ -196,8 +196,11 @@ class _Run:
                               done.completion_tokens if done else 0)
 
     def _usage(self, done: Done) -> dict:
-        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                "total_tokens": done.prompt_tokens + done.completion_tokens}
+        usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                 "total_tokens": done.prompt_tokens + done.completion_tokens}
+        if "reused" in done.timings:  # positions served from the KV cache (earlier turns, the image prefix)
+            usage["prompt_tokens_details"] = {"cached_tokens": int(done.timings["reused"])}
+        return usage
 
     async def collect(self, request: Request) -> dict:
         """The whole answer; a client that disconnects meanwhile cancels the generation."""
