@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -92,32 +93,39 @@ class VisionReplica:
         self.cache = EmbeddingCache(cache)
         self._infer_batch.set_max_batch_size(max_batch)
         self._infer_batch.set_batch_wait_timeout_s(batch_wait_s)
-        self.batch_sizes: list[int] = []  # every batch run, for the benchmark and the tests
+        self.batches: list[tuple[int, float]] = []  # (images, seconds) of every batch run
 
-    async def embed(self, image: ImageInput) -> tuple[str, np.ndarray]:
-        """(embeddings key, float32 [N, D]) of one image; decoded and preprocessed per request, so a
-        bad image fails alone, then run with whatever other images arrive within the batch wait."""
+    async def embed(self, image: ImageInput) -> tuple[str, np.ndarray, int]:
+        """(embeddings key, float32 [N, D], size of the batch that ran it: 0 from the cache) of one
+        image; decoded and preprocessed per request, so a bad image fails alone, then run with the
+        other images that arrive within the batch wait."""
         key = f"{image.key}/{self.label}"
         rows = self.cache.get(key)
-        if rows is None:
-            from mra.runtime.preprocess import preprocess_image
+        if rows is not None:
+            return key, rows, 0
+        from mra.runtime.preprocess import preprocess_image
 
-            x = await asyncio.to_thread(lambda: preprocess_image(image.open(), self.size))
-            rows = await self._infer_batch(x)
-            self.cache.put(key, rows)
-        return key, rows
+        x = await asyncio.to_thread(lambda: preprocess_image(image.open(), self.size))
+        rows, batch = await self._infer_batch(x)
+        self.cache.put(key, rows)
+        return key, rows, batch
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def _infer_batch(self, xs: list[np.ndarray]) -> list[np.ndarray]:
-        self.batch_sizes.append(len(xs))
+    async def _infer_batch(self, xs: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        t0 = time.perf_counter()
         out = await asyncio.to_thread(self.runner.infer, np.stack(xs))
+        self.batches.append((len(xs), time.perf_counter() - t0))
         if out.shape != (len(xs), self.n, self.d):
             raise MraError(f"vision {self.choice.artifact.file} | output shape {tuple(out.shape)}, expected "
                            f"{(len(xs), self.n, self.d)}; re-export the bundle")
-        return [np.ascontiguousarray(o, dtype=np.float32) for o in out]
+        return [(np.ascontiguousarray(o, dtype=np.float32), len(xs)) for o in out]
 
     def stats(self) -> dict:
-        return {"replica": replica_name(), "batch_sizes": list(self.batch_sizes), "vision": self.choice.label}
+        """Every batch this replica ran, (images, seconds): what the benchmark reads."""
+        return {"replica": replica_name(), "vision": self.choice.label, "batches": list(self.batches)}
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
 
 
 @serve.deployment(name="llm")
@@ -205,9 +213,13 @@ class RayBackend:
         self.in_flight += 1
         stream, ended = None, False
         try:
-            image = await self.vision.embed.remote(job.image) if job.image is not None else None
-            light = dataclasses.replace(job, image=ImageInput(b"", job.image.key)) if job.image else job
-            stream = self.llm.options(session_id=route_key(job)).generate.remote(light, image)
+            image = None
+            if job.image is not None:
+                key, rows, batch = await self.vision.embed.remote(job.image)
+                image = (key, rows)
+                yield Headers({"x-mra-vision-batch": str(batch)})
+                job = dataclasses.replace(job, image=ImageInput(b"", job.image.key))  # the LLM needs no pixels
+            stream = self.llm.options(session_id=route_key(job)).generate.remote(job, image)
             async for ev in stream:
                 yield ev
             ended = True
@@ -293,8 +305,9 @@ class RayServer:
     """Ray started (or joined) and the app deployed; :meth:`close` takes down what it started:
     a local instance entirely (no Ray process is left), on a cluster only this app."""
 
-    def __init__(self, opts: RayOptions, host: str = "127.0.0.1", port: int = 8080):
+    def __init__(self, opts: RayOptions, host: str = "127.0.0.1", port: int = 8080, after_init=None):
         self.opts, self.host, self.port = opts, host, port
+        self.after_init = after_init  # called once Ray is up (Ray's core installs its own signal handlers)
         self.started_ray = False
 
     def start(self, app) -> None:
@@ -311,6 +324,8 @@ class RayServer:
             self.started_ray = True
         else:
             ray.init(address=self.opts.address)
+        if self.after_init is not None:
+            self.after_init()
         try:
             serve.start(http_options={"host": self.host, "port": self.port})
             serve.run(app, name=APP_NAME, route_prefix="/")

@@ -60,9 +60,13 @@ def serve_ray(a: argparse.Namespace, settings) -> int:
     app = build_ray_app(a.bundle, opts, settings, pipeline, queue=a.queue,
                         model_id=a.model_name or a.bundle.resolve().name)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a signal during start-up stops right after it
-        signal.signal(sig, lambda *_: stop.set())
-    server = RayServer(opts, a.host, a.port)
+
+    def on_signals() -> None:  # a signal during start-up stops right after it
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    on_signals()
+    server = RayServer(opts, a.host, a.port, after_init=on_signals)  # again: ray.init replaces SIGTERM's
     try:
         server.start(app)
         log.warning("mra-serve: serving on http://%s:%d with Ray Serve (%s LLM replica(s), %d vision); Ctrl-C stops",
