@@ -64,4 +64,4 @@ class BundleFingerprint:
         try:
             return verify_artifact(bundle, a, check_hash=True)
         except MraError as e:
-            raise MraError(f"{where}: {e}; {FIX}") from None
+            raise MraError(f"{where}: {e}, or {FIX}") from None

@@ -141,7 +141,7 @@ class LlmReplica:
         await self.local.start()
         while not self.local.ready():  # Ray counts the replica healthy when __init__ returns
             if self.local.error:
-                raise MraError(f"llm replica on {self.name} | {self.local.error}")
+                raise MraError(self.local.error)  # names the node and the file
             await asyncio.sleep(0.02)
 
     async def generate(self, job: ChatJob, image: tuple[str, np.ndarray] | None) -> AsyncIterator[Event]:
@@ -285,15 +285,16 @@ def build_ray_app(bundle: str | Path, opts: RayOptions, settings, pipeline: dict
     fp = BundleFingerprint.of(bundle)
     vision_kw = {"vision": pipeline.get("vision", "auto"), "threads": pipeline.get("n_threads")}
     llm_kw = {k: v for k, v in pipeline.items() if k != "vision"}
+    once = {"max_constructor_retry_count": 3}  # a node without the bundle does not get better by retrying
     vision = VisionReplica.options(
-        num_replicas=opts.vision_replicas, max_ongoing_requests=max(4 * opts.max_batch, 16),
+        **once, num_replicas=opts.vision_replicas, max_ongoing_requests=max(4 * opts.max_batch, 16),
         ray_actor_options={"num_cpus": opts.vision_cpus, "num_gpus": opts.vision_gpus},
     ).bind(bundle, fp, max_batch=opts.max_batch, batch_wait_s=opts.batch_wait_ms / 1e3, **vision_kw)
     scale = ({"autoscaling_config": AutoscalingConfig(min_replicas=opts.autoscale[0], max_replicas=opts.autoscale[1],
                                                       target_ongoing_requests=1)}
              if opts.autoscale else {"num_replicas": opts.replicas})
     llm = LlmReplica.options(
-        max_ongoing_requests=1, max_queued_requests=queue,  # one sequence per context; the router queues
+        **once, max_ongoing_requests=1, max_queued_requests=queue,  # one sequence per context; the router queues
         request_router_config=RequestRouterConfig(request_router_class=KEY_ROUTER,
                                                   request_router_kwargs={"num_fallback_replicas": 2}),
         ray_actor_options={"num_cpus": opts.llm_cpus, "num_gpus": opts.llm_gpus}, **scale,
@@ -330,8 +331,9 @@ class RayServer:
             serve.start(http_options={"host": self.host, "port": self.port})
             serve.run(app, name=APP_NAME, route_prefix="/")
         except Exception as e:
+            why = replica_error(e)
             self.close()
-            raise MraError(f"mra-serve --ray | the deployment failed: {replica_error(e)}") from None
+            raise MraError(f"mra-serve --ray | the deployment failed: {why}") from None
 
     def close(self) -> None:
         import ray
@@ -354,7 +356,14 @@ class RayServer:
 
 
 def replica_error(e: Exception) -> str:
-    """The replica's own MraError line out of Serve's deployment-failed report, else its last line."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    """The failing replica's own MraError line (from Serve's status, which keeps the replica's
+    traceback), else the last line of Serve's report."""
+    reports = [str(e)]
+    try:
+        for d in serve.status().applications[APP_NAME].deployments.values():
+            reports.append(d.message or "")
+    except Exception:  # noqa: BLE001 (the status is a best-effort detail of an error being reported)
+        pass
+    lines = [ln.strip() for r in reports for ln in r.splitlines() if ln.strip()]
     ours = [ln.split("MraError: ", 1)[1] for ln in lines if "MraError: " in ln]
-    return ours[-1] if ours else (lines[-1] if lines else type(e).__name__)
+    return ours[-1] if ours else (lines[0] if lines else type(e).__name__)
