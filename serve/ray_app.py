@@ -91,8 +91,7 @@ class VisionReplica:
         # Names the embeddings' origin in their key: the LLM's KV and prompt caches never mix graphs.
         self.label = f"{self.choice.artifact.file}:{self.choice.artifact.sha256[:16]}"
         self.cache = EmbeddingCache(cache)
-        self._infer_batch.set_max_batch_size(max_batch)
-        self._infer_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.set_batching(max_batch, batch_wait_s)
         self.batches: list[tuple[int, float]] = []  # (images, seconds) of every batch run
 
     async def embed(self, image: ImageInput) -> tuple[str, np.ndarray, int]:
@@ -126,6 +125,10 @@ class VisionReplica:
 
     def clear_cache(self) -> None:
         self.cache.clear()
+
+    def set_batching(self, max_batch: int, wait_s: float) -> None:
+        self._infer_batch.set_max_batch_size(max_batch)
+        self._infer_batch.set_batch_wait_timeout_s(wait_s)
 
 
 @serve.deployment(name="llm")
@@ -315,9 +318,8 @@ class RayServer:
         import ray
 
         if self.opts.address is None:
-            # A private instance: every Ray port on the loopback (Ray binds the node's IP unless told
-            # it is not part of a cluster), enough logical CPUs for the replicas asked for.
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            # A private instance (on 127.0.0.1 when started through mra-serve, see ray_cli), with
+            # enough logical CPUs for the replicas asked for.
             lo, hi = self.opts.autoscale or (self.opts.replicas, self.opts.replicas)
             need = hi * self.opts.llm_cpus + self.opts.vision_replicas * self.opts.vision_cpus
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))),

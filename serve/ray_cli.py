@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 
@@ -48,6 +49,8 @@ def ray_options(a: argparse.Namespace):
 
 def serve_ray(a: argparse.Namespace, settings) -> int:
     """Deploy, serve until Ctrl-C or SIGTERM, then shut down; errors are MraError."""
+    if a.address is None:  # a private instance: Ray binds its ports to 127.0.0.1 when not meant for a cluster
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported
     try:
         from .ray_app import RayServer, build_ray_app
     except ImportError as e:
