@@ -3,16 +3,23 @@ grammar sampler.
 
 The conversion is llama-cpp-python's own (``llama_cpp.llama_grammar``, a port of llama.cpp's
 ``json_schema_to_grammar``), so the grammar dialect always matches the sampler that parses it;
-this module only adds the error messages. Strings, arrays and objects without bounds can grow
+this module only adds the error messages. Its converter does not enforce numeric bounds
+(``minimum``, ``maximum``, ...): a schema that has them is converted with a warning. Strings, arrays and objects without bounds can grow
 until ``max_tokens``: a schema with ``enum``, ``maxLength`` or ``maxItems`` bounds the answer.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from .errors import MraError
+
+log = logging.getLogger("mra.runtime.grammar")
+
+# Keywords llama-cpp-python's converter (0.3.x) ignores: the grammar does not enforce them.
+UNENFORCED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 
 
 def _grammar_module():
@@ -41,6 +48,10 @@ def schema_to_gbnf(schema: dict[str, Any] | str) -> str:
             raise MraError(f"json_schema | not valid JSON ({e}); expected a JSON schema object") from None
     else:
         raise MraError(f"json_schema | got {type(schema).__name__}, expected a dict or JSON text")
+    ignored = sorted(unenforced_keywords(json.loads(text)))
+    if ignored:
+        log.warning("json_schema | %s not enforced by llama.cpp's schema converter: check those values in the "
+                    "answer", ", ".join(ignored))
     try:
         return _grammar_module().json_schema_to_gbnf(text)
     except MraError:
@@ -48,6 +59,19 @@ def schema_to_gbnf(schema: dict[str, Any] | str) -> str:
     except Exception as e:  # the converter raises plain exceptions for schemas it does not support
         raise MraError(f"json_schema | cannot be turned into a grammar: {type(e).__name__}: {e}; "
                        "simplify the schema (llama.cpp supports most of JSON schema draft 2020-12)") from None
+
+
+def unenforced_keywords(schema: Any) -> set[str]:
+    """The keywords of ``UNENFORCED`` used anywhere in ``schema``."""
+    if isinstance(schema, dict):
+        found = {k for k in schema if k in UNENFORCED}
+        for k, v in schema.items():
+            if k not in ("enum", "const"):  # values, not schemas
+                found |= unenforced_keywords(v)
+        return found
+    if isinstance(schema, list):
+        return set().union(*map(unenforced_keywords, schema)) if schema else set()
+    return set()
 
 
 def grammar_for(json_schema: dict[str, Any] | str | None = None, grammar: str | None = None) -> str | None:

@@ -282,15 +282,15 @@ class Pipeline:
     # --- issue 12: a whole conversation, as the server receives it ---------------------------
     def answer(self, conversation: Conversation, image: ImageLike | None = None, max_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-               stream: bool = False, json_schema: dict | str | None = None,
-               grammar: str | None = None) -> str | Iterator[str]:
+               stream: bool = False, json_schema: dict | str | None = None, grammar: str | None = None,
+               ignore_eos: bool = False) -> str | Iterator[str]:
         """Answer the open assistant turn of ``conversation`` (built by the caller, e.g. from an
         OpenAI message list); ``image`` belongs to the turn marked ``image``. A conversation
         that extends the previous call's re-uses the KV cache."""
         if conversation.n_images != (image is not None):
             raise MraError(f"conversation | {conversation.n_images} image turns but "
                            f"{int(image is not None)} image; mark the user turn the image goes with")
-        params = GenerationParams(max_tokens, temperature, top_p, seed, tuple(stop), False,
+        params = GenerationParams(max_tokens, temperature, top_p, seed, tuple(stop), ignore_eos,
                                   grammar_for(json_schema, grammar))
         pieces = self._answer(conversation, [image] if image is not None else [], params)
         return pieces if stream else "".join(pieces)

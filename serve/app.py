@@ -78,7 +78,8 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
             job = await asyncio.to_thread(parse_chat_request, body, settings.images)
             if not backend.ready():
                 raise not_ready()
-            run = _Run(job, backend.generate(job), start + settings.request_timeout_s, start, metrics)
+            run = _Run(job, backend.generate(job), start + settings.request_timeout_s, start, metrics,
+                       job.model or backend.model_id)
             headers = await run.begin()
         except ApiError as e:
             metrics.finished(e.status, time.perf_counter() - start)
@@ -138,8 +139,10 @@ def _too_large(n: int, limit: int) -> ApiError:
 class _Run:
     """One request's event stream, turned into an OpenAI response (whole, or as SSE chunks)."""
 
-    def __init__(self, job: ChatJob, events: AsyncIterator[Event], deadline: float, start: float, metrics: Metrics):
+    def __init__(self, job: ChatJob, events: AsyncIterator[Event], deadline: float, start: float, metrics: Metrics,
+                 model: str):
         self.job, self.events, self.deadline, self.start, self.metrics = job, events, deadline, start, metrics
+        self.model = model  # echoed in every response, as OpenAI does
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.first: Event | None = None
@@ -152,8 +155,12 @@ class _Run:
             raise ApiError(504, "timeout | the request took longer than the server's --timeout; ask for fewer "
                            "max_tokens or raise --timeout", "server_error", "timeout")
         try:
-            ev = await asyncio.wait_for(self.events.__anext__(), remaining)
-        except asyncio.TimeoutError:
+            if hasattr(asyncio, "timeout_at"):  # Python 3.11+: a timer handle, not a task per event
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + remaining):
+                    ev = await self.events.__anext__()
+            else:
+                ev = await asyncio.wait_for(self.events.__anext__(), remaining)
+        except (asyncio.TimeoutError, TimeoutError):
             raise ApiError(504, "timeout | the request took longer than the server's --timeout; ask for fewer "
                            "max_tokens or raise --timeout", "server_error", "timeout") from None
         except StopAsyncIteration:
@@ -236,10 +243,6 @@ class _Run:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": done.finish_reason}],
                 "usage": self._usage(done)}
-
-    @property
-    def model(self) -> str:
-        return self.job.model or "mra"
 
     def _chunk(self, delta: dict, finish: str | None = None, **extra) -> bytes:
         c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,

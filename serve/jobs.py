@@ -40,12 +40,19 @@ class ImageInput:
     key: str
 
     def open(self):
-        """A decoded PIL image (RGB conversion is the preprocessing's business)."""
-        from PIL import Image
+        """The decoded PIL image (RGB conversion is the preprocessing's business); decoded once,
+        when the request is checked, and kept for the backend in this process."""
+        im = self.__dict__.get("_decoded")
+        if im is None:
+            from PIL import Image
 
-        im = Image.open(io.BytesIO(self.data))
-        im.load()
+            im = Image.open(io.BytesIO(self.data))
+            im.load()
+            object.__setattr__(self, "_decoded", im)
         return im
+
+    def __getstate__(self) -> dict:  # another process (a Ray replica) gets the bytes, not the pixels
+        return {"data": self.data, "key": self.key}
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF (response_format json_object / json_schema, converted)
+    ignore_eos: bool = False  # llama.cpp server's extension: generate exactly max_tokens (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -260,7 +268,11 @@ def _sampling(body: dict) -> SamplingParams:
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
         raise bad(f"stop | got {stop!r}, expected a non-empty string or a list of at most {MAX_STOP}", "stop")
-    return SamplingParams(max_tokens, temperature, top_p, seed, stops, _grammar(body.get("response_format")))
+    ignore_eos = _flag(body, "ignore_eos")
+    if ignore_eos and max_tokens is None:
+        raise bad("ignore_eos | needs max_tokens (it generates exactly that many tokens)", "ignore_eos")
+    return SamplingParams(max_tokens, temperature, top_p, seed, stops, _grammar(body.get("response_format")),
+                          ignore_eos)
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:

@@ -12,6 +12,7 @@ image last, so a follow-up turn finds its prefix in that slot's KV cache.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -57,7 +58,8 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
         image = job.meta.get("image_embeddings") or (job.image.open() if job.image is not None else None)
         max_tokens = p.max_tokens or pipe.llm.n_ctx
         pieces = pipe.answer(conv, image, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p,
-                             seed=p.seed if p.seed is not None else 0, stop=p.stop, stream=True, grammar=p.grammar)
+                             seed=p.seed if p.seed is not None else 0, stop=p.stop, stream=True, grammar=p.grammar,
+                             ignore_eos=p.ignore_eos)
     except MraError as e:  # the request cannot run (too long for the context, bad grammar): the client's to fix
         code = "context_length_exceeded" if "context holds" in str(e) else None
         raise ApiError(400, str(e), code=code) from None
@@ -70,7 +72,7 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
         pieces.close()
     t = pipe.timings
     tokens = pipe.last_tokens
-    ended = bool(tokens) and pipe.llm.is_eog(tokens[-1])
+    ended = bool(tokens) and pipe.llm.is_eog(tokens[-1]) and not p.ignore_eos
     length = not ended and (t.generated >= max_tokens or pipe.llm.full)
     emit(Done("length" if length else "stop", t.prompt_positions, t.generated, t.as_dict()))
 
@@ -149,11 +151,16 @@ class LocalBackend:
     async def generate(self, job: ChatJob) -> AsyncIterator[Event]:
         slot = await self._acquire(job)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        pending: collections.deque = collections.deque()  # filled by the worker, drained here
+        ready = asyncio.Event()
+        woken = [False]  # a wake-up is on its way: fast tokens do not cost one loop wake-up each
         cancelled = threading.Event()
 
         def emit(ev: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+            pending.append(ev)
+            if not woken[0]:
+                woken[0] = True
+                loop.call_soon_threadsafe(ready.set)
 
         def work() -> None:
             try:
@@ -169,14 +176,23 @@ class LocalBackend:
         try:
             yield Headers({"x-mra-slot": str(slot.index)})
             while True:
-                ev = await events.get()
-                if isinstance(ev, ApiError):
-                    raise ev
-                if isinstance(ev, Exception):
-                    log.error("mra-serve: slot %d failed: %s", slot.index, ev, exc_info=ev)
-                    raise ApiError(500, f"generation | {type(ev).__name__}: {ev}", "server_error")
-                yield ev
-                if isinstance(ev, Done):
-                    return
+                await ready.wait()
+                ready.clear()
+                woken[0] = False  # before draining: an event appended from now on wakes us again
+                while pending:
+                    ev = pending.popleft()
+                    if isinstance(ev, Text):  # pieces that piled up while the client was sent the last
+                        parts = [ev.text]     # go out as one chunk: a slow reader never slows the slot
+                        while pending and isinstance(pending[0], Text):
+                            parts.append(pending.popleft().text)
+                        ev = Text("".join(parts))
+                    if isinstance(ev, ApiError):
+                        raise ev
+                    if isinstance(ev, Exception):
+                        log.error("mra-serve: slot %d failed: %s", slot.index, ev, exc_info=ev)
+                        raise ApiError(500, f"generation | {type(ev).__name__}: {ev}", "server_error")
+                    yield ev
+                    if isinstance(ev, Done):
+                        return
         finally:
             cancelled.set()

@@ -19,10 +19,16 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "openai_client.py"
 
 
 @pytest.fixture(scope="module")
-def served(tiny_bundle):
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("prompt-cache")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle, cache_dir):
     port = free_port()
     proc = subprocess.Popen([str(BIN / "mra-serve"), "--bundle", str(tiny_bundle), "--port", str(port),
-                             "--api-key", "k3y", "--threads", "1", "--n-ctx", "2048"],
+                             "--api-key", "k3y", "--threads", "1", "--n-ctx", "2048", "--prompt-cache",
+                             str(cache_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -41,7 +47,7 @@ def served(tiny_bundle):
         proc.wait(30)
 
 
-def test_example_client(served, reference, photo_paths):
+def test_example_client(served, reference, photo_paths, cache_dir):
     import runpy
 
     schema = runpy.run_path(str(EXAMPLE), run_name="example")["SCHEMA"]
@@ -53,6 +59,7 @@ def test_example_client(served, reference, photo_paths):
     assert streamed == reference.ask(photo, "What is in this picture?", max_tokens=64)
     jsonschema.validate(json.loads(structured), schema)
     assert "prompt tokens (image rows included)" in r.stderr
+    assert len(list(cache_dir.glob("*.mrakv"))) == 1  # --prompt-cache: the image prefix was saved
     bad = subprocess.run([sys.executable, str(EXAMPLE), "--image", str(photo), "--base-url", f"{served}/v1",
                           "--api-key", "wrong"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "401" in bad.stderr

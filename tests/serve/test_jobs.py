@@ -80,6 +80,7 @@ def test_response_format_becomes_a_grammar():
 
 
 @pytest.mark.parametrize("extra", [{"temperature": -1}, {"top_p": 0}, {"max_tokens": "8"}, {"seed": 1.5},
-                                   {"n": 2}, {"stream": "yes"}, {"tools": [{"type": "function"}]}])
+                                   {"n": 2}, {"stream": "yes"}, {"tools": [{"type": "function"}]},
+                                   {"ignore_eos": True}])
 def test_bad_parameters(extra):
     assert status({"messages": [{"role": "user", "content": "hi"}], **extra})[0] == 400
