@@ -89,10 +89,10 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_server(tiny_bundle, tmp_path_factory):
-    """Two LLM replicas, one vision replica batching up to 4 images within 200 ms."""
+    """Two LLM replicas sharing a prompt cache, one vision replica batching up to 4 images within 200 ms."""
     server = RayServerProcess(["--bundle", str(tiny_bundle), "--ray", "--replicas", "2", "--max-batch", "4",
                                "--batch-wait-ms", "200", "--queue", "64", "--n-ctx", str(N_CTX), "--threads", "1",
-                               "--model-name", "tiny"])
+                               "--model-name", "tiny", "--prompt-cache", str(tmp_path_factory.mktemp("kv"))])
     server.start(tmp_path_factory.mktemp("ray-log") / "mra-serve.log")
     try:
         yield server

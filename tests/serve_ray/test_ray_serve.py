@@ -78,6 +78,11 @@ def test_text_only_and_follow_up_turn(client, reference, photo):
     assert batch2 == "0"  # the image's embeddings came from the vision replica's cache
 
 
+def test_llm_replicas_share_the_prompt_cache(ray_server):
+    folder = Path(ray_server.args[ray_server.args.index("--prompt-cache") + 1])
+    assert list(folder.glob("*.mrakv"))  # the image prefixes above were saved (and answers still equal)
+
+
 def test_16_concurrent_requests_use_both_replicas_and_batch_images(client, reference, photo_paths):
     jobs = [(photo_paths[i % 8], f"Question {i}: what is it?") for i in range(16)]
     expected = [reference.ask(p, q, max_tokens=N_TOKENS) for p, q in jobs]
