@@ -156,6 +156,11 @@ class LlmReplica:
         async for ev in self.local.generate(job):
             yield ev
 
+    def check_health(self) -> None:
+        """Ray Serve's periodic probe: an unhealthy replica is replaced."""
+        if not self.local.ready():
+            raise MraError(f"llm replica {self.name} | its llama.cpp context is gone: {self.local.error}")
+
     async def __del__(self) -> None:  # Ray Serve calls it when the replica is stopped gracefully
         await self.local.stop()
 
