@@ -287,9 +287,10 @@ class Pipeline:
         """Answer the open assistant turn of ``conversation`` (built by the caller, e.g. from an
         OpenAI message list); ``image`` belongs to the turn marked ``image``. A conversation
         that extends the previous call's re-uses the KV cache."""
-        if conversation.n_images != (image is not None):
-            raise MraError(f"conversation | {conversation.n_images} image turns but "
-                           f"{int(image is not None)} image; mark the user turn the image goes with")
+        n_images = 0 if image is None else 1
+        if conversation.n_images != n_images:
+            raise MraError(f"conversation | {conversation.n_images} image turns but {n_images} image; mark the "
+                           "user turn the image goes with")
         params = GenerationParams(max_tokens, temperature, top_p, seed, tuple(stop), ignore_eos,
                                   grammar_for(json_schema, grammar))
         pieces = self._answer(conversation, [image] if image is not None else [], params)

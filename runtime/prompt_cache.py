@@ -17,6 +17,7 @@ least recently used first out; only files this module wrote (its magic) are ever
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -131,7 +132,8 @@ class PromptCache:
             elif not llm.load_state(payload, prefix_keys):
                 why = "llama.cpp refused the state"
             else:
-                os.utime(path)  # most recently used
+                with contextlib.suppress(OSError):  # evicted meanwhile by another Pipeline: still loaded
+                    os.utime(path)  # most recently used
                 return True
         log.warning("prompt cache %s | ignored: %s; evaluating the prompt (the entry will be rewritten)", path, why)
         return False
@@ -174,13 +176,15 @@ class PromptCache:
     def evict(self, keep: Path | None = None) -> None:
         """Delete least recently used entries until the folder's entries fit ``max_bytes``."""
         with self._lock:
-            entries = self.entries()
-            sizes = {p: p.stat().st_size for p in entries if p.exists()}
+            sizes = {}
+            for p in self.entries():
+                with contextlib.suppress(OSError):  # another Pipeline on this folder may evict too
+                    sizes[p] = p.stat().st_size
             total = sum(sizes.values())
-            for p in entries:
+            for p in list(sizes):
                 if total <= self.max_bytes:
                     break
-                if p == keep or p not in sizes:
+                if p == keep:
                     continue
                 p.unlink(missing_ok=True)
                 total -= sizes[p]

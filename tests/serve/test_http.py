@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import API_KEY, PIPE_KW, ServerThread, data_url, local_app, user_message, wait_ready
+from serve_helpers import API_KEY, PIPE_KW, ServerThread, data_url, local_app, user_message, wait_ready
 
 from mra.serve import ApiError, Done, Headers, LocalBackend, Text, parse_chat_request
 
@@ -118,6 +118,20 @@ def test_a_client_that_goes_away_stops_its_generation(server, photo):
     assert backend.gauges()["busy_slots"] == 0
     assert 0 < slot.pipe.timings.generated < n  # stopped early, and the slot is free for the next request
     assert post(url, {**body, "max_tokens": 4}).status_code == 200
+
+
+def test_timeout_is_504_and_frees_the_slot(tiny_bundle, photo):
+    name, question, n = LONG
+    app, backend = local_app(tiny_bundle, parallel=1, api_key=None, request_timeout_s=0.15)
+    with ServerThread(app) as s:
+        wait_ready(s.url)
+        body = {"messages": [image_message(data_url(photo(name)), question)], "max_tokens": n, "temperature": 0}
+        assert error_of(post(s.url, body, headers={}), 504)["code"] == "timeout"
+        deadline = time.monotonic() + 30
+        while backend.gauges()["busy_slots"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.gauges()["busy_slots"] == 0 and backend.slots[0].pipe.timings.generated < n
+        assert post(s.url, {"messages": [user_message("Hi")], "max_tokens": 1}, headers={}).status_code == 200
 
 
 def test_queue_full_is_429_with_retry_after(tiny_bundle, photo):

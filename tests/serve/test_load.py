@@ -8,7 +8,7 @@ import collections
 import concurrent.futures
 import itertools
 
-from conftest import user_message
+from serve_helpers import user_message
 
 QUESTIONS = ["What is in the image?", "Describe it.", "What colour is it?", "Is it indoors?"]
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]

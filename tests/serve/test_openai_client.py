@@ -10,7 +10,7 @@ import json
 import jsonschema
 import openai
 import pytest
-from conftest import user_message
+from serve_helpers import user_message
 
 from mra.runtime.prompt import Conversation
 
