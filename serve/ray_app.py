@@ -15,6 +15,7 @@ Ray; the requests it held get a 503 with ``Retry-After`` (never a truncated answ
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import json
@@ -92,7 +93,7 @@ class VisionReplica:
         self.label = f"{self.choice.artifact.file}:{self.choice.artifact.sha256[:16]}"
         self.cache = EmbeddingCache(cache)
         self.set_batching(max_batch, batch_wait_s)
-        self.batches: list[tuple[int, float]] = []  # (images, seconds) of every batch run
+        self.batches: collections.deque[tuple[int, float]] = collections.deque(maxlen=10_000)  # (images, s)
 
     async def embed(self, image: ImageInput) -> tuple[str, np.ndarray, int]:
         """(embeddings key, float32 [N, D], size of the batch that ran it: 0 from the cache) of one

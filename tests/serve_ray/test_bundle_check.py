@@ -11,7 +11,7 @@ import sys
 
 import psutil
 import pytest
-from conftest import free_port
+from ray_helpers import free_port
 
 from mra.runtime.errors import MraError
 from mra.runtime.manifest import Manifest
@@ -80,6 +80,7 @@ def test_an_engine_must_come_from_the_drivers_onnx(tiny_bundle, tmp_path):
 
 @pytest.mark.ray
 def test_mra_serve_ray_refuses_a_corrupt_gguf_naming_it(tiny_bundle, tmp_path):
+    pytest.importorskip("ray.serve")
     node = copy(tiny_bundle, tmp_path)
     corrupt(node / "llm.F32.gguf")
     before = {p.pid for p in psutil.process_iter()}

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.ray
 
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytest.importorskip("ray.serve")
+
 
 @pytest.mark.parametrize("args,message", [
     (["--autoscale", "3,1"], "ray options | replicas 3..1"),

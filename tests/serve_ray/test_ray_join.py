@@ -12,8 +12,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import RayServerProcess, free_port
+from ray_helpers import RayServerProcess, free_port
 
+pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.ray
 
 

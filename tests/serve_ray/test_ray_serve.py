@@ -22,6 +22,7 @@ from pathlib import Path
 import openai
 import pytest
 
+pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.ray
 
 CASES = [("astronaut.png", "What is in the image?"), ("coffee.png", "What colour is the cup?")]
