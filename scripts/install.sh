@@ -4,6 +4,7 @@
 # llama-cpp-python compiles llama.cpp from source (about 4 minutes on 2 cores the first
 # time; pip's wheel cache makes later installs fast). For a CUDA build of llama.cpp:
 #   CMAKE_ARGS="-DGGML_CUDA=on" .venv/bin/pip install --force-reinstall --no-cache-dir llama-cpp-python
+# The `ray` extra (Ray Serve, about 500 MB) is what `mra-serve --ray` and its tests need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
