@@ -16,8 +16,9 @@ Four measurements on one bundle (the server runs in this process on 127.0.0.1, r
   against a cold process (empty cache folder). Target: cached <= 10 % of cold.
 
   python -m mra.benchmarks.serve_bench --quick                 tiny bundle, few runs: a smoke test
-  python -m mra.benchmarks.serve_bench --bundle B --llm-quant Q4_K_M   a real bundle (or mra-bench's
-                                                                       7B-shape bench bundle)
+  python -m mra.benchmarks.serve_bench --bundle B --llm-quant Q4_K_M   a real bundle
+  python -m mra.benchmarks.serve_bench --bundle WORK/bundle --only prompt_cache --repeats 3
+                                       mra-bench's 7B-shape bench bundle (7B vision, 2-layer 7B LLM slice)
 
 Writes serve_bench-MODE.json and .md into --out (default benchmarks/results).
 """
@@ -45,6 +46,7 @@ log = logging.getLogger("mra.benchmarks")
 
 QUESTIONS = ["What is in the image?", "Describe it.", "What colour is it?", "Is it indoors?"]
 TARGETS = {"ttft_overhead_s": 0.020, "decode_ratio": 0.97, "cached_ttft_ratio": 0.10}
+SECTIONS = ("overhead", "decode", "load", "prompt_cache")
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Options:
     parallel: int = 2
     load_tokens: int = 16
     quick: bool = False
+    sections: tuple[str, ...] = SECTIONS
 
     @property
     def mode(self) -> str:
@@ -175,7 +178,7 @@ def measure_decode(pipe, client, url: str, image: Path, tokens: int, repeats: in
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}},
                                                       {"type": "text", "text": QUESTIONS[1]}]}],
             "temperature": 0, "ignore_eos": True}
-    short = max(2, tokens // 8)
+    short = max(2, tokens // 16)
 
     def via_http(n: int) -> float:
         r = _stream(client, url, {**body, "max_tokens": n})
@@ -188,15 +191,22 @@ def measure_decode(pipe, client, url: str, image: Path, tokens: int, repeats: in
             pass
         return time.perf_counter() - t0
 
-    http, direct = [], []
+    runs: dict[str, dict[int, list[float]]] = {"http": {short: [], tokens: []}, "pipeline": {short: [], tokens: []}}
     via_http(short), via_pipeline(short)  # warm-up: the image prefix is in both KV caches from here on
     for _ in range(repeats):
-        http.append((tokens - short) / (via_http(tokens) - via_http(short)))
-        direct.append((tokens - short) / (via_pipeline(tokens) - via_pipeline(short)))
-    ratio = _median(http) / _median(direct)
-    return {"http_tokens_per_s": _median(http), "pipeline_tokens_per_s": _median(direct), "ratio": ratio,
-            "tokens": [short, tokens], "target_ratio": TARGETS["decode_ratio"], "within_target": ratio >= TARGETS["decode_ratio"],
-            "runs": {"http": http, "pipeline": direct}}
+        for n in (short, tokens):
+            runs["http"][n].append(via_http(n))
+            runs["pipeline"][n].append(via_pipeline(n))
+
+    def rate(side: str) -> float:  # from the medians; nan when noise swamps the difference
+        dt = _median(runs[side][tokens]) - _median(runs[side][short])
+        return (tokens - short) / dt if dt > 0 else float("nan")
+
+    http, direct = rate("http"), rate("pipeline")
+    ratio = http / direct
+    return {"http_tokens_per_s": http, "pipeline_tokens_per_s": direct, "ratio": ratio,
+            "tokens": [short, tokens], "target_ratio": TARGETS["decode_ratio"],
+            "within_target": ratio >= TARGETS["decode_ratio"], "runs_total_s": runs}
 
 
 def measure_load(open_pipeline, reference, photos: list[Path], o: Options) -> dict:
@@ -207,8 +217,8 @@ def measure_load(open_pipeline, reference, photos: list[Path], o: Options) -> di
     urls = {p: _data_url(p) for p in photos}
     with _Server(open_pipeline, o.parallel, o.requests) as srv, httpx.Client(timeout=600) as client:
         def one(case):
-            body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[case[0]]}},
-                                                              {"type": "text", "text": case[1]}]}],
+            image = {"type": "image_url", "image_url": {"url": urls[case[0]]}}
+            body = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": case[1]}]}],
                     "max_tokens": o.load_tokens, "temperature": 0}
             t0 = time.perf_counter()
             r = client.post(f"{srv.url}/v1/chat/completions", json=body)
@@ -268,7 +278,7 @@ def run(o: Options) -> dict:
     from mra.runtime.llm import default_threads
 
     if o.quick:
-        o.repeats, o.tokens, o.requests, o.clients, o.load_tokens = 2, 64, 8, 4, 8
+        o.repeats, o.tokens, o.requests, o.clients, o.load_tokens = 2, 512, 8, 4, 8
     bundle = o.bundle or build_bundle("tiny", o.work, "F32")
     threads = o.threads or default_threads()[0]
 
@@ -283,16 +293,21 @@ def run(o: Options) -> dict:
          "settings": {"bundle": str(bundle), "n_ctx": o.n_ctx, "threads": threads, "repeats": o.repeats}}
     with open_pipeline() as pipe:
         r["settings"].update(gguf=pipe.llm_artifact.file, vision=pipe.vision.label, image_tokens=pipe.n_image_tokens)
-        with _Server(open_pipeline, 1, 4) as srv, httpx.Client(timeout=600) as client:
-            slot_pipe = srv.backend.slots[0].pipe
-            log.info("overhead")
-            r["overhead"] = measure_overhead(pipe, slot_pipe, client, srv.url, photos[0], o.repeats)
-            log.info("decode")
-            r["decode"] = measure_decode(pipe, client, srv.url, photos[0], o.tokens, o.repeats)
-        log.info("load")
-        r["load"] = measure_load(open_pipeline, pipe, photos, o)
-    log.info("prompt cache")
-    r["prompt_cache"] = measure_prompt_cache(bundle, photos[0], o)
+        if {"overhead", "decode"} & set(o.sections):
+            with _Server(open_pipeline, 1, 4) as srv, httpx.Client(timeout=600) as client:
+                if "overhead" in o.sections:
+                    log.info("overhead")
+                    r["overhead"] = measure_overhead(pipe, srv.backend.slots[0].pipe, client, srv.url, photos[0],
+                                                     o.repeats)
+                if "decode" in o.sections:
+                    log.info("decode")
+                    r["decode"] = measure_decode(pipe, client, srv.url, photos[0], o.tokens, o.repeats)
+        if "load" in o.sections:
+            log.info("load")
+            r["load"] = measure_load(open_pipeline, pipe, photos, o)
+    if "prompt_cache" in o.sections:
+        log.info("prompt cache")
+        r["prompt_cache"] = measure_prompt_cache(bundle, photos[0], o)
     return r
 
 
@@ -300,25 +315,35 @@ def to_markdown(r: dict) -> str:
     ms = lambda x: f"{x * 1e3:.1f} ms"  # noqa: E731
     ok = lambda b: "met" if b else "NOT met"  # noqa: E731
     s, m = r["settings"], r["machine"]
-    ov, de, lo, pc = r["overhead"], r["decode"], r["load"], r["prompt_cache"]
-    return "\n".join([
-        f"# mra-serve vs the Pipeline, and the prompt cache ({r['mode']})", "",
-        f"`{r['command']}`", "",
-        f"- Machine: {m['cpu']}, {m['usable_cores']} usable cores, {s['threads']} threads per context",
-        f"- `{s['gguf']}`, vision {s['vision']} ({s['image_tokens']} image rows), n_ctx {s['n_ctx']}, "
-        f"median of {s['repeats']} runs", "",
-        "| measurement | mra-serve (HTTP) | Pipeline | difference | target |", "|---|---|---|---|---|",
-        f"| TTFT, cold | {ms(ov['http_ttft_s'])} | {ms(ov['pipeline_ttft_s'])} | {ms(ov['overhead_s'])} | "
-        f"<= {ms(ov['target_s'])}: {ok(ov['within_target'])} |",
-        f"| decode tokens/s ({de['tokens'][0]} -> {de['tokens'][1]} tokens) | {de['http_tokens_per_s']:.1f} | {de['pipeline_tokens_per_s']:.1f} "
-        f"| ratio {de['ratio']:.3f} | >= {de['target_ratio']}: {ok(de['within_target'])} |", "",
-        f"Load: {lo['requests']} requests from {lo['clients']} client threads on --parallel {lo['parallel']} "
-        f"({lo['max_tokens']} tokens each): {lo['requests_per_s']:.2f} requests/s, "
-        f"{lo['completion_tokens_per_s']:.1f} completion tokens/s, latency p50 {ms(lo['latency_p50_s'])}, "
-        f"p99 {ms(lo['latency_p99_s'])}; {lo['correct']}/{lo['requests']} answers equal to the Pipeline's.", "",
-        f"Prompt cache, a new process on the same image: TTFT {ms(pc['cached_ttft_s'])} cached vs "
-        f"{ms(pc['cold_ttft_s'])} cold = {pc['ratio']:.1%} (target <= {pc['target_ratio']:.0%}: "
-        f"{ok(pc['within_target'])}); {pc['hits']} hits.", ""])
+    lines = [f"# mra-serve vs the Pipeline, and the prompt cache ({r['mode']})", "", f"`{r['command']}`", "",
+             f"- Machine: {m['cpu']}, {m['usable_cores']} usable cores, {s['threads']} threads per context",
+             f"- `{s['gguf']}`, vision {s['vision']} ({s['image_tokens']} image rows), n_ctx {s['n_ctx']}, "
+             f"median of {s['repeats']} runs", ""]
+    if "overhead" in r or "decode" in r:
+        lines += ["| measurement | mra-serve (HTTP) | Pipeline | difference | target |", "|---|---|---|---|---|"]
+    if "overhead" in r:
+        ov = r["overhead"]
+        lines.append(f"| TTFT, cold | {ms(ov['http_ttft_s'])} | {ms(ov['pipeline_ttft_s'])} | "
+                     f"{ms(ov['overhead_s'])} | <= {ms(ov['target_s'])}: {ok(ov['within_target'])} |")
+    if "decode" in r:
+        de = r["decode"]
+        lines.append(f"| decode tokens/s ({de['tokens'][0]} -> {de['tokens'][1]} tokens) | "
+                     f"{de['http_tokens_per_s']:.1f} | {de['pipeline_tokens_per_s']:.1f} | ratio {de['ratio']:.3f} "
+                     f"| >= {de['target_ratio']}: {ok(de['within_target'])} |")
+    lines.append("")
+    if "load" in r:
+        lo = r["load"]
+        lines += [f"Load: {lo['requests']} requests from {lo['clients']} client threads on --parallel "
+                  f"{lo['parallel']} ({lo['max_tokens']} tokens each): {lo['requests_per_s']:.2f} requests/s, "
+                  f"{lo['completion_tokens_per_s']:.1f} completion tokens/s, latency p50 {ms(lo['latency_p50_s'])}, "
+                  f"p99 {ms(lo['latency_p99_s'])}; {lo['correct']}/{lo['requests']} answers equal to the "
+                  "Pipeline's.", ""]
+    if "prompt_cache" in r:
+        pc = r["prompt_cache"]
+        lines += [f"Prompt cache, a new process on the same image: TTFT {ms(pc['cached_ttft_s'])} cached vs "
+                  f"{ms(pc['cold_ttft_s'])} cold = {pc['ratio']:.1%} (target <= {pc['target_ratio']:.0%}: "
+                  f"{ok(pc['within_target'])}); {pc['hits']} hits.", ""]
+    return "\n".join(lines)
 
 
 def write(r: dict, out: Path) -> tuple[Path, Path]:
@@ -346,6 +371,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=d.clients, help="load test client threads")
     p.add_argument("--parallel", type=int, default=d.parallel, help="load test server slots")
     p.add_argument("--quick", action="store_true", help="tiny bundle, 2 runs, 8 requests: a smoke test")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -355,7 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     o = Options(out=a.out, bundle=a.bundle, work=a.work, llm_quant=a.llm_quant, n_ctx=a.n_ctx, threads=a.threads,
                 repeats=a.repeats, tokens=a.tokens, requests=a.requests, clients=a.clients, parallel=a.parallel,
-                quick=a.quick)
+                quick=a.quick, sections=tuple(a.only.split(",")))
+    unknown = set(o.sections) - set(SECTIONS)
+    if unknown:
+        print(f"serve_bench: error: --only {a.only} | unknown {', '.join(sorted(unknown))}; expected some of "
+              f"{', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
     r = run(o)
     js, md = write(r, o.out)
     print(to_markdown(r))

@@ -4,8 +4,9 @@ grammar sampler.
 The conversion is llama-cpp-python's own (``llama_cpp.llama_grammar``, a port of llama.cpp's
 ``json_schema_to_grammar``), so the grammar dialect always matches the sampler that parses it;
 this module only adds the error messages. Its converter does not enforce numeric bounds
-(``minimum``, ``maximum``, ...): a schema that has them is converted with a warning. Strings, arrays and objects without bounds can grow
-until ``max_tokens``: a schema with ``enum``, ``maxLength`` or ``maxItems`` bounds the answer.
+(``minimum``, ``maximum``, ...): a schema that has them is converted with a warning. Strings,
+arrays and objects without bounds can grow until ``max_tokens``: a schema with ``enum``,
+``maxLength`` or ``maxItems`` bounds the answer.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from mra.runtime.errors import MraError

@@ -19,7 +19,11 @@ def test_quick_run(tmp_path):
     assert len(ov["runs"]["http"]) == len(ov["runs"]["pipeline"]) == r["settings"]["repeats"]
     assert all(x > 0 for x in ov["runs"]["http"] + ov["runs"]["pipeline"])
     assert math.isclose(ov["overhead_s"], ov["http_ttft_s"] - ov["pipeline_ttft_s"])
-    assert de["http_tokens_per_s"] > 0 and de["pipeline_tokens_per_s"] > 0
+    short, long = de["tokens"]
+    for side in ("http", "pipeline"):  # rates come from these whole-answer times (nan if noise swamps them)
+        times = {int(k): v for k, v in de["runs_total_s"][side].items()}
+        assert set(times) == {short, long} and all(len(v) == r["settings"]["repeats"] for v in times.values())
+        assert all(t > 0 for v in times.values() for t in v)
     assert lo["all_correct"] and lo["correct"] == lo["requests"] == 8
     assert lo["latency_p50_s"] <= lo["latency_p99_s"]
     assert pc["hits"] == pc["misses"] == r["settings"]["repeats"]  # each second process hit, each first missed

@@ -21,7 +21,8 @@ def png_bytes(seed: int = 0) -> bytes:
 
 
 def msg(url: str, text: str = "What is it?") -> dict:
-    return {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": url}}]}
 
 
 def status(body, policy=ImagePolicy()) -> tuple[int, str | None]:
