@@ -18,6 +18,7 @@ from mra.runtime.errors import MraError
 from .app import ServerSettings, build_app
 from .jobs import ImagePolicy
 from .local import LocalBackend
+from .ray_cli import add_ray_arguments, serve_ray
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-cache", type=Path, help="folder of saved image-prefix KV states, shared across runs")
     g.add_argument("--prompt-cache-gb", type=_positive(float, "--prompt-cache-gb"), default=8.0,
                    help="size bound of --prompt-cache (default 8 GB, least recently used evicted)")
+    add_ray_arguments(p)  # issue 16: mra-serve --ray
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -72,16 +74,22 @@ def app_from_args(a: argparse.Namespace):
         raise MraError(f"--allow-files {a.allow_files} | not a directory")
     backend = LocalBackend(functools.partial(open_pipeline, a), a.parallel, a.queue,
                            a.model_name or a.bundle.resolve().name)
-    settings = ServerSettings(api_key=a.api_key or None, max_body_bytes=int(a.max_body_mb * (1 << 20)),
-                              request_timeout_s=a.timeout,
-                              images=ImagePolicy(allow_files=a.allow_files, allow_urls=a.allow_urls))
-    return build_app(backend, settings)
+    return build_app(backend, settings_from_args(a))
+
+
+def settings_from_args(a: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(api_key=a.api_key or None, max_body_bytes=int(a.max_body_mb * (1 << 20)),
+                          request_timeout_s=a.timeout,
+                          images=ImagePolicy(allow_files=a.allow_files, allow_urls=a.allow_urls))
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s")
     try:
+        if a.ray:  # issue 16: the same app on Ray Serve
+            app_from_args(a)  # the same checks; the local backend it builds is never started
+            return serve_ray(a, settings_from_args(a))
         import uvicorn
 
         app = app_from_args(a)

@@ -57,7 +57,8 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
     p = job.params
     try:
         conv = conversation(job, pipe.template)
-        image = job.image.open() if job.image is not None else None
+        # issue 16: the Ray backend sends the image already embedded by its vision deployment
+        image = job.meta.get("image_embeddings") or (job.image.open() if job.image is not None else None)
         max_tokens = p.max_tokens or pipe.llm.n_ctx
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         pieces = pipe.answer(conv, image, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed,
