@@ -50,6 +50,9 @@ class ExportOptions:
     calib_images: Path | None = None
     calib_method: str = "minmax"
     calib_count: int = 16
+    # INT8 smoothing strength and float budget (None: mra.quantize.int8_build.Int8Options' defaults)
+    smooth_alpha: float | None = None
+    int8_max_float_fraction: float | None = None
     min_cosine: dict[str, float] = field(default_factory=dict)  # per precision; defaults in quantize
     max_rel_err: float = 1e-4  # FP32 ONNX (and TensorRT FP32)
     llm_quants: list[str] = field(default_factory=lambda: ["Q4_K_M"])

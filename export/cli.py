@@ -5,6 +5,7 @@
   mra-export make-tiny OUT [--preset tiny|7b|x]       (random checkpoints for tests/demos)
   mra-export plan-memory --bundle BUNDLE              (Jetson memory budget)
   mra-export verify --bundle BUNDLE                   (every artifact's size, sha256, GGUF header)
+  mra-export inspect --bundle BUNDLE                  (artifacts and the per-layer INT8 report)
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mra-export", description="Turn a LLaVA-HR checkpoint into a deployable bundle: the vision tower "
         "(ConvNeXt + CLIP ViT + MR-Adapters + projector) as verified ONNX graphs / TensorRT engines, and the "
-        "LLM as GGUF for llama.cpp. Subcommands: make-tiny, plan-memory, verify (see `mra-export make-tiny --help`).",
+        "LLM as GGUF for llama.cpp. Subcommands: make-tiny, plan-memory, verify, inspect (see `mra-export make-tiny --help`).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="LLaVA-HR checkpoint directory (config.json, *.safetensors)")
@@ -125,6 +126,10 @@ def export_parser() -> argparse.ArgumentParser:
                    help="INT8 activation ranges (default minmax; entropy and percentile keep every calibrated "
                    "activation of one image in memory: about 12 GB for the 7B tower at S=1024)")
     p.add_argument("--calib-count", type=_positive_int("--calib-count"), default=16, help="calibration images to use (default 16)")
+    p.add_argument("--smooth-alpha", type=float, help="INT8 SmoothQuant strength, 0 (off) to 1 (default 0.5): moves "
+                   "the range of outlier activation channels into the weights before quantizing")
+    p.add_argument("--int8-max-float-fraction", type=float, help="INT8: the most of the quantizable FLOPs that the "
+                   "sensitivity search may keep in float to reach its accuracy target (default 0.1)")
     p.add_argument("--min-cosine", type=_thresholds, default={},
                    help="validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.999,int8=0.98")
     p.add_argument("--max-rel-err", type=_positive_float("--max-rel-err"), default=1e-4, help="FP32 validation threshold (default 1e-4)")
@@ -159,6 +164,7 @@ def options_from(a: argparse.Namespace):
         out=a.out or a.bundle, model=a.model, target=a.target, image_size=a.image_size,
         precisions=a.precision or (["fp16"] if a.target == "trt" else ["fp32"]),
         calib_images=a.calib_images, calib_method=a.calib_method, calib_count=a.calib_count,
+        smooth_alpha=a.smooth_alpha, int8_max_float_fraction=a.int8_max_float_fraction,
         min_cosine=a.min_cosine, max_rel_err=a.max_rel_err, llm_quants=quants, llm_only=a.llm_only,
         llm_thresholds=_llm_bars(a, quants),
         force=a.force, progress=not a.quiet, trt_batch=a.batch, trt_workspace_mb=a.workspace_mb,
@@ -180,6 +186,8 @@ def make_tiny_main(argv: list[str]) -> None:
     p.add_argument("--parts", type=_csv("--parts", ("vision", "llm")), default=["vision", "llm"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-mb", type=int, help="safetensors shard size (default: one file for tiny, 2000 MB else)")
+    p.add_argument("--outliers", metavar="K,F", help="INT8 stress checkpoint: K channels of every LayerNorm -> "
+                   "Linear pair scaled by F (the float function is unchanged), e.g. 2,40")
     a = p.parse_args(argv)
     if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
         from mra.runtime.errors import MraError
@@ -187,10 +195,11 @@ def make_tiny_main(argv: list[str]) -> None:
         raise MraError(f"{a.out} | exists and is not an empty folder; pass a new folder name")
     from tqdm import tqdm
 
-    from mra.model.tiny import make_checkpoint
+    from mra.model.tiny import Outliers, make_checkpoint
 
+    outliers = Outliers.parse(a.outliers) if a.outliers else None
     with tqdm(desc="writing tensors", unit="tensor", disable=a.preset == "tiny") as bar:
-        make_checkpoint(a.out, a.preset, a.parts, a.seed, a.shard_mb, progress=bar.update)
+        make_checkpoint(a.out, a.preset, a.parts, a.seed, a.shard_mb, progress=bar.update, outliers=outliers)
     print(a.out)
 
 
@@ -206,7 +215,14 @@ def verify_main(argv: list[str]) -> int:
     return main(argv)
 
 
-SUBCOMMANDS = {"make-tiny": make_tiny_main, "plan-memory": plan_memory_main, "verify": verify_main}
+def inspect_main(argv: list[str]) -> None:
+    from mra.export.int8_report import inspect_main as main
+
+    main(argv)
+
+
+SUBCOMMANDS = {"make-tiny": make_tiny_main, "plan-memory": plan_memory_main, "verify": verify_main,
+               "inspect": inspect_main}
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:

@@ -1,6 +1,7 @@
 """torch -> ONNX for the vision tower (ConvNeXt + CLIP ViT + MR-Adapters + projector), and
-the `--target onnx` step of a bundle: vision.onnx, vision.fp16.onnx, vision.int8.onnx, each
-validated against the torch model before it enters the manifest.
+the `--target onnx` step of a bundle: vision.onnx, vision.fp16.onnx and the INT8 graphs
+(vision.int8.onnx, vision.int8-cpu.onnx, vision.int8-fp16.onnx), each validated against the
+torch model before it enters the manifest.
 
 Which exporter. torch 2.13 defaults to the dynamo (torch.export) exporter; this module uses
 the TorchScript one (``dynamo=False``), which 2.13 still ships (with a deprecation warning).
@@ -20,6 +21,7 @@ are no training ops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -31,7 +33,8 @@ from pathlib import Path
 
 from mra.quantize.onnx_io import external_files, is_large, save_onnx
 from mra.runtime.errors import MraError
-from mra.runtime.names import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
+from mra.runtime.names import (INPUT_NAME, INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, ONNX_OPSET,
+                               OUTPUT_NAME)
 
 log = logging.getLogger("mra.export")
 
@@ -163,11 +166,10 @@ def describe_onnx(path: str | os.PathLike) -> dict:
 
 # --- the `--target onnx` step of a bundle ----------------------------------------------------
 
-# The INT8 flavours a bundle carries, both from one calibration: vision.int8.onnx (``trt``:
-# symmetric INT8, what TensorRT builds from and what any onnxruntime runs) and
-# vision.int8-cpu.onnx (``cpu``: 1.19x faster on onnxruntime CPU at the LLaVA-HR-7B size,
-# the only one reaching 2x torch eager there). Measurements: quantize/int8.py's docstring.
-BUNDLE_INT8_FLAVOURS = ("trt", "cpu")
+# The INT8 flavours a bundle carries, all from one calibration (quantize/int8.py): the
+# graph TensorRT 8.6-10 builds from (and any onnxruntime runs), the one onnxruntime's CPU
+# provider runs fastest (1.19x at the LLaVA-HR-7B size), and TensorRT 11's float16 one.
+BUNDLE_INT8_FLAVOURS = (INT8_FLAVOUR_TRT, INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT_FP16)
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 
 
@@ -190,7 +192,9 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
     if unknown:
         raise MraError(f"--precision | got {unknown}, expected some of {', '.join(PRECISION_ORDER)}")
     s = manifest.image_size
-    # Bad calibration folders fail before minutes of tracing, not after.
+    # Bad INT8 options and calibration folders fail before minutes of tracing, not after.
+    if "int8" in opts.precisions:
+        int8_options(opts).check()
     calib = (load_calibration_set(opts.calib_images, opts.calib_count, s, exclude_builtin=VALIDATION_PHOTOS)
              if "int8" in opts.precisions else None)
     tower = load_vision(opts.model, s)
@@ -228,25 +232,35 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
         finish("fp16", path, {"fp16": info}, Threshold(min_cosine=opts.min_cosine.get("fp16", FP16_MIN_COSINE)),
                time.perf_counter() - t0)
     if "int8" in opts.precisions:
-        from mra.quantize.int8 import INT8_MIN_COSINE, quantize_int8
+        from mra.quantize.int8 import INT8_MIN_COSINE
+        from mra.quantize.int8_build import build_int8
 
-        scratch = Path(tempfile.mkdtemp(prefix=".int8-", dir=work))
-        try:
-            for flavour in BUNDLE_INT8_FLAVOURS:
-                path = work / _int8_file(flavour)
-                t0 = time.perf_counter()
-                info = quantize_int8(fp32, path, calib, method=opts.calib_method, flavour=flavour,
-                                     ranges_cache=scratch / "ranges.json", progress=opts.progress)
-                finish("int8", path, {"int8": info},
+        from .int8_report import format_int8_table
+
+        t0 = time.perf_counter()
+        outputs = {flavour: work / _int8_file(flavour) for flavour in BUNDLE_INT8_FLAVOURS}
+        with contextlib.closing(build_int8(fp32, outputs, calib, int8_options(opts), progress=opts.progress)) as graphs:
+            for g in graphs:  # each validated (and possibly failing the export) before the next is built
+                log.debug("%s", format_int8_table(g.path.name, g.info))
+                finish("int8", g.path, {"int8": g.info},
                        Threshold(min_cosine=opts.min_cosine.get("int8", INT8_MIN_COSINE)), time.perf_counter() - t0)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+                t0 = time.perf_counter()
+
+
+def int8_options(opts):
+    """The INT8 part of ExportOptions as the quantizer's options (None: its defaults)."""
+    from mra.quantize.int8_build import Int8Options
+
+    given = {"method": opts.calib_method, "smooth_alpha": opts.smooth_alpha,
+             "max_float_fraction": opts.int8_max_float_fraction}
+    return Int8Options(**{k: v for k, v in given.items() if v is not None})
 
 
 def _int8_file(flavour: str) -> str:
-    from mra.runtime.names import VISION_INT8_CPU_ONNX, VISION_ONNX
+    from mra.runtime.names import VISION_INT8_CPU_ONNX, VISION_INT8_FP16_ONNX, VISION_ONNX
 
-    return {"trt": VISION_ONNX["int8"], "cpu": VISION_INT8_CPU_ONNX}[flavour]
+    return {INT8_FLAVOUR_TRT: VISION_ONNX["int8"], INT8_FLAVOUR_CPU: VISION_INT8_CPU_ONNX,
+            INT8_FLAVOUR_TRT_FP16: VISION_INT8_FP16_ONNX}[flavour]
 
 
 def _exporter() -> str:

@@ -118,8 +118,8 @@ def _files_size(bundle: Path, a: Artifact) -> int:
 
 def _vision_lines(bundle: Path, m: Manifest, precision: str, batch: int) -> list[Line]:
     engines = [a for a in m.find("vision", "trt", precision)]
-    # Engines are built from the TensorRT-safe graphs, not from the INT8 CPU flavour.
-    graphs = {a.precision: a for a in m.find("vision", "onnx") if a.info.get("int8", {}).get("flavour") != "cpu"}
+    # Engines are built from the TensorRT-safe graphs, not from the INT8 CPU flavour (the trt-fp16 one: TensorRT 11).
+    graphs = {a.precision: a for a in m.find("vision", "onnx") if a.info.get("int8", {}).get("flavour") in (None, "trt")}
     if engines:
         e = engines[0]
         weights = Line(f"vision engine ({precision})", e.size, f"{e.file} (file size)")

@@ -39,7 +39,8 @@ from mra.runtime.errors import MraError
 from mra.runtime.files import atomic_path
 from mra.runtime.gpu_stack import require_supported_tensorrt
 from mra.runtime.manifest import Artifact, Manifest, describe_file, verify_artifact
-from mra.runtime.names import INPUT_NAME, OUTPUT_NAME, VISION_ONNX, trt_engine_file
+from mra.runtime.names import (INPUT_NAME, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, OUTPUT_NAME, VISION_ONNX,
+                              trt_engine_file)
 from mra.runtime.trt_backend import (INSTALL_HINT, GpuInfo, TrtRunner, engine_tag, gpu_info,
                                      missing_for_tensorrt)
 
@@ -50,13 +51,12 @@ LATENCY_RUNS = 10  # timed runs per batch size after 3 warm-ups (median recorded
 
 # INT8 source graphs by manifest flavour (``info["int8"]["flavour"]``), preferred first.
 # TensorRT 10 runs the float layers of the symmetric QDQ graph ("trt") in FP16 via its FP16
-# flag. TensorRT 11 takes every type from the graph, so it wants a QDQ graph whose float parts
-# are FP16; that flavour is not in the bundle format yet (issue 14 adds it, with its name in
-# runtime/names.py, to the front of the strongly typed tuple), so TensorRT 11 falls back to
+# flag. TensorRT 11 takes every type from the graph, so it wants the QDQ graph whose float
+# parts are FP16 ("trt-fp16"); a bundle exported before that flavour existed falls back to
 # "trt", whose float layers then run in FP32, and the build log says so.
-INT8_FLAVOURS_WEAKLY_TYPED: tuple[str, ...] = ("trt",)
-INT8_FLAVOURS_STRONGLY_TYPED: tuple[str, ...] = ("trt",)
-FALLBACK_INT8_FLAVOUR = "trt"
+INT8_FLAVOURS_WEAKLY_TYPED: tuple[str, ...] = (INT8_FLAVOUR_TRT,)
+INT8_FLAVOURS_STRONGLY_TYPED: tuple[str, ...] = (INT8_FLAVOUR_TRT_FP16, INT8_FLAVOUR_TRT)
+FALLBACK_INT8_FLAVOUR = INT8_FLAVOUR_TRT
 
 
 def int8_flavours(strongly_typed: bool) -> tuple[str, ...]:

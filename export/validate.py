@@ -89,9 +89,18 @@ def validate_graph(path: str | Path, vs: ValidationSet, threshold: Threshold, pr
                                              disable=not progress, leave=False)]
         backend = runner.name
     numbers = compare(np.concatenate(got), np.concatenate(vs.reference))
+    numbers["worst_image_cosine"] = worst_image_cosine(np.concatenate(got), np.concatenate(vs.reference))
     failed = threshold.failures(numbers)
     return {**numbers, "images": vs.names, "batches": vs.batch_sizes, "backend": backend,
             "threshold": threshold.to_dict(), "passed": not failed, **({"failed": failed} if failed else {})}
+
+
+def worst_image_cosine(got: np.ndarray, ref: np.ndarray) -> float:
+    """The lowest, over images, of an image's mean token cosine: one bad photo shows here
+    while the mean over all tokens of all photos hides it."""
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
+    return float(cos.reshape(len(cos), -1).mean(axis=1).min())
 
 
 def require_passed(file: str, validation: dict) -> None:

@@ -7,6 +7,13 @@ unk/bos/eos = 0/1/2, like LLaMA's). ``"7b"`` and ``"x"`` write the real LLaVA-HR
 LLaVA-HR-X shapes, streamed shard by shard so memory stays at one shard, optionally the
 vision part or the LLM part only. Weights are random but deterministic: each tensor is
 drawn from a generator seeded by (seed, key), independent of write order.
+
+``outliers=Outliers(k, f)`` makes a stress checkpoint for INT8: trained CLIP ViTs and
+ConvNeXts have a few LayerNorm output channels tens of times larger than the rest, which
+random weights lack. It multiplies k channels of every LayerNorm -> Linear pair's norm
+weight and bias by f and divides the matching input columns of the Linear(s) by f (ViT
+layer_norm1 -> q/k/v, layer_norm2 -> fc1, ConvNeXt block norm -> fc1): the float function
+is unchanged, only the activation ranges move.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -145,6 +153,63 @@ def random_tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return 0.02 * x  # biases
 
 
+@dataclass(frozen=True)
+class Outliers:
+    """k outlier channels scaled by f in every LayerNorm -> Linear pair."""
+    channels: int
+    factor: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Outliers":
+        """'2,40' -> Outliers(2, 40.0)."""
+        try:
+            k, f = text.split(",")
+            out = cls(int(k), float(f))
+        except ValueError:
+            raise ValueError(f"--outliers | got {text!r}, expected K,F such as 2,40") from None
+        if out.channels < 1 or not out.factor > 0:
+            raise ValueError(f"--outliers | got {text!r}, expected K >= 1 channels and a factor F > 0")
+        return out
+
+
+# LayerNorm -> the Linear(s) that read its output, as checkpoint-key patterns.
+OUTLIER_PAIRS = (
+    (re.compile(r"(.*\.encoder\.layers\.\d+\.)layer_norm1\.(weight|bias)$"),
+     ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
+    (re.compile(r"(.*\.encoder\.layers\.\d+\.)layer_norm2\.(weight|bias)$"), ("mlp.fc1.weight",)),
+    (re.compile(r"(.*\.stages\.\d+\.blocks\.\d+\.)norm\.(weight|bias)$"), ("mlp.fc1.weight",)),
+)
+
+
+def outlier_plan(keys: dict[str, tuple[int, ...]], o: Outliers, seed: int) -> dict[str, tuple[int, list[int], float]]:
+    """key -> (axis, channels, factor): norm weights and biases times f along their only
+    axis, the following Linear weights ([out, in]) divided by f along their input columns."""
+    plan = {}
+    for key, shape in keys.items():
+        for pattern, linears in OUTLIER_PAIRS:
+            m = pattern.match(key)
+            if not m:
+                continue
+            dim = shape[0]
+            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:outliers:{m.group(1)}".encode()))
+            channels = sorted(torch.randperm(dim, generator=g)[:min(o.channels, dim)].tolist())
+            plan[key] = (0, channels, o.factor)
+            for lin in linears:
+                plan[m.group(1) + lin] = (1, channels, 1.0 / o.factor)
+    return plan
+
+
+def _rescaled(t: torch.Tensor, step: tuple[int, list[int], float] | None) -> torch.Tensor:
+    if step is None:
+        return t
+    axis, channels, factor = step
+    t = t.clone()
+    index = [slice(None)] * t.dim()
+    index[axis] = channels
+    t[tuple(index)] *= factor
+    return t
+
+
 def config_json(p: Preset, vocab: int) -> dict:
     cfg = {
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
@@ -176,7 +241,8 @@ def _plan_shards(keys: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: i
 
 
 def write_weights(out: Path, keys: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype,
-                  shard_bytes: int, progress: Callable[[int], None] | None = None) -> None:
+                  shard_bytes: int, progress: Callable[[int], None] | None = None,
+                  outliers: Outliers | None = None) -> None:
     """Stream random tensors into (sharded) safetensors with an index, as HF writes them."""
     from safetensors.torch import save_file
 
@@ -184,8 +250,10 @@ def write_weights(out: Path, keys: dict[str, tuple[int, ...]], seed: int, dtype:
     names = (["model.safetensors"] if len(shards) == 1
              else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
+    plan = outlier_plan(keys, outliers, seed) if outliers else {}
     for name, shard in zip(names, shards):
-        tensors = {k: random_tensor(k, keys[k], seed).to(dtype) for k in shard}
+        # rescaled in float32, then stored: exact for float32, one rounding for float16
+        tensors = {k: _rescaled(random_tensor(k, keys[k], seed), plan.get(k)).to(dtype) for k in shard}
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
         if progress:
@@ -199,9 +267,10 @@ def write_weights(out: Path, keys: dict[str, tuple[int, ...]], seed: int, dtype:
 
 def make_checkpoint(out: str | os.PathLike, preset: str | Preset = "tiny", parts: Iterable[str] = ("vision", "llm"),
                     seed: int = 0, shard_mb: int | None = None, dtype: torch.dtype | None = None,
-                    progress: Callable[[int], None] | None = None) -> Path:
+                    progress: Callable[[int], None] | None = None, outliers: Outliers | None = None) -> Path:
     """Write a random LLaVA-HR checkpoint to ``out`` (created; must not exist or be empty).
-    ``preset``: a name in PRESETS, or a Preset of one's own (e.g. a preset with a shorter LLM)."""
+    ``preset``: a name in PRESETS, or a Preset of one's own (e.g. a preset with a shorter LLM).
+    ``outliers``: make it an INT8 stress checkpoint (see the module docstring)."""
     if not isinstance(preset, Preset) and preset not in PRESETS:
         raise ValueError(f"preset | got {preset!r}, expected one of {sorted(PRESETS)}")
     parts = set(parts)
@@ -227,7 +296,7 @@ def make_checkpoint(out: str | os.PathLike, preset: str | Preset = "tiny", parts
         if "llm" in parts:
             keys.update(llm_keys(p.llm, vocab))
         shard_bytes = (shard_mb or (2000 if preset != "tiny" else 10_000)) * 2**20
-        write_weights(tmp, keys, seed, dtype or p.dtype, shard_bytes, progress)
+        write_weights(tmp, keys, seed, dtype or p.dtype, shard_bytes, progress, outliers)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -1,25 +1,33 @@
 """INT8 vision graph in QDQ form (explicit QuantizeLinear/DequantizeLinear pairs), the form
 both onnxruntime and TensorRT consume, made with onnxruntime's static quantization.
 
-What is quantized: the inputs of Conv, MatMul and Gemm with a constant weight (>99% of the
-FLOPs): weights INT8 symmetric per output channel, activations per tensor with ranges
-calibrated on real images. What stays float: LayerNorm, Softmax, GELU, the residual adds,
-Resize, the attention products between two activations (q @ k^T, softmax @ v), and the
-MR-Adapters' gate MLPs (tanh(gate) scales the whole slow path, and they are ~0.1% of the
-compute).
+What is quantized: the inputs of every Conv, MatMul and Gemm (weights INT8 symmetric per
+output channel, activations per tensor with ranges calibrated on real images), including
+the image-facing convolutions and the attention products between two activations; on the
+tiny model those products are half of the FLOPs. What stays float: LayerNorm, Softmax,
+GELU, the residual adds, Resize, the MR-Adapters' gate MLPs (tanh(gate) scales the whole
+slow path, ~0.1% of the compute), and whatever quantize/sensitivity.py keeps in float
+because it costs the most accuracy. quantize/int8_build.py runs the whole path: smoothing
+(quantize/smooth.py), calibration, the float-kept choice, every flavour.
 
-Two flavours differ in how activations and biases are stored:
+Three flavours differ in how activations and biases are stored:
 - ``trt``: INT8 activations with zero point 0, float biases, Q/DQ on the inputs of the
   quantized ops only: what TensorRT's explicit quantization requires (its DequantizeLinear
   takes INT8 only: no UINT8, no INT32 bias); export/trt_check.py passes it;
 - ``cpu``: UINT8 activations with a zero point, INT32 biases and Q/DQ on outputs too, the
   layout onnxruntime fuses into QLinearConv / QLinearMatMul on x86 (U8S8 on AVX2 without
-  VNNI). TensorRT refuses it (UINT8, INT32 DequantizeLinear).
+  VNNI). TensorRT refuses it (UINT8, INT32 DequantizeLinear);
+- ``trt-fp16``: the ``trt`` graph with its float parts in float16 (opset 19, float16 Q/DQ
+  scales and biases, float32 where the FP16 graph keeps it: LayerNorm, Softmax, ReduceMean,
+  the gates). TensorRT 11 is strongly typed only: from the ``trt`` graph it would run every
+  non-quantized layer in float32, because a DequantizeLinear's output takes its scale's type.
 
-Which the bundle carries: both, from one calibration (export/onnx_export.py), with the
-flavour in each manifest entry. Measured with onnxruntime on this 2-core AVX2 CPU (batch 1,
-S = 1024, mean cosine of the embeddings against torch FP32 on held-out photos; random
-weights; benchmarks/results/vision_latency.md, now the backends section of mra-bench):
+Which the bundle carries: all three, from one calibration (export/onnx_export.py), with the
+flavour in each manifest entry. Measured before smoothing and mixed precision (image-facing
+convolutions and attention products then fixed in float) with onnxruntime on this 2-core
+AVX2 CPU (batch 1, S = 1024, mean cosine of the embeddings against torch FP32 on held-out
+photos; random weights; now the backends section of mra-bench; the new path's numbers at the 7B
+size are benchmarks/int8_outliers.py's to measure):
   LLaVA-HR-7B size : torch eager 30.5 s, ort fp32 21.4 s, int8 trt 16.1 s (1.89x torch,
                      cosine 0.99873), int8 cpu 13.6 s (2.24x, cosine 0.99818)
   medium           : torch 5.1 s, fp32 2.14 s, trt 2.13 s (0.9981), cpu 2.05 s (0.9968)
@@ -32,13 +40,12 @@ both, so the bundle has two (+0.56 GB at the 7B size).
 
 Random weights make INT8 look worse than trained ones in one way (a random network
 amplifies small perturbations layer after layer) and better in another (no outlier
-channels). The default threshold ``INT8_MIN_COSINE`` = 0.98 sits below every configuration
-measured (tiny at S = 384: 0.9895 to 0.9916 over minmax/entropy/percentile and both
-flavours; medium at S = 1024: 0.997 to 0.998): a guard against gross failures, not a
-quality bar. The poorer placement this module avoids (INT8 softmax, quantized
-image-facing convolutions, quantized residual stream) still gave 0.986 on the medium
-model, so read the recorded cosine, and raise --min-cosine int8=... for a trained model
-once its typical value is known.
+channels: model/tiny.py's ``--outliers`` checkpoint adds them, and smoothing is what
+removes their effect; README "INT8 and activation outliers"). The default threshold
+``INT8_MIN_COSINE`` = 0.98 is a guard against gross failures, not a quality bar; the
+sensitivity search aims higher on the calibration images (quantize/sensitivity.py). Read
+the recorded cosine, and raise --min-cosine int8=... for a trained model once its typical
+value is known.
 """
 
 from __future__ import annotations
@@ -55,18 +62,20 @@ from pathlib import Path
 import onnx
 
 from mra.runtime.errors import MraError
+from mra.runtime.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16
 
 from .calibration import CalibrationSet, collect_ranges
+from .fp16 import convert_fp16
 from .onnx_io import is_large, save_onnx, weight_bytes
 
 log = logging.getLogger("mra.quantize")
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
-# Node-name fragments (the exporter names nodes after module paths) kept in float: the
-# adapters' gates, and the first convolution of each pathway, whose input is the image
-# itself (about 0.1% of the FLOPs; quantizing the ConvNeXt stem alone cost the medium
-# random model 0.993 cosine, the largest error of any single group of layers).
-FLOAT_NODE_PATTERNS = ("/gate/", "/slow/stem/", "/embeddings/patch_embedding/")
+# Node-name fragments (the exporter names nodes after module paths) always kept in float:
+# the adapters' gates. Everything else is the sensitivity search's choice (the image-facing
+# convolutions and the attention products used to be fixed float here; measured on the tiny
+# model, quantizing them moved the mean cosine by 2e-4 and quadrupled the INT8 FLOPs).
+FLOAT_NODE_PATTERNS = ("/gate/",)
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 
 # Default validation threshold on the mean cosine of the image embeddings against the torch
@@ -82,28 +91,42 @@ class Int8Flavour:
     quantize_bias: bool
     quantize_outputs: bool  # Q/DQ on the outputs of Conv/MatMul too
     target: str
+    float_dtype: str = "float32"  # of the scales and of everything outside the INT8 layers
 
     def describe(self) -> dict:
         return {"flavour": self.name, "target": self.target, "weights": "int8 symmetric per-channel",
                 "activations": f"{self.activations} {'symmetric' if self.activation_symmetric else 'asymmetric'} "
-                               "per-tensor", "bias": "int32" if self.quantize_bias else "float",
-                "qdq_on": "inputs and outputs" if self.quantize_outputs else "inputs"}
+                               "per-tensor", "bias": "int32" if self.quantize_bias else self.float_dtype,
+                "qdq_on": "inputs and outputs" if self.quantize_outputs else "inputs",
+                "float_compute": self.float_dtype}
 
 
 FLAVOURS = {
-    "trt": Int8Flavour("trt", "int8", True, False, False, "TensorRT explicit quantization (and onnxruntime)"),
-    "cpu": Int8Flavour("cpu", "uint8", False, True, True, "onnxruntime CPU"),
+    INT8_FLAVOUR_TRT: Int8Flavour(INT8_FLAVOUR_TRT, "int8", True, False, False,
+                                  "TensorRT explicit quantization (and onnxruntime)"),
+    INT8_FLAVOUR_CPU: Int8Flavour(INT8_FLAVOUR_CPU, "uint8", False, True, True, "onnxruntime CPU"),
+    INT8_FLAVOUR_TRT_FP16: Int8Flavour(INT8_FLAVOUR_TRT_FP16, "int8", True, False, False,
+                                       "TensorRT 11 (strongly typed): float16 outside the INT8 layers",
+                                       float_dtype="float16"),
 }
+FP16_QDQ_OPSET = 19  # the first opset whose QuantizeLinear/DequantizeLinear take float16 scales
 
 
 def float_nodes(model: onnx.ModelProto, patterns: tuple[str, ...] = FLOAT_NODE_PATTERNS) -> list[str]:
-    """Quantizable nodes to keep in float: those matching ``patterns``, and the attention
-    products of two activations (q @ k^T, softmax @ v). onnxruntime's QDQ quantizer ignores
-    its MatMulConstBOnly option, and an INT8 softmax output rounds most of 1024 attention
-    weights (about 1e-3 each) to zero."""
-    weights = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES
-            and (any(p in n.name for p in patterns) or not any(i in weights for i in n.input[1:2]))]
+    """Quantizable nodes always kept in float: those matching ``patterns``."""
+    return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and any(p in n.name for p in patterns)]
+
+
+def is_quantized(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> bool:
+    """Whether both inputs of a Conv/MatMul/Gemm arrive through a DequantizeLinear (INT8)."""
+    return len(node.input) > 1 and all(i in producer and producer[i].op_type == "DequantizeLinear"
+                                       for i in node.input[:2])
+
+
+def quantized_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the Conv/MatMul/Gemm nodes of a QDQ graph that run in INT8."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and is_quantized(n, producer)}
 
 
 def unshare_float_consumers(model: onnx.ModelProto) -> int:
@@ -115,12 +138,9 @@ def unshare_float_consumers(model: onnx.ModelProto) -> int:
     to the residual stream at every block. Only inputs-only layouts (the ``trt`` flavour)
     can undo this; returns the number of inputs rewired."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    weights = {t.name for t in model.graph.initializer}
 
-    def quantized(n) -> bool:  # a Conv/MatMul/Gemm whose weight arrives through a DequantizeLinear
-        w = producer.get(n.input[1]) if len(n.input) > 1 else None
-        return n.op_type in QUANTIZED_OP_TYPES and w is not None and w.op_type == "DequantizeLinear" \
-            and w.input[0] in weights
+    def quantized(n) -> bool:  # a Conv/MatMul/Gemm whose both inputs arrive through DequantizeLinear
+        return n.op_type in QUANTIZED_OP_TYPES and is_quantized(n, producer)
 
     float_of = {}  # DQ output -> the float tensor its Q quantized
     for dq in model.graph.node:
@@ -148,12 +168,15 @@ class _DropPreprocessAdvice(logging.Filter):
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calib: CalibrationSet, method: str = "minmax",
                   flavour: str = "trt", ranges_cache: str | os.PathLike | None = None,
-                  float_node_patterns: tuple[str, ...] = FLOAT_NODE_PATTERNS, progress: bool = False) -> dict:
+                  float_node_patterns: tuple[str, ...] = FLOAT_NODE_PATTERNS, progress: bool = False,
+                  keep_float: tuple[str, ...] | list[str] = ()) -> dict:
     """Write the INT8 QDQ version of the FP32 graph at ``src`` to ``dst``; returns manifest facts.
 
     ranges_cache: a JSON file of calibrated activation ranges; written on the first call,
     reused by later ones (a second flavour then costs no second calibration). The ranges
-    must come from the same graph, images and method."""
+    must come from the same graph, images and method.
+    keep_float: node names kept in float besides ``float_node_patterns`` (the sensitivity
+    search's choice)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIB_METHODS:
@@ -165,7 +188,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calib: Calibra
     f = FLAVOURS[flavour]
     src, dst = Path(src), Path(dst)
     graph = onnx.load(str(src), load_external_data=False)
-    excluded = float_nodes(graph, float_node_patterns)
+    excluded = float_nodes(graph, float_node_patterns) + [n for n in keep_float if n]
     # onnxruntime's calibrator saves an augmented copy of the FP32 graph: over 2 GiB it must
     # use external data too. The INT8 graph is then re-saved, inline when it fits.
     large_src = is_large(weight_bytes(graph))
@@ -197,8 +220,13 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calib: Calibra
         model = onnx.load(str(out))
         if not f.quantize_outputs:
             unshare_float_consumers(model)
-        save_onnx(model, dst)
-        del model
+        if f.float_dtype == "float16":
+            save_onnx(_opset(model, FP16_QDQ_OPSET), out)
+            del model
+            convert_fp16(out, dst)
+        else:
+            save_onnx(model, dst)
+            del model
     finally:
         logging.getLogger().removeFilter(advice)
         if chatter.getvalue().strip():
@@ -208,3 +236,11 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calib: Calibra
             src.with_name(src.stem + "-inferred.onnx").unlink()
     return {**f.describe(), "method": method, "quantized_ops": list(QUANTIZED_OP_TYPES),
             "float_nodes": len(excluded), "calibration": calib.describe()}
+
+
+def _opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The graph converted to ``version`` of the default domain (17 -> 19 for float16 Q/DQ:
+    ReduceMean's axes become an input, the other ops of this graph keep their meaning)."""
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, version)

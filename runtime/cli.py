@@ -3,6 +3,7 @@
   mra-run --bundle B --image IMG --prompt "..."          stream the answer to stdout
   mra-run --bundle B --image IMG --prompt "..." --json   answer + timings as one JSON object
   mra-run --bundle B --images DIR --prompt "..." --out answers.jsonl   a folder, resumable
+  mra-run --bundle B --image IMG --prompt "..." --json-schema schema.json   the answer as JSON
   mra-chat --bundle B [--image IMG]                      interactive: /image PATH, /reset, /quit
 """
 
@@ -67,6 +68,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-hash", action="store_true",
                    help="check artifact sizes only, skip sha256 (saves seconds on multi-GB files)")
     g.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (camera photos)")
+    g.add_argument("--prompt-cache", type=Path, help="folder of saved image-prefix KV states: a later run on the "
+                   "same image skips its vision and prefill (issue 12)")
     s = p.add_argument_group("generation")
     s.add_argument("--max-tokens", type=_positive(int, "--max-tokens"), default=256)
     s.add_argument("--temperature", type=_number("--temperature", 0, False), default=0.0,
@@ -85,11 +88,27 @@ def _open_pipeline(a: argparse.Namespace):
 
     return Pipeline.from_bundle(a.bundle, vision=a.vision, llm_quant=a.llm_quant, n_ctx=a.n_ctx,
                                 n_threads=a.threads, n_gpu_layers=a.n_gpu_layers, kv_type=a.kv_type,
-                                verify_hash=not a.no_hash, exif_transpose=a.exif_transpose)
+                                verify_hash=not a.no_hash, exif_transpose=a.exif_transpose,
+                                prompt_cache=a.prompt_cache)
 
 
 def _gen_kwargs(a: argparse.Namespace) -> dict:
-    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=a.stop)
+    kw = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=a.stop)
+    if getattr(a, "json_schema", None) is not None:  # issue 12: mra-run --json-schema FILE
+        kw["json_schema"] = a.json_schema if isinstance(a.json_schema, dict) else _read_schema(a.json_schema)
+    return kw
+
+
+def _read_schema(path: Path) -> dict:
+    try:
+        schema = json.loads(path.read_text())
+    except OSError as e:
+        raise MraError(f"--json-schema {path} | cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise MraError(f"--json-schema {path} | not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise MraError(f"--json-schema {path} | got a JSON {type(schema).__name__}, expected a schema object")
+    return schema
 
 
 def _write_stream(pieces: Iterator[str]) -> str:
@@ -113,6 +132,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--json", action="store_true", help="print {answer, timings} as JSON instead of streaming")
     p.add_argument("--out", type=Path, help="answers.jsonl for --images; a rerun skips images already in it")
+    p.add_argument("--json-schema", type=Path, metavar="FILE",
+                   help="a JSON schema file: the answer is JSON that follows it (llama.cpp's grammar sampler)")
     _add_pipeline_args(p)
     return p
 
@@ -122,6 +143,8 @@ def _run(argv: list[str]) -> int:
     check_text(a.prompt, "--prompt")
     if a.images is not None and a.out is None:
         raise MraError("--images | needs --out answers.jsonl (the folder run writes one JSON line per image)")
+    if a.json_schema is not None:  # issue 12: read and check it before loading anything
+        a.json_schema = _read_schema(a.json_schema)
     if a.image is not None:
         check_image_file(a.image)
     if a.images is not None:

@@ -186,11 +186,14 @@ def _is_number(x: object) -> bool:
 
 
 class Sampler:
-    """llama.cpp sampler chain: greedy when temperature == 0, else temp -> top-p -> seeded draw."""
+    """llama.cpp sampler chain: greedy when temperature == 0, else temp -> top-p -> seeded draw;
+    with ``grammar`` (GBNF, needs ``vocab``) llama.cpp's grammar sampler goes first, so only
+    tokens the grammar allows are ever drawn (structured answers, see :mod:`.grammar`)."""
 
     chain = None  # so that close() and __del__ work when __init__ raised
 
-    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 grammar: str | None = None, vocab: Any = None):
         lib = llama_lib()
         if not _is_number(temperature) or not _is_number(top_p) or not (0 <= temperature < float("inf")) \
                 or not 0 < top_p <= 1:
@@ -200,6 +203,15 @@ class Sampler:
             raise MraError(f"sampling | seed={seed!r}, expected an integer")
         self._lib = lib
         self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        # --- issue 12: grammar-constrained sampling ---
+        if grammar is not None:
+            g = lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root") if vocab else None
+            if not g:
+                self.close()
+                raise MraError(f"grammar | llama.cpp cannot parse it ({_last_error()}); check the GBNF (a "
+                               "`root ::= ...` rule) or the JSON schema it came from")
+            lib.llama_sampler_chain_add(self.chain, g)
+        # --- end issue 12 ---
         if temperature == 0:
             lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_greedy())
         else:
@@ -407,6 +419,32 @@ class LlamaSession:
 
     def reset(self) -> None:
         self.truncate(0)
+
+    # --- issue 12: sequence state, for the persistent prompt cache (prompt_cache.py) ---
+    def state_bytes(self) -> bytes:
+        """The sequence's KV state as bytes (llama.cpp's sequence state API)."""
+        lib = self._lib
+        size = int(lib.llama_state_seq_get_size(self.ctx, 0))
+        buf = (ctypes.c_uint8 * size)()
+        got = int(lib.llama_state_seq_get_data(self.ctx, buf, size, 0))
+        if got == 0:
+            raise MraError(f"llama_state_seq_get_data | copied nothing of {size} bytes: {_last_error()}")
+        return ctypes.string_at(buf, got)
+
+    def load_state(self, data: bytes, keys: Sequence[Hashable]) -> bool:
+        """Make the sequence a saved state that holds ``keys``; False, and an empty sequence, when
+        llama.cpp refuses the bytes or they do not hold exactly ``len(keys)`` positions."""
+        self.reset()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if not self._lib.llama_state_seq_set_data(self.ctx, buf, len(data), 0):
+            self.reset()
+            return False
+        if int(self._lib.llama_memory_seq_pos_max(self.memory, 0)) != len(keys) - 1:
+            self.reset()
+            return False
+        self.keys[:] = keys
+        return True
+    # --- end issue 12 ---
 
     # --- outputs ------------------------------------------------------------------
     def logits(self) -> np.ndarray:

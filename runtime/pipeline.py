@@ -38,10 +38,13 @@ import numpy as np
 from .errors import MraError
 from .files import sha256_stream
 from .gguf_types import LLM_QUANT_ORDER
-from .llm import Embeddings, LlamaSession, Sampler
+from .grammar import grammar_for
+from .llm import Embeddings, LlamaSession, Sampler, use_flash_attn
 from .manifest import Artifact, Manifest, verify_artifact
 from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
 from .prompt import Conversation, ImageSlot, Template, check_text, count_positions, tokenize_parts
+from .prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
+from .prompt_cache import PendingEmbeddings, PromptCache
 from .textstream import TextStream
 from .vision_select import VisionChoice, select_vision
 
@@ -63,6 +66,8 @@ class Timings:
     generated: int = 0  # tokens sampled (an EOS included)
     images_encoded: int = 0  # vision backend runs
     image_cache_hits: int = 0
+    prompt_cache_hits: int = 0  # image prefixes loaded from the persistent prompt cache (issue 12)
+    prompt_cache_misses: int = 0  # image prefixes evaluated and saved to it
     start: float = field(default_factory=time.perf_counter, repr=False)  # when the call began
 
     def stamp(self) -> float:
@@ -94,6 +99,7 @@ class GenerationParams:
     seed: int = 0
     stop: Sequence[str] = ()
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    grammar: str | None = None  # GBNF for llama.cpp's grammar sampler (issue 12: structured answers)
 
     def check(self) -> None:
         """Every field typed and in range: nan, a bytes stop or a str where a list belongs would
@@ -162,6 +168,18 @@ def _looks_like_image(f) -> bool:
         return False
 
 
+def prompt_cache_identity(vision: Artifact, llm: Artifact, kv_type: str, n_ctx: int, flash_attn: bool) -> dict:
+    """What a saved KV state depends on besides the prompt (issue 12's prompt cache key)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        llama_version = version("llama-cpp-python")
+    except PackageNotFoundError:
+        llama_version = "unknown"
+    return {"gguf_sha256": llm.sha256, "vision": f"{vision.file}:{vision.sha256}", "kv_type": kv_type,
+            "n_ctx": int(n_ctx), "flash_attn": bool(flash_attn), "llama_cpp": llama_version}
+
+
 class EmbeddingCache:
     """The last ``size`` images' embeddings, least recently used dropped first."""
 
@@ -208,7 +226,8 @@ class Pipeline:
     """Vision backend + llama.cpp LLM + the v1 prompt. Build it with :meth:`from_bundle`."""
 
     def __init__(self, manifest: Manifest, bundle: Path, vision: VisionChoice, runner, llm: LlamaSession,
-                 llm_artifact: Artifact, image_cache: int = 16, exif_transpose: bool = False):
+                 llm_artifact: Artifact, image_cache: int = 16, exif_transpose: bool = False,
+                 prompt_cache: PromptCache | None = None):
         self.manifest, self.bundle, self.vision, self.runner = manifest, bundle, vision, runner
         self.llm, self.llm_artifact = llm, llm_artifact
         self.template = Template.from_manifest(manifest.prompt)
@@ -220,15 +239,19 @@ class Pipeline:
         self.last_tokens: list[int] = []  # token ids sampled by the last ask (EOS included)
         self._call = 0  # bumped by every call: a stream left open notices it is stale
         self.lock = threading.RLock()  # one caller at a time on the llama.cpp context (see the module doc)
+        self.prompt_cache = prompt_cache  # persistent image-prefix KV states (issue 12), or None
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, vision: str = "auto", llm_quant: str | None = None,
                     n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = 0,
                     providers: list[str] | None = None, kv_type: str = "f16", verify_hash: bool = True,
                     n_batch: int = 512, flash_attn: bool | None = None, image_cache: int = 16,
-                    exif_transpose: bool = False) -> "Pipeline":
+                    exif_transpose: bool = False, prompt_cache: str | os.PathLike | None = None,
+                    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> "Pipeline":
         """Open a bundle: check the artifacts it uses (size; sha256 unless ``verify_hash=False``,
-        for very large files), pick the vision backend and load the GGUF."""
+        for very large files), pick the vision backend and load the GGUF. ``prompt_cache``: a
+        folder where image prefixes' KV states persist across processes (at most
+        ``prompt_cache_bytes``, least recently used evicted)."""
         bundle = Path(path)
         manifest = Manifest.load(bundle)
         choice = select_vision(manifest, bundle, vision, providers)
@@ -251,7 +274,12 @@ class Pipeline:
             llm.close()
             raise
         log.info("vision %s (%s), llm %s, n_ctx %d", choice.artifact.file, choice.label, llm_art.file, llm.n_ctx)
-        return cls(manifest, bundle, choice, runner, llm, llm_art, image_cache, exif_transpose)
+        cache = None
+        if prompt_cache is not None:
+            cache = PromptCache(prompt_cache, prompt_cache_identity(choice.artifact, llm_art, kv_type, llm.n_ctx,
+                                                                    use_flash_attn(flash_attn, kv_type, n_gpu_layers)),
+                                prompt_cache_bytes)
+        return cls(manifest, bundle, choice, runner, llm, llm_art, image_cache, exif_transpose, cache)
 
     # --- images -----------------------------------------------------------------------
     def encode_image(self, image: ImageLike) -> np.ndarray:
@@ -284,17 +312,50 @@ class Pipeline:
         self.cache.put(key, rows)
         return Embeddings(key, rows)
 
+    def _embed_pending(self, image: ImageLike, t: Timings) -> Embeddings:
+        """The cached embeddings, else a placeholder the prompt cache resolves only if it must
+        (issue 12: a prefix loaded from disk needs no vision run)."""
+        key = image_key(image, self.exif_transpose)
+        rows = self.cache.get(key)
+        if rows is not None:
+            t.image_cache_hits += 1
+            return Embeddings(key, rows)
+        shape = (self.n_image_tokens, int(self.manifest.embed_dim))
+        return PendingEmbeddings(key, np.broadcast_to(np.zeros((), np.float32), shape), image)
+
     # --- one-turn API ---------------------------------------------------------------
     def ask(self, image: ImageLike | None, question: str, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
-            ignore_eos: bool = False) -> str | Iterator[str]:
-        """Answer one question about one image (or none): a string, or text pieces when ``stream``."""
-        params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos)
+            ignore_eos: bool = False, json_schema: dict | str | None = None,
+            grammar: str | None = None) -> str | Iterator[str]:
+        """Answer one question about one image (or none): a string, or text pieces when ``stream``.
+        ``json_schema`` (a dict or its JSON) or ``grammar`` (GBNF) constrain the answer's form."""
+        params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
+                                  grammar_for(json_schema, grammar))
         conv = Conversation(self.template)
         conv.add_user(question, with_image=image is not None)
         with self.lock:
             pieces = self._answer(conv, [image] if image is not None else [], params)
             return pieces if stream else "".join(pieces)
+
+    # --- issue 12: a whole conversation, as the server receives it ---------------------------
+    def answer(self, conversation: Conversation, image: ImageLike | None = None, max_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+               stream: bool = False, json_schema: dict | str | None = None, grammar: str | None = None,
+               ignore_eos: bool = False) -> str | Iterator[str]:
+        """Answer the open assistant turn of ``conversation`` (built by the caller, e.g. from an
+        OpenAI message list); ``image`` belongs to the turn marked ``image``. A conversation
+        that extends the previous call's re-uses the KV cache."""
+        n_images = 0 if image is None else 1
+        if conversation.n_images != n_images:
+            raise MraError(f"conversation | {conversation.n_images} image turns but {n_images} image; mark the "
+                           "user turn the image goes with")
+        params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
+                                  grammar_for(json_schema, grammar))
+        with self.lock:
+            pieces = self._answer(conversation, [image] if image is not None else [], params)
+            return pieces if stream else "".join(pieces)
+    # --- end issue 12 ---
 
     def next_token_logits(self, image: ImageLike | None, question: str) -> np.ndarray:
         """float32 [n_vocab] logits after the full prompt (scoring, multiple choice)."""
@@ -316,7 +377,8 @@ class Pipeline:
             raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
         self._call += 1
         t = self.timings = t or Timings()
-        embs = [im if isinstance(im, Embeddings) else self._embed(im, t) for im in images]
+        embed = self._embed if self.prompt_cache is None else self._embed_pending  # issue 12: vision only if needed
+        embs = [im if isinstance(im, Embeddings) else embed(im, t) for im in images]
         units = tokenize_parts(conv.parts(), self.llm.tokenize, self.llm.bos, self.llm.eos, self.template.add_bos)
         if conv.n_images != len(embs):
             raise MraError(f"prompt | {conv.n_images} image turns but {len(embs)} images")
@@ -328,7 +390,12 @@ class Pipeline:
                            f"shorten the prompt, start a new chat, or raise n_ctx (trained: {self.llm.n_ctx_train})")
         items = [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
         t0 = time.perf_counter()
-        stats = self.llm.prefill(items)
+        if self.prompt_cache is not None:  # issue 12: the image prefix from disk when it was saved
+            stats, hit = self.prompt_cache.prefill(self.llm, items, lambda p: self._embed(p.image, t))
+            t.prompt_cache_hits += hit is True
+            t.prompt_cache_misses += hit is False
+        else:
+            stats = self.llm.prefill(items)
         t.prefill_s = time.perf_counter() - t0
         t.prompt_positions, t.reused, t.prefilled = stats.positions, stats.reused, stats.evaluated
         t.stamp()
@@ -338,7 +405,9 @@ class Pipeline:
                 on_done=None, t: Timings | None = None) -> Iterator[str]:
         """Prefill now (errors surface at the call), then stream the answer lazily."""
         p.check()
-        sampler = Sampler(p.temperature, p.top_p, p.seed)  # bad sampling settings fail before any work
+        if self.llm is None:
+            raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
+        sampler = Sampler(p.temperature, p.top_p, p.seed, p.grammar, self.llm.vocab)  # bad settings fail first
         try:
             t = self._prefill(conv, images, t)
         except BaseException:

@@ -46,7 +46,7 @@ def bundle(tiny_ckpt, tmp_path_factory):
 
 def test_bundle_files_and_manifest(bundle, tiny_ckpt):
     assert sorted(p.name for p in bundle.iterdir()) == ["mra.json", "vision.fp16.onnx", "vision.int8-cpu.onnx",
-                                                       "vision.int8.onnx", "vision.onnx"]
+                                                       "vision.int8-fp16.onnx", "vision.int8.onnx", "vision.onnx"]
     assert not leftovers(bundle.parent)
     m = Manifest.load(bundle)
     assert m.image_size == S and m.preprocess["image_size"] == S
@@ -57,13 +57,14 @@ def test_bundle_files_and_manifest(bundle, tiny_ckpt):
     assert (m.num_image_tokens, m.embed_dim) == (n, d)
     arts = {a.file: a for a in m.find("vision", "onnx")}
     assert {f: a.precision for f, a in arts.items()} == {
-        "vision.onnx": "fp32", "vision.fp16.onnx": "fp16", "vision.int8.onnx": "int8", "vision.int8-cpu.onnx": "int8"}
+        "vision.onnx": "fp32", "vision.fp16.onnx": "fp16", "vision.int8.onnx": "int8", "vision.int8-cpu.onnx": "int8",
+        "vision.int8-fp16.onnx": "int8"}
     for a in arts.values():
         verify_artifact(bundle, a)  # size and sha256 as recorded
         assert a.info["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, S, S]}]
         assert a.info["outputs"] == [{"name": "image_embeds", "dtype": "float32", "shape": ["batch", n, d]}]
         assert (a.info["N"], a.info["D"], a.info["image_size"]) == (n, d, S)
-        assert a.info["opset"] >= 17 and a.info["external_data"] == []
+        assert a.info["opset"] >= 17 and a.info["external_data"] == []  # 19 for the float16 QDQ graph
         v = a.validation
         assert v["passed"] and v["images"] == list(VALIDATION_PHOTOS) and v["batches"] == [1, 3]
         assert {"max_abs", "rel_err", "cosine", "min_cosine", "threshold", "backend"} <= set(v)
@@ -74,14 +75,18 @@ def test_bundle_files_and_manifest(bundle, tiny_ckpt):
     trt, cpu = arts["vision.int8.onnx"].info["int8"], arts["vision.int8-cpu.onnx"].info["int8"]
     assert (trt["flavour"], trt["activations"], cpu["flavour"], cpu["activations"]) == (
         "trt", "int8 symmetric per-tensor", "cpu", "uint8 asymmetric per-tensor")
-    for q, f in ((trt, "vision.int8.onnx"), (cpu, "vision.int8-cpu.onnx")):
+    fp16q = arts["vision.int8-fp16.onnx"].info["int8"]
+    assert (fp16q["flavour"], fp16q["float_compute"], arts["vision.int8-fp16.onnx"].info["opset"]) == (
+        "trt-fp16", "float16", 19)
+    for q, f in ((trt, "vision.int8.onnx"), (cpu, "vision.int8-cpu.onnx"), (fp16q, "vision.int8-fp16.onnx")):
         assert arts[f].validation["threshold"] == {"min_cosine": INT8_MIN_COSINE}
         assert q["method"] == "minmax" and q["calibration"]["source"] == "built-in"
         assert not set(q["calibration"]["images"]) & set(VALIDATION_PHOTOS)
-    assert trt["calibration"] == cpu["calibration"]  # one calibration serves both
+    assert trt["calibration"] == cpu["calibration"] == fp16q["calibration"]  # one calibration serves all
     # TensorRT takes every graph but the CPU-flavoured one (UINT8, INT32 biases).
     assert {f: a.info["tensorrt_check"]["ok"] for f, a in arts.items()} == {
-        "vision.onnx": True, "vision.fp16.onnx": True, "vision.int8.onnx": True, "vision.int8-cpu.onnx": False}
+        "vision.onnx": True, "vision.fp16.onnx": True, "vision.int8.onnx": True, "vision.int8-cpu.onnx": False,
+        "vision.int8-fp16.onnx": True}
 
 
 def test_manifest_numbers_are_reproducible(bundle, tiny_ckpt, photo_paths):
@@ -128,7 +133,7 @@ def test_large_graphs_keep_weights_in_external_data(tiny_ckpt, tmp_path, monkeyp
     monkeypatch.setattr("mra.quantize.onnx_io.EXTERNAL_DATA_BYTES", 10_000)
     out = tmp_path / "bundle"
     assert main(export_args(tiny_ckpt, out, "--precision", "fp32,fp16,int8")) == 0
-    graphs = ["vision.onnx", "vision.fp16.onnx", "vision.int8.onnx", "vision.int8-cpu.onnx"]
+    graphs = ["vision.onnx", "vision.fp16.onnx", "vision.int8.onnx", "vision.int8-cpu.onnx", "vision.int8-fp16.onnx"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["mra.json", *graphs, *(g + ".data" for g in graphs)])
     m = Manifest.load(out)
     for a in m.find("vision", "onnx"):

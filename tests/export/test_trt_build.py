@@ -102,30 +102,30 @@ def test_jetson_guide_dla_commands_pass_the_option_check():
         assert m and len(set(m.groups())) == 1, c
 
 
-def test_int8_graph_is_chosen_by_manifest_flavour(tmp_path, monkeypatch, caplog):
-    """TensorRT 11 takes the flavour that INT8_FLAVOURS_STRONGLY_TYPED names first (issue 14 puts its
-    FP16-float QDQ graph there); without one it falls back to the symmetric graph and says so."""
+def test_int8_graph_is_chosen_by_manifest_flavour(tmp_path, caplog):
+    """TensorRT 11 takes the FP16-float QDQ graph ("trt-fp16"); a bundle without it falls back to
+    the symmetric graph and says so; TensorRT 10 takes the symmetric graph and its FP16 flag."""
     import logging
 
     from mra.export import trt_build
+    from mra.runtime.names import VISION_INT8_FP16_ONNX
 
     def int8(file, flavour):
         g = graph("int8", file)
         g.info["int8"] = {"flavour": flavour}
         return g
 
-    m = manifest_with(graph("fp32"), graph("fp16"), int8("vision.int8-cpu.onnx", "cpu"), int8("vision.int8.onnx", "trt"),
-                      int8("vision.int8-f16.onnx", "trt-fp16"))
+    old = [graph("fp32"), graph("fp16"), int8("vision.int8-cpu.onnx", "cpu"), int8("vision.int8.onnx", "trt")]
     with caplog.at_level(logging.WARNING, logger="mra.export"):
-        assert trt_build.plan_engine(m, tmp_path, "int8", weakly_typed=False).source.file == "vision.int8.onnx"
+        assert trt_build.plan_engine(manifest_with(*old), tmp_path, "int8", weakly_typed=False).source.file \
+            == "vision.int8.onnx"
     assert "TensorRT 11 (strongly typed) runs its non-quantized layers in FP32" in caplog.text
+    m = manifest_with(*old, int8(VISION_INT8_FP16_ONNX, "trt-fp16"))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mra.export"):
         assert trt_build.plan_engine(m, tmp_path, "int8", weakly_typed=True).source.file == "vision.int8.onnx"
-    assert caplog.text == ""  # TensorRT 10 runs the float parts in FP16 through its builder flag
-    monkeypatch.setattr(trt_build, "INT8_FLAVOURS_STRONGLY_TYPED", ("trt-fp16", "trt"))
-    assert trt_build.plan_engine(m, tmp_path, "int8", weakly_typed=False).source.file == "vision.int8-f16.onnx"
-    assert trt_build.plan_engine(m, tmp_path, "int8", weakly_typed=True).source.file == "vision.int8.onnx"
+        assert trt_build.plan_engine(m, tmp_path, "int8", weakly_typed=False).source.file == VISION_INT8_FP16_ONNX
+    assert caplog.text == ""
 
 
 def graph(precision: str, file: str | None = None, check: dict | None = None, cosine: float | None = None):

@@ -227,3 +227,42 @@ def test_convnext_downsamples_every_later_stage():
 
     with torch.no_grad():
         assert ConvNeXt(cnx)(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 2, 2)
+
+
+# --- the INT8 stress checkpoint --------------------------------------------------------------
+def test_outlier_checkpoint_keeps_the_float_function(tiny_ckpt, tmp_path, photo_paths):
+    """K channels of every LayerNorm -> Linear pair times F, the Linear's input columns over F:
+    the norm outputs get outlier channels, the embeddings stay what they were."""
+    from mra.model.tiny import Outliers
+    from mra.runtime.preprocess import preprocess_batch
+
+    out = make_checkpoint(tmp_path / "stress", parts=["vision"], outliers=Outliers(2, 40))
+    plain, stress = load_vision(tiny_ckpt, 384), load_vision(out, 384)
+    x = torch.from_numpy(preprocess_batch(photo_paths[:2], 384))
+    with torch.inference_mode():
+        ref, got = plain(x), stress(x)
+    assert (got - ref).abs().max() / ref.abs().max() < 1e-5
+    # The outliers are there: per pair, exactly 2 channels of the norm weight are 40x the plain ones.
+    a, b = (dict(m.named_parameters()) for m in (plain, stress))
+    pairs = {"fast.encoder.layers.0.layer_norm1": "fast.encoder.layers.0.self_attn.k_proj",
+             "fast.encoder.layers.3.layer_norm2": "fast.encoder.layers.3.mlp.fc1",
+             "slow.stages.2.blocks.1.norm": "slow.stages.2.blocks.1.mlp.fc1"}
+    for norm, linear in pairs.items():
+        for part in ("weight", "bias"):
+            ratio = b[f"{norm}.{part}"] / a[f"{norm}.{part}"]
+            big = (ratio - 40).abs() < 1e-3
+            assert big.sum() == 2 and ((ratio[~big] - 1).abs() < 1e-6).all(), (norm, part)
+        cols = b[f"{linear}.weight"] / a[f"{linear}.weight"]  # [out, in]
+        assert torch.allclose(cols[:, big], torch.full_like(cols[:, big], 1 / 40))
+        assert torch.allclose(cols[:, ~big], torch.ones_like(cols[:, ~big]))
+    # Norms that feed no Linear directly (pre_layrnorm, the stem, downsampling) are untouched.
+    for name in ("fast.pre_layrnorm.weight", "slow.stem.1.weight", "slow.stages.1.downsample.0.weight"):
+        assert torch.equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("text", ["2", "0,40", "2,0", "a,b", "2,40,1"])
+def test_outliers_option_is_checked(text, tmp_path):
+    from mra.export.cli import main
+
+    assert main(["make-tiny", str(tmp_path / "x"), "--outliers", text]) == 1
+    assert not (tmp_path / "x").exists()

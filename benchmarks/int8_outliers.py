@@ -1,0 +1,154 @@
+"""INT8 before and after smoothing + sensitivity-guided mixed precision (issue 14), at the
+real LLaVA-HR-7B vision shape with random weights, plain and with outlier channels
+(`make-tiny --preset 7b --outliers 2,40`): onnxruntime-CPU latency of the ``cpu`` flavour
+(target: within 10% of the previous INT8 path) and the cosine of every flavour against
+torch FP32 on the held-out photos.
+
+  python -m mra.benchmarks.int8_outliers --work /data/int8-bench          # 7B, S=1024: ~9 GB RAM, about an hour on 2 cores
+  python -m mra.benchmarks.int8_outliers --work /tmp/q --quick            # tiny preset at S=384, seconds
+
+"previous" is the INT8 path before issue 14: no smoothing, the image-facing convolutions
+and the attention products fixed in float, the same calibration. Writes
+<results>/int8_outliers[-quick].{json,md}."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LEGACY_FLOAT_PATTERNS = ("/gate/", "/slow/stem/", "/embeddings/patch_embedding/")
+LATENCY_TARGET = 1.10  # new cpu-flavour latency / previous
+
+
+def legacy_float_nodes(fp32: Path) -> list[str]:
+    """The attention products (MatMuls of two activations), float before issue 14."""
+    import onnx
+
+    g = onnx.load(str(fp32), load_external_data=False)
+    weights = {t.name for t in g.graph.initializer}
+    return [n.name for n in g.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+
+
+def latency(path: Path, image_size: int, threads: int, warmup: int, repeats: int) -> dict:
+    import numpy as np
+
+    from mra.runtime.ort_backend import OrtRunner
+
+    x = np.random.default_rng(0).standard_normal((1, 3, image_size, image_size), dtype=np.float32)
+    with OrtRunner(path, providers=["CPUExecutionProvider"], threads=threads) as r:
+        for _ in range(warmup):
+            r.infer(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            r.infer(x)
+            times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "runs_s": times}
+
+
+def run_case(ckpt: Path, work: Path, image_size: int, opts: argparse.Namespace) -> list[dict]:
+    from mra.export.onnx_export import export_onnx
+    from mra.export.validate import VALIDATION_PHOTOS, Threshold, torch_reference, validate_graph, validation_set
+    from mra.model import load_vision
+    from mra.quantize.calibration import load_calibration_set
+    import onnx
+
+    from mra.quantize.int8 import quantize_int8, quantized_nodes
+    from mra.quantize.int8_build import build_int8
+    from mra.quantize.sensitivity import node_flops
+    from mra.runtime.names import INT8_FLAVOURS
+
+    work.mkdir(parents=True, exist_ok=True)
+    tower = load_vision(ckpt, image_size)
+    vs = torch_reference(tower, validation_set(image_size))
+    fp32 = work / "vision.onnx"
+    if not fp32.is_file():
+        export_onnx(tower, fp32)
+    del tower
+    gc.collect()
+    calib = load_calibration_set(None, opts.calib_count, image_size, exclude_builtin=VALIDATION_PHOTOS)
+    rows = []
+
+    flops = node_flops(onnx.load(str(fp32), load_external_data=False))
+
+    def row(name: str, flavour: str, path: Path, info: dict, seconds: float, timed: bool) -> None:
+        v = validate_graph(path, vs, Threshold(min_cosine=0.0))
+        int8 = quantized_nodes(onnx.load(str(path), load_external_data=False))
+        r = {"path": name, "flavour": flavour, "cosine": v["cosine"], "worst_image_cosine": v["worst_image_cosine"],
+             "int8_flops_fraction": sum(flops[n] for n in int8) / sum(flops.values()),
+             "float_kept": info.get("float_kept_groups"), "build_s": round(seconds, 1)}
+        if timed:
+            r["latency"] = latency(path, image_size, opts.threads, opts.warmup, opts.repeats)
+        rows.append(r)
+
+    legacy = legacy_float_nodes(fp32)
+    for flavour in ("trt", "cpu"):
+        t0 = time.perf_counter()
+        path = work / f"previous.{flavour}.onnx"
+        info = quantize_int8(fp32, path, calib, flavour=flavour, ranges_cache=work / "previous-ranges.json",
+                             float_node_patterns=LEGACY_FLOAT_PATTERNS, keep_float=legacy)
+        row("previous", flavour, path, info, time.perf_counter() - t0, flavour == "cpu")
+    t0 = time.perf_counter()
+    outputs = {f: work / f"new.{f}.onnx" for f in INT8_FLAVOURS}
+    for g in build_int8(fp32, outputs, calib, progress=not opts.quick):
+        row("smoothed + mixed", g.flavour, g.path, g.info, time.perf_counter() - t0, g.flavour == "cpu")
+        t0 = time.perf_counter()
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# INT8 with outliers: {result['preset']} at S = {result['image_size']}", "",
+             "| checkpoint | INT8 path | flavour | mean cosine | worst image | INT8 FLOPs | latency (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for case, rows in result["cases"].items():
+        for r in rows:
+            share = f"{100 * r['int8_flops_fraction']:.1f}%"
+            lat = f"{r['latency']['median_s']:.3f}" if "latency" in r else ""
+            lines.append(f"| {case} | {r['path']} | {r['flavour']} | {r['cosine']:.5f} | "
+                         f"{r['worst_image_cosine']:.5f} | {share} | {lat} |")
+    lines += ["", "latency: onnxruntime CPU, batch 1, median; new / previous (cpu flavour): "
+              + ", ".join(f"{c}: {v:.3f}" for c, v in result["latency_ratio"].items())
+              + f" (target <= {LATENCY_TARGET})"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mra.benchmarks.int8_outliers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="folder for checkpoints and graphs (reused)")
+    p.add_argument("--quick", action="store_true", help="tiny preset at S=384: checks the script, measures nothing")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--calib-count", type=int, default=16)
+    a = p.parse_args(argv)
+    from mra.model.tiny import Outliers, make_checkpoint
+
+    preset, size = ("tiny", 384) if a.quick else ("7b", 1024)
+    cases = {}
+    for case, outliers in (("plain", None), ("outliers 2x40", Outliers(2, 40))):
+        ckpt = a.work / f"{preset}-{'plain' if outliers is None else 'outliers'}"
+        if not (ckpt / "config.json").is_file():
+            make_checkpoint(ckpt, preset, ["vision"], outliers=outliers)
+        cases[case] = run_case(ckpt, a.work / f"graphs-{ckpt.name}-{size}", size, a)
+    ratio = {}
+    for case, rows in cases.items():
+        t = {r["path"]: r["latency"]["median_s"] for r in rows if "latency" in r}
+        ratio[case] = t["smoothed + mixed"] / t["previous"]
+    result = {"preset": preset, "image_size": size, "cases": cases, "latency_ratio": ratio,
+              "latency_target": LATENCY_TARGET, "quick": a.quick}
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = "int8_outliers" + ("-quick" if a.quick else "")
+    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (a.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

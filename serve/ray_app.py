@@ -1,0 +1,377 @@
+"""mra-serve on Ray Serve: the same OpenAI app, spread over one machine or a cluster.
+
+    HTTP -> Ray Serve proxy -> ingress: mra.serve.app.build_app(RayBackend)
+              -> vision deployment (M replicas): the bundle's vision backend behind serve.batch,
+                 so concurrent requests' images run as one batch over the graph's batch axis
+              -> llm deployment (N replicas): one llama.cpp context each (a one-slot LocalBackend),
+                 routed by the conversation's image key so that its follow-ups find their KV prefix
+
+MRA makes the vision side heavy and batchable and the LLM side one sequence per context, so
+they scale apart. Every replica checks its node's bundle against the driver's
+(:mod:`.fingerprint`) before it turns healthy. A replica that dies mid-request is restarted by
+Ray; the requests it held get a 503 with ``Retry-After`` (never a truncated answer as success).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from mra.runtime.errors import MraError
+
+from .fingerprint import BundleFingerprint
+from .jobs import ChatJob, ImageInput
+from .protocol import ApiError, Event, Headers, queue_full
+
+log = logging.getLogger("mra.serve.ray")
+
+APP_NAME = "mra"
+# Ray Serve's consistent-hash router (experimental in Ray 2.60): the handle's session_id picks the
+# replica, and the next replicas on the ring take over when it is busy or gone.
+KEY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+RETRY_AFTER_S = 2
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the model is spread over Ray: `mra-serve --ray ...`."""
+    address: str | None = None  # None: start a local Ray instance on 127.0.0.1, stopped on exit
+    replicas: int = 1  # LLM replicas (one llama.cpp context each)
+    autoscale: tuple[int, int] | None = None  # (min, max) LLM replicas instead of a fixed number
+    vision_replicas: int = 1
+    max_batch: int = 4  # images per vision batch
+    batch_wait_ms: float = 10.0  # how long a vision batch waits to fill
+    llm_cpus: float = 1.0  # Ray resources one replica reserves (placement, not threads)
+    vision_cpus: float = 1.0
+    llm_gpus: float = 0.0
+    vision_gpus: float = 0.0
+
+    def check(self) -> None:
+        lo, hi = self.autoscale or (self.replicas, self.replicas)
+        if not 1 <= lo <= hi or self.vision_replicas < 1 or self.max_batch < 1 or self.batch_wait_ms < 0:
+            raise MraError(f"ray options | replicas {lo}..{hi}, vision replicas {self.vision_replicas}, max batch "
+                           f"{self.max_batch}, batch wait {self.batch_wait_ms} ms; expected 1 <= min <= max, >= 1, "
+                           ">= 1 and >= 0")
+
+
+def replica_name() -> str:
+    """``<replica id>@<host>:<pid>``: which replica answered, and where to find its process."""
+    rid = serve.get_replica_context().replica_id.unique_id
+    return f"{rid}@{socket.gethostname()}:{os.getpid()}"
+
+
+@serve.deployment(name="vision")
+class VisionReplica:
+    """The bundle's vision backend; concurrent images are batched (``serve.batch``)."""
+
+    def __init__(self, bundle: str, fingerprint: BundleFingerprint, vision: str = "auto",
+                 providers: list[str] | None = None, threads: int | None = None, max_batch: int = 4,
+                 batch_wait_s: float = 0.01, cache: int = 64):
+        from mra.runtime.pipeline import EmbeddingCache
+        from mra.runtime.vision_select import select_vision
+
+        manifest = fingerprint.check_manifest(bundle)
+        self.choice = select_vision(manifest, bundle, vision, providers)
+        fingerprint.check_artifact(bundle, self.choice.artifact)
+        self.runner = self.choice.open(bundle, threads=threads)
+        self.size, self.n, self.d = int(manifest.image_size), int(manifest.num_image_tokens), int(manifest.embed_dim)
+        # Names the embeddings' origin in their key: the LLM's KV and prompt caches never mix graphs.
+        self.label = f"{self.choice.artifact.file}:{self.choice.artifact.sha256[:16]}"
+        self.cache = EmbeddingCache(cache)
+        self.set_batching(max_batch, batch_wait_s)
+        self.batches: collections.deque[tuple[int, float]] = collections.deque(maxlen=10_000)  # (images, s)
+
+    async def embed(self, image: ImageInput) -> tuple[str, np.ndarray, int]:
+        """(embeddings key, float32 [N, D], size of the batch that ran it: 0 from the cache) of one
+        image; decoded and preprocessed per request, so a bad image fails alone, then run with the
+        other images that arrive within the batch wait."""
+        key = f"{image.key}/{self.label}"
+        rows = self.cache.get(key)
+        if rows is not None:
+            return key, rows, 0
+        from mra.runtime.preprocess import preprocess_image
+
+        x = await asyncio.to_thread(lambda: preprocess_image(image.open(), self.size))
+        rows, batch = await self._infer_batch(x)
+        self.cache.put(key, rows)
+        return key, rows, batch
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _infer_batch(self, xs: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self.runner.infer, np.stack(xs))
+        self.batches.append((len(xs), time.perf_counter() - t0))
+        if out.shape != (len(xs), self.n, self.d):
+            raise MraError(f"vision {self.choice.artifact.file} | output shape {tuple(out.shape)}, expected "
+                           f"{(len(xs), self.n, self.d)}; re-export the bundle")
+        return [(np.ascontiguousarray(o, dtype=np.float32), len(xs)) for o in out]
+
+    def stats(self) -> dict:
+        """Every batch this replica ran, (images, seconds): what the benchmark reads."""
+        return {"replica": replica_name(), "vision": self.choice.label, "batches": list(self.batches)}
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    def set_batching(self, max_batch: int, wait_s: float) -> None:
+        self._infer_batch.set_max_batch_size(max_batch)
+        self._infer_batch.set_batch_wait_timeout_s(wait_s)
+
+
+@serve.deployment(name="llm")
+class LlmReplica:
+    """One llama.cpp context: a one-slot :class:`~mra.serve.local.LocalBackend` on an LLM-only
+    Pipeline, fed the image embeddings the vision deployment computed."""
+
+    async def __init__(self, bundle: str, fingerprint: BundleFingerprint, pipeline: dict[str, Any]):
+        from .local import LocalBackend
+
+        self.name = replica_name()
+        self.local = LocalBackend(lambda: llm_pipeline(bundle, fingerprint, **pipeline), parallel=1, queue=1)
+        await self.local.start()
+        while not self.local.ready():  # Ray counts the replica healthy when __init__ returns
+            if self.local.error:
+                raise MraError(self.local.error)  # names the node and the file
+            await asyncio.sleep(0.02)
+
+    async def generate(self, job: ChatJob, image: tuple[str, np.ndarray] | None) -> AsyncIterator[Event]:
+        from mra.runtime.llm import Embeddings
+
+        if image is not None:
+            job = dataclasses.replace(job, meta={**job.meta, "image_embeddings": Embeddings(*image)})
+        yield Headers({"x-mra-replica": self.name})
+        async for ev in self.local.generate(job):
+            yield ev
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic probe: an unhealthy replica is replaced."""
+        if not self.local.ready():
+            raise MraError(f"llm replica {self.name} | its llama.cpp context is gone: {self.local.error}")
+
+    async def __del__(self) -> None:  # Ray Serve calls it when the replica is stopped gracefully
+        await self.local.stop()
+
+
+def llm_pipeline(bundle: str | Path, fingerprint: BundleFingerprint, llm_quant: str | None = None,
+                 n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = 0,
+                 kv_type: str = "f16", flash_attn: bool | None = None, prompt_cache: str | Path | None = None,
+                 prompt_cache_bytes: int | None = None):
+    """A Pipeline with the bundle's LLM and no vision backend: images arrive as Embeddings whose
+    keys name the vision graph that made them (so the KV and prompt caches never mix graphs)."""
+    from mra.runtime import Pipeline
+    from mra.runtime.llm import LlamaSession, use_flash_attn
+    from mra.runtime.manifest import Artifact
+    from mra.runtime.pipeline import prompt_cache_identity, select_llm
+    from mra.runtime.prompt_cache import DEFAULT_MAX_BYTES, PromptCache
+
+    bundle = Path(bundle)
+    manifest = fingerprint.check_manifest(bundle)
+    art = select_llm(manifest, bundle, llm_quant)
+    fingerprint.check_artifact(bundle, art)
+    llm = LlamaSession(bundle / art.file, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                       kv_type=kv_type, flash_attn=flash_attn)
+    if llm.n_embd != manifest.embed_dim or manifest.num_image_tokens >= llm.n_ctx:
+        llm.close()
+        raise MraError(f"{bundle / art.file} | n_embd {llm.n_embd} (projector: {manifest.embed_dim}), n_ctx "
+                       f"{llm.n_ctx} (one image: {manifest.num_image_tokens} tokens); re-export the bundle or "
+                       "raise --n-ctx")
+    cache = None
+    if prompt_cache is not None:
+        remote = Artifact("vision deployment", "vision", "ray", "", 0, "named in each image's key")
+        cache = PromptCache(prompt_cache, prompt_cache_identity(remote, art, kv_type, llm.n_ctx,
+                                                                use_flash_attn(flash_attn, kv_type, n_gpu_layers)),
+                            prompt_cache_bytes or DEFAULT_MAX_BYTES)
+    return Pipeline(manifest, bundle, None, None, llm, art, prompt_cache=cache)
+
+
+class RayBackend:
+    """The app's backend in the ingress replica: vision first (batched across requests), then the
+    LLM replica the conversation's key routes to; a lost replica becomes a retryable 503."""
+
+    def __init__(self, vision: DeploymentHandle, llm: DeploymentHandle, model_id: str):
+        self.vision, self.llm, self.model_id = vision, llm.options(stream=True), model_id
+        self.in_flight = 0
+
+    def ready(self) -> bool:
+        return True  # the ingress gets traffic only once every deployment is healthy
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def gauges(self) -> dict[str, float]:
+        return {"in_flight": self.in_flight}
+
+    async def generate(self, job: ChatJob) -> AsyncIterator[Event]:
+        self.in_flight += 1
+        stream, ended = None, False
+        try:
+            image = None
+            if job.image is not None:
+                key, rows, batch = await self.vision.embed.remote(job.image)
+                image = (key, rows)
+                yield Headers({"x-mra-vision-batch": str(batch)})
+                job = dataclasses.replace(job, image=ImageInput(b"", job.image.key))  # the LLM needs no pixels
+            stream = self.llm.options(session_id=route_key(job)).generate.remote(job, image)
+            async for ev in stream:
+                yield ev
+            ended = True
+        except Exception as e:  # not cancellation: that is the client going away
+            ended = True
+            raise as_api_error(e) from None
+        finally:
+            self.in_flight -= 1
+            if stream is not None and not ended:
+                stream.cancel()  # closed early (client gone, timeout): stop the generation
+
+
+def route_key(job: ChatJob) -> str:
+    """The conversation's image (its follow-ups carry the same one), else its first user turn."""
+    if job.image is not None:
+        return job.image.key
+    first = next((m.text for m in job.turns if m.role == "user"), "")
+    return "text:" + hashlib.sha256(json.dumps([job.system, first]).encode()).hexdigest()
+
+
+def as_api_error(e: Exception) -> Exception:
+    """Ray's exceptions as the app's: the model's own ApiError/MraError through, a dead or
+    unreachable replica as 503 + Retry-After, Serve's backpressure as 429."""
+    import ray.exceptions as rex
+    from ray.serve.exceptions import BackPressureError
+
+    cause = e.cause if isinstance(e, rex.RayTaskError) else e
+    if isinstance(cause, ApiError):
+        return cause
+    if isinstance(cause, MraError):
+        return ApiError(400, str(cause))
+    if isinstance(cause, BackPressureError):
+        return queue_full(int(cause.args[0]) if cause.args else 0)
+    if isinstance(cause, (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError, rex.WorkerCrashedError,
+                          rex.NodeDiedError)):
+        return ApiError(503, f"replica lost | the replica serving this request stopped ({type(cause).__name__}); "
+                        f"Ray restarts it, retry after {RETRY_AFTER_S} s", "server_error", "replica_lost",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+    return e
+
+
+@serve.deployment(name="ingress", max_ongoing_requests=1000)
+@serve.ingress()
+class Ingress:
+    """The OpenAI app of :mod:`mra.serve.app`, on :class:`RayBackend`."""
+
+    def __init__(self, vision: DeploymentHandle, llm: DeploymentHandle, settings, model_id: str):
+        self.backend, self.settings = RayBackend(vision, llm, model_id), settings
+
+    def __serve_build_asgi_app__(self):
+        from .app import build_app
+
+        return build_app(self.backend, self.settings)
+
+
+def build_ray_app(bundle: str | Path, opts: RayOptions, settings, pipeline: dict[str, Any], queue: int = 8,
+                  model_id: str = "mra"):
+    """The bound Serve application; the driver's bundle is read here and becomes the fingerprint."""
+    from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+    opts.check()
+    bundle = str(Path(bundle).resolve())
+    fp = BundleFingerprint.of(bundle)
+    vision_kw = {"vision": pipeline.get("vision", "auto"), "threads": pipeline.get("n_threads")}
+    llm_kw = {k: v for k, v in pipeline.items() if k != "vision"}
+    once = {"max_constructor_retry_count": 3}  # a node without the bundle does not get better by retrying
+    vision = VisionReplica.options(
+        **once, num_replicas=opts.vision_replicas, max_ongoing_requests=max(4 * opts.max_batch, 16),
+        ray_actor_options={"num_cpus": opts.vision_cpus, "num_gpus": opts.vision_gpus},
+    ).bind(bundle, fp, max_batch=opts.max_batch, batch_wait_s=opts.batch_wait_ms / 1e3, **vision_kw)
+    scale = ({"autoscaling_config": AutoscalingConfig(min_replicas=opts.autoscale[0], max_replicas=opts.autoscale[1],
+                                                      target_ongoing_requests=1)}
+             if opts.autoscale else {"num_replicas": opts.replicas})
+    llm = LlmReplica.options(
+        **once, max_ongoing_requests=1, max_queued_requests=queue,  # one sequence per context; the router queues
+        request_router_config=RequestRouterConfig(request_router_class=KEY_ROUTER,
+                                                  request_router_kwargs={"num_fallback_replicas": 2}),
+        ray_actor_options={"num_cpus": opts.llm_cpus, "num_gpus": opts.llm_gpus}, **scale,
+    ).bind(bundle, fp, llm_kw)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(vision, llm, settings, model_id)
+
+
+class RayServer:
+    """Ray started (or joined) and the app deployed; :meth:`close` takes down what it started:
+    a local instance entirely (no Ray process is left), on a cluster only this app."""
+
+    def __init__(self, opts: RayOptions, host: str = "127.0.0.1", port: int = 8080, after_init=None):
+        self.opts, self.host, self.port = opts, host, port
+        self.after_init = after_init  # called once Ray is up (Ray's core installs its own signal handlers)
+        self.started_ray = False
+
+    def start(self, app) -> None:
+        import ray
+
+        if self.opts.address is None:
+            # A private instance (on 127.0.0.1 when started through mra-serve, see ray_cli), with
+            # enough logical CPUs for the replicas asked for.
+            lo, hi = self.opts.autoscale or (self.opts.replicas, self.opts.replicas)
+            need = hi * self.opts.llm_cpus + self.opts.vision_replicas * self.opts.vision_cpus
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))),
+                     include_dashboard=False, _node_ip_address="127.0.0.1")
+            self.started_ray = True
+        else:
+            ray.init(address=self.opts.address)
+        if self.after_init is not None:
+            self.after_init()
+        try:
+            serve.start(http_options={"host": self.host, "port": self.port})
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except Exception as e:
+            why = replica_error(e)
+            self.close()
+            raise MraError(f"mra-serve --ray | the deployment failed: {why}") from None
+
+    def close(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        try:
+            if self.started_ray:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
+
+    def __enter__(self) -> "RayServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def replica_error(e: Exception) -> str:
+    """The failing replica's own MraError line (from Serve's status, which keeps the replica's
+    traceback), else the last line of Serve's report."""
+    reports = [str(e)]
+    try:
+        for d in serve.status().applications[APP_NAME].deployments.values():
+            reports.append(d.message or "")
+    except Exception:  # noqa: BLE001 (the status is a best-effort detail of an error being reported)
+        pass
+    lines = [ln.strip() for r in reports for ln in r.splitlines() if ln.strip()]
+    ours = [ln.split("MraError: ", 1)[1] for ln in lines if "MraError: " in ln]
+    return ours[-1] if ours else (lines[0] if lines else type(e).__name__)
