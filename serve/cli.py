@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from mra.runtime.cli import KV_CHOICES, _positive
+from mra.runtime.cli import _positive
+from mra.runtime.llama_enums import KV_TYPES
 from mra.runtime.errors import MraError
 
 from .app import ServerSettings, build_app
@@ -47,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--n-ctx", type=_positive(int, "--n-ctx"), help="context length per slot (default: the model's)")
     g.add_argument("--threads", type=_positive(int, "--threads"), help="CPU threads per slot")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers to offload to the GPU (-1: all)")
-    g.add_argument("--kv-type", choices=KV_CHOICES, default="f16", help="KV cache type (default f16)")
+    g.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16", help="KV cache type (default f16)")
     g.add_argument("--no-hash", action="store_true", help="check artifact sizes only, skip sha256")
     g.add_argument("--prompt-cache", type=Path, help="folder of saved image-prefix KV states, shared across runs")
     g.add_argument("--prompt-cache-gb", type=_positive(float, "--prompt-cache-gb"), default=8.0,
