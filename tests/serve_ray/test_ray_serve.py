@@ -139,14 +139,28 @@ def test_replica_killed_mid_request_gives_503_with_retry_after(client, photo):
 
 
 def _recovers(client, photo):
-    """The other replica serves at once; Ray restarts the dead one (a new replica answers)."""
+    """The other replica serves at once; Ray restarts the dead one (a new replica answers).
+    Requests are routed by image, so the check asks about many distinct drawn images: with
+    the four bundled photos, all four hashed to one replica in about one run of eight."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
     retrying = client.with_options(max_retries=5)  # the openai client honours Retry-After
     assert ask(retrying, [user(CASES[0][1], photo(CASES[0][0]))])[0]
     seen: set[str] = set()
-    deadline = time.monotonic() + 120
-    while len(seen) < 2 and time.monotonic() < deadline:
-        for name in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"):
-            seen.add(ask(retrying, [user("Again?", photo(name))])[1])
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        drawn = []
+        for i in range(16):
+            path = Path(d) / f"drawn{i}.png"
+            Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path)
+            drawn.append(path)
+        deadline = time.monotonic() + 120
+        while len(seen) < 2 and time.monotonic() < deadline:
+            for path in drawn:
+                seen.add(ask(retrying, [user("Again?", path)])[1])
     assert len(seen) == 2, f"only {seen} answer after a replica was killed"
 
 
