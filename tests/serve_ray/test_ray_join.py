@@ -22,7 +22,8 @@ def ray_processes() -> set[int]:
     out = set()
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(k in cmd for k in ("gcs_server", "raylet", "ray::", "ray/dashboard", "ray/_private", "ray.util")):
+        if any(k in cmd for k in ("gcs_server", "raylet", "ray::", "ray/dashboard", "ray/_private", "ray/autoscaler",
+                                     "ray.util")):
             out.add(p.pid)
     return out
 
@@ -33,7 +34,9 @@ def test_joins_a_running_cluster_and_leaves_it_running(tiny_bundle, tmp_path, ph
     ray = Path(sys.executable).with_name("ray")
     assert ray.exists() or shutil.which("ray")
     before = ray_processes()
-    started = subprocess.run([str(ray), "start", "--head", "--port", str(free_port()), "--num-cpus", "4",
+    # --node-ip-address: the cluster binds and talks on loopback only, as the tests must.
+    started = subprocess.run([str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
+                              str(free_port()), "--num-cpus", "4",
                               "--include-dashboard", "false", "--disable-usage-stats"],
                              capture_output=True, text=True, timeout=180)
     cluster = ray_processes() - before  # what `ray start` left running: ours to stop at the end
