@@ -247,11 +247,14 @@ class Pipeline:
                     providers: list[str] | None = None, kv_type: str = "f16", verify_hash: bool = True,
                     n_batch: int = 512, flash_attn: bool | None = None, image_cache: int = 16,
                     exif_transpose: bool = False, prompt_cache: str | os.PathLike | None = None,
-                    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> "Pipeline":
+                    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                    allow_fallback: bool | None = None) -> "Pipeline":
         """Open a bundle: check the artifacts it uses (size; sha256 unless ``verify_hash=False``,
         for very large files), pick the vision backend and load the GGUF. ``prompt_cache``: a
         folder where image prefixes' KV states persist across processes (at most
-        ``prompt_cache_bytes``, least recently used evicted)."""
+        ``prompt_cache_bytes``, least recently used evicted). ``allow_fallback``: whether named
+        GPU ``providers`` that fail to load may leave onnxruntime on the CPU (default: only when
+        no providers were named)."""
         bundle = Path(path)
         manifest = Manifest.load(bundle)
         choice = select_vision(manifest, bundle, vision, providers)
@@ -269,7 +272,7 @@ class Pipeline:
                 raise MraError(f"n_ctx | {llm.n_ctx} positions cannot hold one image ({manifest.num_image_tokens} "
                                f"tokens) and a question; pass a larger n_ctx (the model was trained with "
                                f"{llm.n_ctx_train})")
-            runner = choice.open(bundle, threads=n_threads)
+            runner = choice.open(bundle, threads=n_threads, allow_fallback=allow_fallback)
         except BaseException:
             llm.close()
             raise

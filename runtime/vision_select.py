@@ -32,9 +32,10 @@ class VisionChoice:
     backend: str  # "onnxruntime" | "tensorrt"
     providers: list[str] | None = None
 
-    def open(self, bundle: str | Path, threads: int | None = None) -> VisionRunner:
+    def open(self, bundle: str | Path, threads: int | None = None,
+             allow_fallback: bool | None = None) -> VisionRunner:
         return open_runner(self.backend, Path(bundle) / self.artifact.file, artifact=self.artifact,
-                           providers=self.providers, threads=threads)
+                           providers=self.providers, threads=threads, allow_fallback=allow_fallback)
 
     @property
     def label(self) -> str:

@@ -68,3 +68,15 @@ def test_engines_ranked_by_measured_latency_fp16_where_int8_is_not_faster():
     assert rank_engines([tie, fp16])[0].precision == "fp16"
     unmeasured = engine("fp16", None)  # built by an older version: the fixed order decides
     assert [a.precision for a in rank_engines([int8, unmeasured])] == ["fp16", "int8"]
+
+
+@pytest.mark.skipif(__import__("onnxruntime").get_device() == "GPU", reason="this onnxruntime has CUDA")
+def test_pipeline_passes_allow_fallback_through(tiny_bundle):
+    """The error's advice works from the Pipeline too: allow_fallback=True accepts the CPU."""
+    from mra.runtime import Pipeline
+
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(MraError, match="asked for CUDAExecutionProvider"):
+        Pipeline.from_bundle(tiny_bundle, vision="onnx:fp32", providers=cuda)
+    with Pipeline.from_bundle(tiny_bundle, vision="onnx:fp32", providers=cuda, allow_fallback=True) as pipe:
+        assert pipe.runner.providers == ["CPUExecutionProvider"]
