@@ -272,3 +272,17 @@ def test_recovery_touches_only_its_own_side_paths(finished, tmp_path):
     before = tree(other)
     recover(tmp_path / "b[1]")
     assert tree(other) == before and not (tmp_path / "b[1]").exists()
+
+
+def test_recovery_removes_a_finished_partial_and_keeps_an_unmarked_one(finished, tmp_path, caplog):
+    """A kill after the work folder's mark was removed (the bundle complete, not yet swapped in)
+    leaves a finished bundle at the partial path: recovery removes it. A folder that merely looks
+    like a partial (no mark, not a bundle) is someone else's and stays."""
+    out = tmp_path / "b"
+    copy_bundle(finished, tmp_path / ".b.partial-k1ll")
+    foreign = tmp_path / ".b.partial-user"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    recover(out)
+    assert not (tmp_path / ".b.partial-k1ll").exists() and "removed" in caplog.text
+    assert tree(foreign) == {"notes.txt": b"mine"} and not out.exists()

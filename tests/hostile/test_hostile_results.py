@@ -83,3 +83,18 @@ def test_a_second_run_on_the_same_results_fails_at_once(hostile_bundle, folder, 
         assert folder_run(hostile_bundle, folder, out) == 1
     assert "another mra-run is writing it" in capsys.readouterr().err and out.read_bytes() == b""
     assert folder_run(hostile_bundle, folder, out) == 0 and len(out.read_bytes().splitlines()) == 1
+
+
+def test_a_failed_start_removes_only_the_empty_file_it_created(tmp_path):
+    """results_lock deletes the results file on an error only if this run created it and wrote
+    nothing; a file that was there before (empty or not) is left as it was."""
+    from mra.runtime.cli import results_lock
+
+    new, empty, kept = tmp_path / "new.jsonl", tmp_path / "empty.jsonl", tmp_path / "kept.jsonl"
+    empty.touch()
+    kept.write_text('{"image": "a.png"}\n')
+    for path in (new, empty, kept):
+        with pytest.raises(RuntimeError):
+            with results_lock(path):
+                raise RuntimeError("failed before the first record")
+    assert not new.exists() and empty.read_bytes() == b"" and kept.read_text() == '{"image": "a.png"}\n'
