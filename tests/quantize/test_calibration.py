@@ -93,3 +93,25 @@ def test_calibrated_bytes_is_what_the_graph_produces(fp32_graph):
     outs = sess.run(None, {INPUT_NAME: fp32_graph.vs.batches[0]})
     got = sum(o.nbytes for o, meta in zip(outs, sess.get_outputs()) if meta.name in wanted)
     assert calibrated_bytes(m, QUANTIZED_OP_TYPES) == got > 0
+
+
+def test_attention_probabilities_take_a_percentile_range(fp32_graph, tmp_path):
+    """With min-max, the Softmax outputs' upper bounds come from the percentile pass (lower
+    than their maxima); every other range is min-max's own."""
+    import onnx
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from mra.quantize.calibration import _calibrate, collect_ranges
+    from mra.quantize.int8 import QUANTIZED_OP_TYPES
+
+    calib = load_calibration_set(None, 2, fp32_graph.size)
+    got = load_tensors_data(str(collect_ranges(fp32_graph.path, calib, "minmax", QUANTIZED_OP_TYPES,
+                                               tmp_path / "r.json")))
+    plain = _calibrate(fp32_graph.path, calib, "minmax", QUANTIZED_OP_TYPES, False, tmp_path)
+    probs = {n.output[0] for n in onnx.load(str(fp32_graph.path)).graph.node if n.op_type == "Softmax"}
+    assert len(probs) == 4 and probs <= set(got)
+    assert set(got) == set(plain)
+    for name in got:
+        (lo, hi), (plo, phi) = ([float(np.ravel(v)[0]) for v in r[name].range_value] for r in (got, plain))
+        assert lo == pytest.approx(plo)
+        assert (0 < hi < 0.9 * phi) if name in probs else hi == pytest.approx(phi), name

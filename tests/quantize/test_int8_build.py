@@ -12,7 +12,7 @@ from onnx import TensorProto
 
 from mra.export.validate import VALIDATION_PHOTOS, Threshold, validate_graph
 from mra.quantize.calibration import load_calibration_set
-from mra.quantize.int8 import INT8_MIN_COSINE, QUANTIZED_OP_TYPES, quantized_nodes
+from mra.quantize.int8 import INT8_MIN_COSINE, QUANTIZED_OP_TYPES, float_nodes, quantized_nodes
 from mra.quantize.int8_build import Int8Options, build_int8
 from mra.quantize.sensitivity import drop_group, embeddings, node_flops, quantizable_groups
 from mra.runtime.names import INT8_FLAVOURS
@@ -71,13 +71,26 @@ def test_without_smoothing_the_outliers_break_int8(stress384, tmp_path):
 
 
 def test_plain_model_is_no_worse_than_before(fp32_graph, tmp_path):
-    """Plain random weights, no outliers: the graphs pass the same bar as the stress model
-    (before smoothing and mixed precision: mean 0.9993 trt / 0.9990 cpu at S = 384 with a
-    third of the FLOPs in INT8; README "INT8 and activation outliers")."""
+    """Plain random weights, no outliers: against the INT8 path before issue 14 (no smoothing,
+    the attention products and image-facing convolutions fixed in float; a third of the FLOPs
+    in INT8), built here from the same calibration. Measured at S = 384: 0.99908 / 0.99872
+    (trt / cpu) against 0.99926 / 0.99897; min-max ranges on the attention probabilities and
+    a quantized ConvNeXt stem cost 9e-4 / 1.2e-3 and fail this."""
+    from mra.benchmarks.int8_outliers import LEGACY_FLOAT_PATTERNS, legacy_float_nodes
+    from mra.quantize.int8 import quantize_int8
+
+    calib = load_calibration_set(None, 16, fp32_graph.size, exclude_builtin=VALIDATION_PHOTOS)
     for flavour, (path, info) in build(fp32_graph, tmp_path).items():
         v = validate_graph(path, fp32_graph.vs, Threshold(min_cosine=INT8_MIN_COSINE))
-        assert v["cosine"] >= 0.997 and v["worst_image_cosine"] >= 0.99, (flavour, v)
         assert int8_share(path, fp32_graph.path) >= BAR_INT8_FLOPS
+        if flavour == "trt-fp16":  # no float16 graph before; onnxruntime runs it like trt
+            continue
+        before = tmp_path / f"before.{flavour}.onnx"
+        quantize_int8(fp32_graph.path, before, calib, flavour=flavour, ranges_cache=tmp_path / "before-ranges.json",
+                      float_node_patterns=LEGACY_FLOAT_PATTERNS, keep_float=legacy_float_nodes(fp32_graph.path))
+        b = validate_graph(before, fp32_graph.vs, Threshold(min_cosine=INT8_MIN_COSINE))
+        assert v["cosine"] >= b["cosine"] - 4e-4 and v["worst_image_cosine"] >= b["worst_image_cosine"] - 4e-4, \
+            (flavour, v["cosine"], b["cosine"])
 
 
 def test_graph_flops_match_the_analytic_count(stress_graph, stress_ckpt):
@@ -93,7 +106,8 @@ def test_dropping_every_group_gives_the_float_graph_back(stress384, tmp_path):
     graphs = build(stress384, tmp_path, smooth_alpha=0, max_float_fraction=0)  # quantized from this very graph
     fp32 = onnx.load(str(stress384.path))
     qdq = onnx.load(str(graphs["trt"][0]))
-    everything = [n for g in quantizable_groups(fp32, []) for n in g.nodes]
+    everything = [n for g in quantizable_groups(fp32, float_nodes(fp32)) if g.decision != "float: fixed"
+                  for n in g.nodes]
     x = list(np.concatenate(stress384.vs.batches))
     ref = embeddings(stress384.path, x)
     back = embeddings(drop_group(qdq, fp32, everything), x)
