@@ -29,28 +29,12 @@ from mra.runtime.names import INT8_FLAVOUR_TRT
 
 from .calibration import CalibrationSet
 from .int8 import FLAVOURS, float_nodes, quantize_int8, quantized_nodes
-from .sensitivity import (DEFAULT_MAX_FLOAT_FRACTION, SENSITIVITY_IMAGES, TARGET_MEAN_COSINE, TARGET_WORST_COSINE,
-                          Plan, choose_float_groups, embeddings, measure_contributions, quantizable_groups, score)
-from .smooth import DEFAULT_SMOOTH_ALPHA, smooth_graph
+from .int8_options import Int8Options
+from .sensitivity import (SENSITIVITY_IMAGES, Plan, choose_float_groups, embeddings, measure_contributions,
+                          quantizable_groups, score)
+from .smooth import smooth_graph
 
 log = logging.getLogger("mra.quantize")
-
-
-@dataclass(frozen=True)
-class Int8Options:
-    method: str = "minmax"
-    smooth_alpha: float = DEFAULT_SMOOTH_ALPHA  # 0: no smoothing
-    max_float_fraction: float = DEFAULT_MAX_FLOAT_FRACTION  # of the quantizable FLOPs
-    target_mean: float = TARGET_MEAN_COSINE
-    target_worst: float = TARGET_WORST_COSINE
-
-    def check(self) -> None:
-        if not 0 <= self.max_float_fraction <= 1:
-            raise MraError(f"--int8-max-float-fraction | got {self.max_float_fraction}, expected 0 to 1 "
-                           f"(default {DEFAULT_MAX_FLOAT_FRACTION})")
-        if not 0 <= self.smooth_alpha <= 1:
-            raise MraError(f"--smooth-alpha | got {self.smooth_alpha}, expected 0 (off) to 1 "
-                           f"(default {DEFAULT_SMOOTH_ALPHA})")
 
 
 @dataclass

@@ -29,12 +29,6 @@ import onnx
 
 from .int8 import QUANTIZED_OP_TYPES
 
-DEFAULT_MAX_FLOAT_FRACTION = 0.10
-# What the search aims for on the calibration images: the mean over images of each image's
-# mean token cosine against FP32, and the worst image's. Above the validation bar
-# (INT8_MIN_COSINE) so that held-out photos, which calibration did not see, pass it too.
-TARGET_MEAN_COSINE = 0.99
-TARGET_WORST_COSINE = 0.97
 SENSITIVITY_IMAGES = 4  # calibration images per drop-one measurement
 
 

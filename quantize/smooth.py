@@ -31,12 +31,9 @@ from mra.runtime.errors import MraError
 from mra.runtime.names import INPUT_NAME
 
 from .calibration import CalibrationSet
+from .int8_options import DEFAULT_SMOOTH_ALPHA
 from .onnx_io import save_onnx
 
-# Default migration strength: SmoothQuant's. On the tiny outlier stress checkpoint (2 channels
-# x40 per LayerNorm -> Linear pair) alpha 0.25 to 1.0 measured the same (mean cosine 0.9984 trt
-# at S = 384): its outliers are an exact rescaling, which any alpha > 0 undoes.
-DEFAULT_SMOOTH_ALPHA = 0.5
 MIN_SCALE = 1e-5  # floor of max|X_j| and max|W_j|: a dead channel keeps s_j finite
 
 

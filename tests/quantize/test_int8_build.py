@@ -13,7 +13,8 @@ from onnx import TensorProto
 from mra.export.validate import VALIDATION_PHOTOS, Threshold, validate_graph
 from mra.quantize.calibration import load_calibration_set
 from mra.quantize.int8 import INT8_MIN_COSINE, QUANTIZED_OP_TYPES, float_nodes, quantized_nodes
-from mra.quantize.int8_build import Int8Options, build_int8
+from mra.quantize.int8_build import build_int8
+from mra.quantize.int8_options import Int8Options
 from mra.quantize.sensitivity import drop_group, embeddings, node_flops, quantizable_groups
 from mra.runtime.names import INT8_FLAVOURS
 
