@@ -58,7 +58,7 @@ def open_runner(backend: str, path: str | os.PathLike, *, image_size: int | None
 
 def export_fp32_onnx(module, image_size: int, path: Path) -> Path:
     """FP32 ONNX graph of ``module`` at ``image_size`` (dynamic batch), via the exporter."""
-    from mra.export.onnx_export import export_onnx
+    from mra.export.onnx_convert import export_onnx
 
     export_onnx(module, path, image_size=image_size)
     return path

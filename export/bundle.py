@@ -28,11 +28,15 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
+from mra.quantize.int8_options import Int8Options
 from mra.runtime.errors import MraError
 from mra.runtime.manifest import Manifest
 from mra.runtime.names import MANIFEST_FILE
+
+if TYPE_CHECKING:
+    from mra.export.trt_build import EngineOptions
 
 log = logging.getLogger("mra.export")
 
@@ -50,7 +54,7 @@ class ExportOptions:
     calib_images: Path | None = None
     calib_method: str = "minmax"
     calib_count: int = 16
-    # INT8 smoothing strength and float budget (None: mra.quantize.int8_build.Int8Options' defaults)
+    # INT8 smoothing strength and float budget (None: mra.quantize.int8_options.Int8Options' defaults)
     smooth_alpha: float | None = None
     int8_max_float_fraction: float | None = None
     min_cosine: dict[str, float] = field(default_factory=dict)  # per precision; defaults in quantize
@@ -69,13 +73,37 @@ class ExportOptions:
     trt_dla_core: int | None = None
     trt_opt_level: int | None = None
 
+    # The options as the export steps take them: each step gets only its own part.
+    def vision_bars(self) -> VisionBars:
+        return VisionBars(self.max_rel_err, self.min_cosine)
+
+    def int8_options(self) -> Int8Options:
+        given = {"method": self.calib_method, "smooth_alpha": self.smooth_alpha,
+                 "max_float_fraction": self.int8_max_float_fraction}
+        return Int8Options(**{k: v for k, v in given.items() if v is not None})
+
+    def engine_options(self) -> EngineOptions:
+        from mra.export.trt_build import EngineOptions
+
+        return EngineOptions(self.trt_batch, self.trt_workspace_mb, self.trt_timing_cache, self.trt_dla_core,
+                             self.trt_opt_level)
+
+
+@dataclass(frozen=True)
+class VisionBars:
+    """The bars the vision graphs and engines are held to, as the user set them: FP32 by
+    relative error, FP16 / INT8 by mean cosine (a precision not named: its default)."""
+    max_rel_err: float
+    min_cosine: dict[str, float]
+
 
 def export(opts: ExportOptions) -> Path:
     """Run the export `opts` describes; returns the bundle path."""
     if opts.target == "trt" and not opts.llm_only:  # fail fast: before any export work or folder
-        from mra.export.trt_build import require_tensorrt
+        from mra.export.trt_build import check_trt_options, require_tensorrt
 
-        require_tensorrt(opts=opts)  # also refuses --dla-core with a dynamic --batch, before any work
+        check_trt_options(opts)  # refuses --dla-core with a dynamic --batch everywhere, TensorRT or not
+        require_tensorrt()
     if opts.model is None:
         return _extend(opts)
     out = Path(opts.out)
@@ -287,15 +315,22 @@ def _build(opts: ExportOptions, work: Path, manifest: Manifest) -> None:
     if not opts.llm_only:
         from mra.export.onnx_export import export_vision_onnx
 
-        export_vision_onnx(opts, work, manifest)
+        export_vision_onnx(opts.model, work, manifest, opts.precisions, bars=opts.vision_bars(),
+                           int8=opts.int8_options(), calib_images=opts.calib_images, calib_count=opts.calib_count,
+                           progress=opts.progress)
         if opts.target == "trt":
-            from mra.export.trt_build import build_engines
-
-            build_engines(opts, work, manifest)
+            _export_engines(opts, work, manifest)
     if opts.llm_quants:
         from mra.export.gguf_export import export_llm
 
-        export_llm(opts, work, manifest)
+        export_llm(opts.model, work, manifest, opts.llm_quants, opts.llm_thresholds)
+
+
+def _export_engines(opts: ExportOptions, bundle: Path, manifest: Manifest) -> None:
+    from mra.export.trt_export import export_engines
+
+    export_engines(bundle, manifest, opts.precisions, opts.engine_options(), bars=opts.vision_bars(),
+                   calib_images=opts.calib_images)
 
 
 def _extend(opts: ExportOptions) -> Path:
@@ -306,9 +341,7 @@ def _extend(opts: ExportOptions) -> Path:
                        "pass --model CKPT to export ONNX")
     with output_lock(bundle):
         manifest = Manifest.load(bundle)
-        from mra.export.trt_build import build_engines
-
-        build_engines(opts, bundle, manifest)
+        _export_engines(opts, bundle, manifest)
         manifest.save(bundle)
     log.info("updated %s", bundle / MANIFEST_FILE)
     return bundle

@@ -1,5 +1,6 @@
 """The bundle's LLM step: ``llm.<QUANT>.gguf`` for each requested type, each one checked
-against transformers before it enters the manifest.
+against transformers before it enters the manifest. The converter it calls, checkpoint ->
+GGUF, is gguf_convert.py.
 
 One F16 intermediate (F32 when F32 is asked for: then it is that artifact) is converted
 from the checkpoint and every other type is quantized from it by llama.cpp; an
@@ -12,6 +13,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 from mra.runtime.errors import MraError
 from mra.runtime.manifest import Artifact, Manifest, describe_file
@@ -22,22 +24,24 @@ from .gguf_convert import LlamaGGUFConverter
 log = logging.getLogger("mra.export")
 
 
-def export_llm(opts, work: Path, manifest: Manifest) -> None:
-    """Write, validate and register the GGUF LLM(s) of ``opts.llm_quants`` into ``work``."""
+def export_llm(model: Path | None, work: Path, manifest: Manifest, quants: Sequence[str],
+               thresholds: dict[str, dict[str, float]]) -> None:
+    """Write, validate and register the GGUF LLM(s) of ``quants`` into ``work``; ``thresholds``:
+    per GGUF type, the bars that replace the defaults."""
     from mra.quantize.gguf_quant import quant_report, quantize_gguf
     from mra.quantize.gguf_types import GGUF_TYPES
 
     from .llm_validate import THRESHOLDS, SpTokenizer, reference_run, validate_gguf
 
-    quants = list(dict.fromkeys(opts.llm_quants))
+    quants = list(dict.fromkeys(quants))
     bad = [q for q in quants if q not in GGUF_TYPES]
     if bad:
         raise MraError(f"--llm-quant | got {', '.join(bad)}, expected one or more of {', '.join(GGUF_TYPES)}")
     if not quants:
         return
-    if opts.model is None:
+    if model is None:
         raise MraError("--llm-quant | the LLM is converted from a checkpoint: pass --model CKPT")
-    conv = LlamaGGUFConverter(opts.model)
+    conv = LlamaGGUFConverter(model)
     warnings = conv.vocab.warnings()
     for w in warnings:
         log.warning("warning: %s", w)
@@ -47,9 +51,9 @@ def export_llm(opts, work: Path, manifest: Manifest) -> None:
     _check_disk(conv, base_type, quants, work)
     tok = SpTokenizer(conv.vocab)
     t0 = time.perf_counter()
-    ref = reference_run(Path(opts.model), tok)
+    ref = reference_run(Path(model), tok)
     log.info("LLM reference logits: %d prompts, %.1f s", len(ref.ids), time.perf_counter() - t0)
-    bars = {q: {**THRESHOLDS[q], **opts.llm_thresholds.get(q, {})} for q in quants}
+    bars = {q: {**THRESHOLDS[q], **thresholds.get(q, {})} for q in quants}
     try:
         t0 = time.perf_counter()
         conv.write(base, base_type)

@@ -1,170 +1,27 @@
-"""torch -> ONNX for the vision tower (ConvNeXt + CLIP ViT + MR-Adapters + projector), and
-the `--target onnx` step of a bundle: vision.onnx, vision.fp16.onnx and the INT8 graphs
-(vision.int8.onnx, vision.int8-cpu.onnx, vision.int8-fp16.onnx), each validated against the
-torch model before it enters the manifest.
-
-Which exporter. torch 2.13 defaults to the dynamo (torch.export) exporter; this module uses
-the TorchScript one (``dynamo=False``), which 2.13 still ships (with a deprecation warning).
-Measured on the tiny tower at S = 1024: both give the same numbers (rel. error 6e-6 against
-torch), but the dynamo exporter
-- emits opset 18 and its conversion down to 17 fails (ReduceMean axes), while opset 17 is
-  what TensorRT 8.6 (JetPack 6.0) parses; TensorRT 10 would accept 18;
-- needs a batch-2 example to keep the batch axis dynamic, and takes 10x longer
-  (19 s vs 1.9 s on the tiny tower; minutes more on the 7B one), which the test suite and
-  the 16 GB / 2-core export budget feel.
-The TorchScript graph carries Shape/Gather/Concat chains for the batch axis in reshapes,
-which TensorRT and onnxruntime fold. After export the input and output shapes are stamped
-``[batch, 3, S, S]`` and ``[batch, N, D]`` and every intermediate shape is recorded
-(static sizes, times ``batch``); the position embeddings are a folded constant and there
-are no training ops.
-"""
+"""The bundle's ONNX step: vision.onnx, vision.fp16.onnx and the INT8 graphs (vision.int8.onnx,
+vision.int8-cpu.onnx, vision.int8-fp16.onnx), each validated against the torch model before
+it enters the manifest. The converter it calls, torch -> ONNX, is onnx_convert.py."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
-from mra.quantize.onnx_io import external_files, is_large, save_onnx
 from mra.runtime.errors import MraError
-from mra.runtime.names import (INPUT_NAME, INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, ONNX_OPSET,
-                               OUTPUT_NAME)
+from mra.runtime.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16
+
+from .onnx_convert import VisionGraphSpec, describe_onnx, export_onnx, exporter_name
+
+if TYPE_CHECKING:
+    from mra.quantize.int8_options import Int8Options
+    from mra.runtime.manifest import Manifest
+
+    from .bundle import VisionBars
 
 log = logging.getLogger("mra.export")
-
-BATCH_AXIS = "batch"
-PRODUCER = "mra-edge"
-
-
-@dataclass(frozen=True)
-class VisionGraphSpec:
-    """The export contract of the vision graph: names, shapes and opset."""
-    image_size: int
-    num_tokens: int
-    embed_dim: int
-    opset: int = ONNX_OPSET
-
-    @classmethod
-    def of(cls, tower, opset: int = ONNX_OPSET) -> "VisionGraphSpec":
-        return cls(tower.image_size, tower.num_tokens, tower.cfg.llm_hidden_size, opset)
-
-    @property
-    def input_shape(self) -> list:
-        return [BATCH_AXIS, 3, self.image_size, self.image_size]
-
-    @property
-    def output_shape(self) -> list:
-        return [BATCH_AXIS, self.num_tokens, self.embed_dim]
-
-
-def export_onnx(tower, path: str | os.PathLike, image_size: int | None = None, *, opset: int = ONNX_OPSET,
-                external_data: bool | None = None, progress: bool = False) -> VisionGraphSpec:
-    """Export ``tower`` (an MRAVisionTower, float32) to an FP32 ONNX graph at ``path``.
-
-    external_data: keep the weights in ``<path>.data`` (None: only past ~1.8 GB, which the
-    LLaVA-HR-7B tower is). The graph is written under a temporary name and renamed."""
-    import onnx
-    import torch
-    from tqdm import tqdm
-
-    if image_size is not None and image_size != tower.image_size:
-        raise MraError(f"export_onnx | image_size {image_size}, but the tower was built for {tower.image_size}; "
-                       "build it with load_vision(ckpt, image_size)")
-    spec = VisionGraphSpec.of(tower, opset)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    big = is_large(sum(p.numel() * p.element_size() for p in tower.parameters()))
-    steps = tqdm(total=3, desc=f"export {path.name}", unit="step", disable=not progress, leave=False)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.trace-", dir=path.parent))
-    try:
-        steps.set_postfix_str("tracing")
-        traced = scratch / path.name
-        # Batch 2, so that no size-1 axis is mistaken for a broadcast; any values do.
-        example = torch.randn(2, 3, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings on static grid sizes; the legacy exporter's notice
-            torch.onnx.export(
-                tower.eval(), (example,), str(traced), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
-                dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
-                training=torch.onnx.TrainingMode.EVAL, export_params=True)
-        steps.update()
-        steps.set_postfix_str("shapes")
-        # Over 2 GiB the exporter wrote one file per weight beside the graph; onnx.load reads them back.
-        model = _with_static_shapes(onnx.load(str(traced)), spec)
-        steps.update()
-        steps.set_postfix_str("saving")
-        save_onnx(model, path, external_data=big if external_data is None else external_data)
-        del model
-        onnx.checker.check_model(str(path))  # the path form accepts graphs over 2 GiB
-        steps.update()
-    finally:
-        steps.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-    return spec
-
-
-def _with_static_shapes(model, spec: VisionGraphSpec):
-    """Stamp the I/O shapes (only the batch axis free) and provenance, then record every
-    intermediate shape: onnx's own inference stops at the exporter's Shape -> Gather ->
-    Concat reshapes, onnxruntime's symbolic inference resolves them all to static sizes
-    times ``batch``, which TensorRT, the quantizer and a reader of the graph can rely on."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    _stamp(model, spec)
-    del model.graph.value_info[:]
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)  # a copy: the original goes
-    del model
-    free = {d.dim_param for vi in inferred.graph.value_info for d in vi.type.tensor_type.shape.dim
-            if not d.HasField("dim_value")} - {BATCH_AXIS}
-    if free:
-        raise MraError(f"export | intermediate sizes {sorted(free)[:5]} are not static; the graph would need "
-                       "dynamic shapes beyond the batch axis")
-    return inferred
-
-
-def _stamp(model, spec: VisionGraphSpec) -> None:
-    """Static I/O shapes (only the batch axis is free) and provenance in the metadata."""
-    import onnx
-
-    for vi, shape in ((model.graph.input[0], spec.input_shape), (model.graph.output[0], spec.output_shape)):
-        dims = vi.type.tensor_type.shape.dim
-        del dims[:]
-        for d in shape:
-            dims.add().CopyFrom(onnx.TensorShapeProto.Dimension(
-                **({"dim_param": d} if isinstance(d, str) else {"dim_value": d})))
-    model.producer_name = PRODUCER
-    from mra import __version__
-
-    model.producer_version = __version__
-    onnx.helper.set_model_props(model, {"mra.image_size": str(spec.image_size),
-                                        "mra.num_tokens": str(spec.num_tokens),
-                                        "mra.embed_dim": str(spec.embed_dim)})
-
-
-def describe_onnx(path: str | os.PathLike) -> dict:
-    """I/O names, dtypes and shapes, opset and external data files of a graph, for the manifest."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-
-    def io(vi) -> dict:
-        t = vi.type.tensor_type
-        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
-
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"inputs": [io(v) for v in model.graph.input], "outputs": [io(v) for v in model.graph.output],
-            "opset": opset, "external_data": external_files(path)}
-
-
-# --- the `--target onnx` step of a bundle ----------------------------------------------------
 
 # The INT8 flavours a bundle carries, all from one calibration (quantize/int8.py): the
 # graph TensorRT 8.6-10 builds from (and any onnxruntime runs), the one onnxruntime's CPU
@@ -173,9 +30,10 @@ BUNDLE_INT8_FLAVOURS = (INT8_FLAVOUR_TRT, INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT_FP1
 PRECISION_ORDER = ("fp32", "fp16", "int8")
 
 
-def export_vision_onnx(opts, work: Path, manifest) -> None:
+def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: Sequence[str], *, bars: VisionBars,
+                       int8: Int8Options, calib_images: Path | None, calib_count: int, progress: bool) -> None:
     """Write vision.onnx (always: the source of every other graph and of TensorRT engines)
-    and the FP16 / INT8 graphs ``opts.precisions`` asks for into ``work``, validate each on
+    and the FP16 / INT8 graphs ``precisions`` asks for into ``work``, validate each on
     real photos against torch, and add one manifest entry per graph. A graph that misses its
     threshold raises MraError; the caller then discards ``work``."""
     import gc
@@ -188,32 +46,32 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
     from .validate import (VALIDATION_PHOTOS, Threshold, require_passed, torch_reference, validate_graph,
                            validation_set)
 
-    unknown = [p for p in opts.precisions if p not in PRECISION_ORDER]
+    unknown = [p for p in precisions if p not in PRECISION_ORDER]
     if unknown:
         raise MraError(f"--precision | got {unknown}, expected some of {', '.join(PRECISION_ORDER)}")
     s = manifest.image_size
     # Bad INT8 options and calibration folders fail before minutes of tracing, not after.
-    if "int8" in opts.precisions:
-        int8_options(opts).check()
-    calib = (load_calibration_set(opts.calib_images, opts.calib_count, s, exclude_builtin=VALIDATION_PHOTOS)
-             if "int8" in opts.precisions else None)
-    tower = load_vision(opts.model, s)
+    if "int8" in precisions:
+        int8.check()
+    calib = (load_calibration_set(calib_images, calib_count, s, exclude_builtin=VALIDATION_PHOTOS)
+             if "int8" in precisions else None)
+    tower = load_vision(model, s)
     spec = VisionGraphSpec.of(tower)
     if (spec.num_tokens, spec.embed_dim) != (manifest.num_image_tokens, manifest.embed_dim):
-        raise MraError(f"{opts.model} | the tower gives {spec.num_tokens} x {spec.embed_dim} embeddings, the manifest "
+        raise MraError(f"{model} | the tower gives {spec.num_tokens} x {spec.embed_dim} embeddings, the manifest "
                        f"expects {manifest.num_image_tokens} x {manifest.embed_dim}")
-    vs = torch_reference(tower, validation_set(s), opts.progress)
+    vs = torch_reference(tower, validation_set(s), progress)
     fp32 = work / VISION_ONNX["fp32"]
     t0 = time.perf_counter()
-    export_onnx(tower, fp32, progress=opts.progress)
+    export_onnx(tower, fp32, progress=progress)
     built = time.perf_counter() - t0
     del tower
     gc.collect()
-    common = {"N": spec.num_tokens, "D": spec.embed_dim, "image_size": s, "exporter": _exporter()}
+    common = {"N": spec.num_tokens, "D": spec.embed_dim, "image_size": s, "exporter": exporter_name()}
 
     def finish(precision: str, path: Path, info: dict, threshold: Threshold, seconds: float) -> None:
         t0 = time.perf_counter()
-        v = validate_graph(path, vs, threshold, progress=opts.progress)
+        v = validate_graph(path, vs, threshold, progress=progress)
         info, v = {**info, "build_seconds": round(seconds, 2)}, {**v, "seconds": round(time.perf_counter() - t0, 2)}
         log.info("%s: max abs %.3g, rel. error %.3g, mean cosine %.6f (min %.6f), %s", path.name, v["max_abs"],
                  v["rel_err"], v["cosine"], v["min_cosine"], "passed" if v["passed"] else "FAILED")
@@ -222,16 +80,16 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
         manifest.add(_artifact(path, precision, {**describe_onnx(path), **common, **info, "tensorrt_check": trt}, v))
         require_passed(path.name, v)
 
-    finish("fp32", fp32, {}, Threshold(max_rel_err=opts.max_rel_err), built)
-    if "fp16" in opts.precisions:
+    finish("fp32", fp32, {}, Threshold(max_rel_err=bars.max_rel_err), built)
+    if "fp16" in precisions:
         from mra.quantize.fp16 import FP16_MIN_COSINE, convert_fp16
 
         path = work / VISION_ONNX["fp16"]
         t0 = time.perf_counter()
         info = convert_fp16(fp32, path)
-        finish("fp16", path, {"fp16": info}, Threshold(min_cosine=opts.min_cosine.get("fp16", FP16_MIN_COSINE)),
+        finish("fp16", path, {"fp16": info}, Threshold(min_cosine=bars.min_cosine.get("fp16", FP16_MIN_COSINE)),
                time.perf_counter() - t0)
-    if "int8" in opts.precisions:
+    if "int8" in precisions:
         from mra.quantize.int8 import INT8_MIN_COSINE
         from mra.quantize.int8_build import build_int8
 
@@ -239,21 +97,12 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
 
         t0 = time.perf_counter()
         outputs = {flavour: work / _int8_file(flavour) for flavour in BUNDLE_INT8_FLAVOURS}
-        with contextlib.closing(build_int8(fp32, outputs, calib, int8_options(opts), progress=opts.progress)) as graphs:
+        with contextlib.closing(build_int8(fp32, outputs, calib, int8, progress=progress)) as graphs:
             for g in graphs:  # each validated (and possibly failing the export) before the next is built
                 log.debug("%s", format_int8_table(g.path.name, g.info))
                 finish("int8", g.path, {"int8": g.info},
-                       Threshold(min_cosine=opts.min_cosine.get("int8", INT8_MIN_COSINE)), time.perf_counter() - t0)
+                       Threshold(min_cosine=bars.min_cosine.get("int8", INT8_MIN_COSINE)), time.perf_counter() - t0)
                 t0 = time.perf_counter()
-
-
-def int8_options(opts):
-    """The INT8 part of ExportOptions as the quantizer's options (None: its defaults)."""
-    from mra.quantize.int8_build import Int8Options
-
-    given = {"method": opts.calib_method, "smooth_alpha": opts.smooth_alpha,
-             "max_float_fraction": opts.int8_max_float_fraction}
-    return Int8Options(**{k: v for k, v in given.items() if v is not None})
 
 
 def _int8_file(flavour: str) -> str:
@@ -261,12 +110,6 @@ def _int8_file(flavour: str) -> str:
 
     return {INT8_FLAVOUR_TRT: VISION_ONNX["int8"], INT8_FLAVOUR_CPU: VISION_INT8_CPU_ONNX,
             INT8_FLAVOUR_TRT_FP16: VISION_INT8_FP16_ONNX}[flavour]
-
-
-def _exporter() -> str:
-    import torch
-
-    return f"torch.onnx TorchScript exporter (dynamo=False), torch {torch.__version__}"
 
 
 def _artifact(path: Path, precision: str, info: dict, validation: dict):

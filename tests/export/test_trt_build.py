@@ -176,7 +176,8 @@ def test_int8_engine_takes_the_tensorrt_flavoured_graph(tmp_path):
 
 
 def test_thresholds_follow_the_onnx_rules(tmp_path):
-    from mra.export.trt_build import EnginePlan, judge, threshold_for
+    from mra.export.trt_build import EnginePlan
+    from mra.export.trt_export import judge, threshold_for
 
     m = manifest_with(graph("fp32"), graph("int8", cosine=0.985))
     opts = SimpleNamespace(max_rel_err=1e-4, min_cosine={})

@@ -20,7 +20,7 @@ class Graph:
 
 
 def export_graph(ckpt, size: int, folder: Path) -> Graph:
-    from mra.export.onnx_export import export_onnx
+    from mra.export.onnx_convert import export_onnx
     from mra.export.validate import torch_reference, validation_set
     from mra.model import load_vision
 

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from mra.export.onnx_export import describe_onnx, export_onnx
+from mra.export.onnx_convert import describe_onnx, export_onnx
 from mra.model import load_vision
 from mra.quantize.onnx_io import external_files
 from mra.runtime.compare import compare
