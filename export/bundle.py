@@ -52,11 +52,10 @@ class ExportOptions:
     image_size: int | None = None
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     calib_images: Path | None = None
-    calib_method: str = "minmax"
+    calib_method: str = Int8Options.method
     calib_count: int = 16
-    # INT8 smoothing strength and float budget (None: mra.quantize.int8_options.Int8Options' defaults)
-    smooth_alpha: float | None = None
-    int8_max_float_fraction: float | None = None
+    smooth_alpha: float = Int8Options.smooth_alpha
+    int8_max_float_fraction: float = Int8Options.max_float_fraction
     min_cosine: dict[str, float] = field(default_factory=dict)  # per precision; defaults in quantize
     max_rel_err: float = 1e-4  # FP32 ONNX (and TensorRT FP32)
     llm_quants: list[str] = field(default_factory=lambda: ["Q4_K_M"])
@@ -78,9 +77,8 @@ class ExportOptions:
         return VisionBars(self.max_rel_err, self.min_cosine)
 
     def int8_options(self) -> Int8Options:
-        given = {"method": self.calib_method, "smooth_alpha": self.smooth_alpha,
-                 "max_float_fraction": self.int8_max_float_fraction}
-        return Int8Options(**{k: v for k, v in given.items() if v is not None})
+        return Int8Options(method=self.calib_method, smooth_alpha=self.smooth_alpha,
+                           max_float_fraction=self.int8_max_float_fraction)
 
     def engine_options(self) -> EngineOptions:
         from mra.export.trt_build import EngineOptions

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ EPILOG = """examples:
 """
 
 PRECISIONS = ("fp32", "fp16", "int8")
+TRT_PRECISIONS = ("fp16",)  # --target trt without --precision
 
 
 def _csv(kind, allowed=None):
@@ -105,36 +107,51 @@ def _batch(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"--batch | got {text!r}, expected MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX") from None
 
 
+def _default(name: str):
+    """ExportOptions' default for the field ``name``: the CLI states no default of its own."""
+    from mra.export.bundle import ExportOptions
+
+    f = ExportOptions.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def export_parser() -> argparse.ArgumentParser:
     from mra.quantize.gguf_types import GGUF_TYPES
 
+    first = next(iter(SUBCOMMANDS))
     p = argparse.ArgumentParser(
         prog="mra-export", description="Turn a LLaVA-HR checkpoint into a deployable bundle: the vision tower "
         "(ConvNeXt + CLIP ViT + MR-Adapters + projector) as verified ONNX graphs / TensorRT engines, and the "
-        "LLM as GGUF for llama.cpp. Subcommands: make-tiny, plan-memory, verify, inspect (see `mra-export make-tiny --help`).",
+        f"LLM as GGUF for llama.cpp. Subcommands: {', '.join(SUBCOMMANDS)} (see `mra-export {first} --help`).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="LLaVA-HR checkpoint directory (config.json, *.safetensors)")
     src.add_argument("--bundle", type=Path, help="existing bundle: build TensorRT engines from its ONNX graphs")
-    p.add_argument("--target", choices=("onnx", "trt"), default="onnx", help="onnx: ONNX graphs; trt: also TensorRT engines")
+    p.add_argument("--target", choices=("onnx", "trt"), default=_default("target"),
+                   help="onnx: ONNX graphs; trt: also TensorRT engines")
     p.add_argument("--out", type=Path, help="bundle directory to write (with --model)")
     p.add_argument("--image-size", type=_positive_int("--image-size"), help="input side S (default: the checkpoint's input_image_size)")
     p.add_argument("--precision", type=_csv("--precision", PRECISIONS),
-                   help="vision precisions, comma-separated (default: fp32 for onnx, fp16 for trt)")
+                   help=f"vision precisions, comma-separated (default: {','.join(_default('precisions'))} for onnx, "
+                   f"{','.join(TRT_PRECISIONS)} for trt)")
     p.add_argument("--calib-images", type=Path, help="folder of calibration photos for INT8 (default: built-in photos)")
-    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
-                   help="INT8 activation ranges (default minmax; entropy and percentile keep every calibrated "
+    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default=_default("calib_method"),
+                   help="INT8 activation ranges (default %(default)s; entropy and percentile keep every calibrated "
                    "activation of one image in memory: about 12 GB for the 7B tower at S=1024)")
-    p.add_argument("--calib-count", type=_positive_int("--calib-count"), default=16, help="calibration images to use (default 16)")
-    p.add_argument("--smooth-alpha", type=float, help="INT8 SmoothQuant strength, 0 (off) to 1 (default 0.5): moves "
-                   "the range of outlier activation channels into the weights before quantizing")
-    p.add_argument("--int8-max-float-fraction", type=float, help="INT8: the most of the quantizable FLOPs that the "
-                   "sensitivity search may keep in float to reach its accuracy target (default 0.1)")
+    p.add_argument("--calib-count", type=_positive_int("--calib-count"), default=_default("calib_count"),
+                   help="calibration images to use (default %(default)s)")
+    p.add_argument("--smooth-alpha", type=float, default=_default("smooth_alpha"), help="INT8 SmoothQuant strength, "
+                   "0 (off) to 1 (default %(default)s): moves the range of outlier activation channels into the "
+                   "weights before quantizing")
+    p.add_argument("--int8-max-float-fraction", type=float, default=_default("int8_max_float_fraction"),
+                   help="INT8: the most of the quantizable FLOPs that the sensitivity search may keep in float to "
+                   "reach its accuracy target (default %(default)s)")
     p.add_argument("--min-cosine", type=_thresholds, default={},
                    help="validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.999,int8=0.98")
     p.add_argument("--max-rel-err", type=_positive_float("--max-rel-err"), default=1e-4, help="FP32 validation threshold (default 1e-4)")
-    p.add_argument("--llm-quant", type=_llm_quants, default=["Q4_K_M"],
-                   help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default Q4_K_M)")
+    quants = _default("llm_quants")
+    p.add_argument("--llm-quant", type=_llm_quants, default=quants,
+                   help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default {','.join(quants)})")
     p.add_argument("--llm-only", action="store_true", help="build only the LLM part of the bundle")
     p.add_argument("--llm-max-kl", type=_positive_float("--llm-max-kl"), help="LLM validation of quantized GGUFs: highest mean "
                    "KL(transformers || llama.cpp) over the prompt positions (default per type, see README)")
@@ -142,7 +159,9 @@ def export_parser() -> argparse.ArgumentParser:
                    "with transformers (default per type)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     g = p.add_argument_group("TensorRT (--target trt)")
-    g.add_argument("--batch", type=_batch, default=(1, 1, 4), help="optimization profile MIN,OPT,MAX (default 1,1,4)")
+    batch = _default("trt_batch")
+    g.add_argument("--batch", type=_batch, default=batch,
+                   help=f"optimization profile MIN,OPT,MAX (default {','.join(map(str, batch))})")
     g.add_argument("--workspace-mb", type=_positive_int("--workspace-mb"), help="builder workspace limit in MiB")
     g.add_argument("--timing-cache", type=Path, help="timing cache file to read and update")
     g.add_argument("--dla-core", type=int, help="Jetson DLA core (GPU fallback for unsupported layers)")
@@ -162,7 +181,7 @@ def options_from(a: argparse.Namespace):
     quants = [] if a.llm_quant == ["none"] else a.llm_quant
     return ExportOptions(
         out=a.out or a.bundle, model=a.model, target=a.target, image_size=a.image_size,
-        precisions=a.precision or (["fp16"] if a.target == "trt" else ["fp32"]),
+        precisions=a.precision or (list(TRT_PRECISIONS) if a.target == "trt" else _default("precisions")),
         calib_images=a.calib_images, calib_method=a.calib_method, calib_count=a.calib_count,
         smooth_alpha=a.smooth_alpha, int8_max_float_fraction=a.int8_max_float_fraction,
         min_cosine=a.min_cosine, max_rel_err=a.max_rel_err, llm_quants=quants, llm_only=a.llm_only,
