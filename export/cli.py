@@ -14,7 +14,9 @@ import argparse
 import dataclasses
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 EPILOG = """examples:
   mra-export make-tiny demo/ckpt
@@ -196,9 +198,16 @@ def _llm_bars(a: argparse.Namespace, quants: list[str]) -> dict[str, dict[str, f
     return {q: bar for q in quants if bar and q not in ("F32", "F16")}
 
 
-def make_tiny_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="mra-export make-tiny",
-                                description="Write a random LLaVA-HR checkpoint in the released layout.")
+@dataclass(frozen=True)
+class Subcommand:
+    """`mra-export NAME ...`: the parser of its arguments (given its prog) and what runs them
+    (returning the exit code; None: 0)."""
+    parser: Callable[[str], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+def make_tiny_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Write a random LLaVA-HR checkpoint in the released layout.")
     p.add_argument("out", type=Path)
     p.add_argument("--preset", choices=("tiny", "7b", "x"), default="tiny",
                    help="tiny (seconds, for tests/demos), 7b (LLaVA-HR-7B shapes), x (LLaVA-HR-X shapes)")
@@ -207,7 +216,10 @@ def make_tiny_main(argv: list[str]) -> None:
     p.add_argument("--shard-mb", type=int, help="safetensors shard size (default: one file for tiny, 2000 MB else)")
     p.add_argument("--outliers", metavar="K,F", help="INT8 stress checkpoint: K channels of every LayerNorm -> "
                    "Linear pair scaled by F (the float function is unchanged), e.g. 2,40")
-    a = p.parse_args(argv)
+    return p
+
+
+def run_make_tiny(a: argparse.Namespace) -> None:
     if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
         from mra.runtime.errors import MraError
 
@@ -222,26 +234,72 @@ def make_tiny_main(argv: list[str]) -> None:
     print(a.out)
 
 
-def plan_memory_main(argv: list[str]) -> None:
-    from mra.export.plan_memory import plan_memory_main as main
+def plan_memory_parser(prog: str) -> argparse.ArgumentParser:
+    from mra.export.plan_memory import KV_BYTES
 
-    main(argv)
-
-
-def verify_main(argv: list[str]) -> int:
-    from mra.export.verify import verify_main as main
-
-    return main(argv)
-
-
-def inspect_main(argv: list[str]) -> None:
-    from mra.export.int8_report import inspect_main as main
-
-    main(argv)
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Memory budget of a bundle on Jetson Orin modules (8/16/32/64 GB).")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--vision-precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--llm-quant", default="Q4_K_M", help="GGUF type (default %(default)s)")
+    p.add_argument("--n-ctx", type=int, help="context length (default: the LLM's trained context, as mra-run)")
+    p.add_argument("--kv-type", choices=tuple(KV_BYTES), default="f16")
+    p.add_argument("--batch", type=int, default=1, help="images per vision call (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the budget as JSON")
+    return p
 
 
-SUBCOMMANDS = {"make-tiny": make_tiny_main, "plan-memory": plan_memory_main, "verify": verify_main,
-               "inspect": inspect_main}
+def run_plan_memory(a: argparse.Namespace) -> None:
+    import json
+
+    from mra.export.plan_memory import budget_dict, format_budget, plan_memory
+
+    b = plan_memory(a.bundle, a.vision_precision, a.llm_quant, a.n_ctx, a.kv_type, a.batch)
+    print(json.dumps(budget_dict(b), indent=2) if a.json else format_budget(b))
+
+
+def verify_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Check a bundle on disk: the manifest, every artifact's size "
+                                "and sha256, and each GGUF's header.")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--no-hash", action="store_true", help="sizes and headers only (fast on multi-GB files)")
+    return p
+
+
+def run_verify(a: argparse.Namespace) -> int:
+    from mra.export.verify import verify_bundle
+    from mra.runtime.manifest import Manifest
+
+    problems = verify_bundle(a.bundle, check_hash=not a.no_hash)
+    for line in problems:
+        print(f"mra-export verify: {line}", file=sys.stderr)
+    if problems:
+        return 1
+    n = len(Manifest.load(a.bundle).artifacts)
+    print(f"{a.bundle}: {n} artifacts, sizes{'' if a.no_hash else ', sha256'} and headers match {a.bundle}/mra.json")
+    return 0
+
+
+def inspect_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Print a bundle's artifacts and the per-layer INT8 report "
+                                "from its manifest.")
+    p.add_argument("--bundle", type=Path, required=True)
+    return p
+
+
+def run_inspect(a: argparse.Namespace) -> None:
+    from mra.export.int8_report import format_bundle
+
+    print(format_bundle(a.bundle))
+
+
+# `mra-export NAME ...` runs SUBCOMMANDS[NAME]; anything else is an export. --help lists them in this order.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "make-tiny": Subcommand(make_tiny_parser, run_make_tiny),
+    "plan-memory": Subcommand(plan_memory_parser, run_plan_memory),
+    "verify": Subcommand(verify_parser, run_verify),
+    "inspect": Subcommand(inspect_parser, run_inspect),
+}
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
@@ -261,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         _setup_logging(False, False)
-        return SUBCOMMANDS[argv[0]](argv[1:]) or 0
+        command = SUBCOMMANDS[argv[0]]
+        return command.run(command.parser(f"mra-export {argv[0]}").parse_args(argv[1:])) or 0
     a = export_parser().parse_args(argv)
     _setup_logging(a.quiet, a.verbose)
     from mra.export.bundle import export

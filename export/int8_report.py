@@ -6,7 +6,6 @@ prints it (and one line per artifact) later, from mra.json alone: no torch, no o
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from mra.runtime.manifest import Manifest
@@ -63,11 +62,3 @@ def format_bundle(bundle: str | Path) -> str:
         if "int8" in a.info:
             tables.append(format_int8_table(a.file, a.info["int8"], a.validation))
     return "\n\n".join(["\n".join(lines), *tables])
-
-
-def inspect_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="mra-export inspect",
-                                description="Print a bundle's artifacts and the per-layer INT8 report from its manifest.")
-    p.add_argument("--bundle", type=Path, required=True)
-    a = p.parse_args(argv)
-    print(format_bundle(a.bundle))

@@ -10,8 +10,6 @@ the rest are estimates, marked as such.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -219,21 +217,8 @@ def format_budget(b: Budget, devices=DEVICES) -> str:
     return "\n".join(rows)
 
 
-def plan_memory_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="mra-export plan-memory",
-                                description="Memory budget of a bundle on Jetson Orin modules (8/16/32/64 GB).")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--vision-precision", choices=("fp32", "fp16", "int8"), default="fp16")
-    p.add_argument("--llm-quant", default="Q4_K_M", help="GGUF type (default Q4_K_M)")
-    p.add_argument("--n-ctx", type=int, help="context length (default: the LLM's trained context, as mra-run)")
-    p.add_argument("--kv-type", choices=tuple(KV_BYTES), default="f16")
-    p.add_argument("--batch", type=int, default=1, help="images per vision call (default 1)")
-    p.add_argument("--json", action="store_true", help="print the budget as JSON")
-    a = p.parse_args(argv)
-    b = plan_memory(a.bundle, a.vision_precision, a.llm_quant, a.n_ctx, a.kv_type, a.batch)
-    if a.json:
-        print(json.dumps({**asdict(b), "total": b.total,
-                          "devices": {d.name: {"fits": b.fits(d)[0], "free_gib": round(b.fits(d)[1], 3),
-                                               "max_n_ctx": max_n_ctx(b, d)} for d in DEVICES}}, indent=2))
-    else:
-        print(format_budget(b))
+def budget_dict(b: Budget, devices=DEVICES) -> dict:
+    """The budget and each device's verdict, for JSON."""
+    return {**asdict(b), "total": b.total,
+            "devices": {d.name: {"fits": b.fits(d)[0], "free_gib": round(b.fits(d)[1], 3),
+                                 "max_n_ctx": max_n_ctx(b, d)} for d in devices}}

@@ -5,9 +5,7 @@ artifacts it loads, when it loads them."""
 
 from __future__ import annotations
 
-import argparse
 import struct
-import sys
 from pathlib import Path
 
 from mra.runtime.errors import MraError
@@ -47,20 +45,4 @@ def verify_bundle(bundle: Path, check_hash: bool = True) -> list[str]:
     return problems
 
 
-def verify_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mra-export verify", description="Check a bundle on disk: the manifest, "
-                                "every artifact's size and sha256, and each GGUF's header.")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--no-hash", action="store_true", help="sizes and headers only (fast on multi-GB files)")
-    a = p.parse_args(argv)
-    problems = verify_bundle(a.bundle, check_hash=not a.no_hash)
-    for line in problems:
-        print(f"mra-export verify: {line}", file=sys.stderr)
-    if problems:
-        return 1
-    n = len(Manifest.load(a.bundle).artifacts)
-    print(f"{a.bundle}: {n} artifacts, sizes{'' if a.no_hash else ', sha256'} and headers match {a.bundle}/mra.json")
-    return 0
-
-
-__all__ = ["verify_bundle", "verify_main", "check_gguf_header"]
+__all__ = ["verify_bundle", "check_gguf_header"]
