@@ -67,7 +67,8 @@ def latencies(paths: dict[str, str], image_size: int, threads: int | None, warmu
 
 def run_case(ckpt: Path, work: Path, image_size: int, opts: argparse.Namespace) -> list[dict]:
     from mra.export.onnx_export import export_onnx
-    from mra.export.validate import VALIDATION_PHOTOS, Threshold, torch_reference, validate_graph, validation_set
+    from mra.export.thresholds import Threshold
+    from mra.export.validate import VALIDATION_PHOTOS, torch_reference, validate_graph, validation_set
     from mra.model import load_vision
     from mra.quantize.calibration import load_calibration_set
     import onnx

@@ -34,6 +34,8 @@ from mra.runtime.errors import MraError
 from mra.runtime.manifest import Manifest
 from mra.runtime.names import MANIFEST_FILE
 
+from .thresholds import DEFAULT_BARS
+
 log = logging.getLogger("mra.export")
 
 PARTIAL_MARK = ".mra-export-partial"  # inside a work folder: this tool made it, it may delete it
@@ -53,12 +55,13 @@ class ExportOptions:
     # INT8 smoothing strength and float budget (None: mra.quantize.int8_build.Int8Options' defaults)
     smooth_alpha: float | None = None
     int8_max_float_fraction: float | None = None
-    min_cosine: dict[str, float] = field(default_factory=dict)  # per precision; defaults in quantize
-    max_rel_err: float = 1e-4  # FP32 ONNX (and TensorRT FP32)
+    # Validation bars of the vision graphs and engines (defaults: mra.export.thresholds.DEFAULT_BARS).
+    min_cosine: dict[str, float] = field(default_factory=dict)  # per reduced precision
+    max_rel_err: float = DEFAULT_BARS["vision"]["fp32"]["max_rel_err"]  # FP32 ONNX (and TensorRT FP32)
     llm_quants: list[str] = field(default_factory=lambda: ["Q4_K_M"])
     llm_only: bool = False
     # Per GGUF type overrides of the LLM validation bars, e.g. {"Q4_K_M": {"kl_mean": 0.1}}
-    # (defaults: mra.export.llm_validate.THRESHOLDS).
+    # (defaults: mra.export.thresholds.DEFAULT_BARS).
     llm_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     force: bool = False
     progress: bool = True

@@ -106,7 +106,12 @@ def _batch(text: str) -> tuple[int, int, int]:
 
 
 def export_parser() -> argparse.ArgumentParser:
+    from mra.export.thresholds import DEFAULT_BARS
     from mra.quantize.gguf_types import GGUF_TYPES
+
+    vision_bars = DEFAULT_BARS["vision"]
+    max_rel_err = vision_bars["fp32"]["max_rel_err"]
+    min_cosine = ",".join(f"{p}={vision_bars[p]['min_cosine']}" for p in ("fp16", "int8"))
 
     p = argparse.ArgumentParser(
         prog="mra-export", description="Turn a LLaVA-HR checkpoint into a deployable bundle: the vision tower "
@@ -131,8 +136,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-max-float-fraction", type=float, help="INT8: the most of the quantizable FLOPs that the "
                    "sensitivity search may keep in float to reach its accuracy target (default 0.1)")
     p.add_argument("--min-cosine", type=_thresholds, default={},
-                   help="validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.999,int8=0.98")
-    p.add_argument("--max-rel-err", type=_positive_float("--max-rel-err"), default=1e-4, help="FP32 validation threshold (default 1e-4)")
+                   help=f"validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.9995,int8=0.99 "
+                   f"(default {min_cosine})")
+    p.add_argument("--max-rel-err", type=_positive_float("--max-rel-err"), default=max_rel_err,
+                   help=f"FP32 validation threshold (default {max_rel_err:g})")
     p.add_argument("--llm-quant", type=_llm_quants, default=["Q4_K_M"],
                    help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default Q4_K_M)")
     p.add_argument("--llm-only", action="store_true", help="build only the LLM part of the bundle")

@@ -27,7 +27,8 @@ def export_llm(opts, work: Path, manifest: Manifest) -> None:
     from mra.quantize.gguf_quant import quant_report, quantize_gguf
     from mra.quantize.gguf_types import GGUF_TYPES
 
-    from .llm_validate import THRESHOLDS, SpTokenizer, reference_run, validate_gguf
+    from .llm_validate import SpTokenizer, reference_run, validate_gguf
+    from .thresholds import llm_bar
 
     quants = list(dict.fromkeys(opts.llm_quants))
     bad = [q for q in quants if q not in GGUF_TYPES]
@@ -49,7 +50,7 @@ def export_llm(opts, work: Path, manifest: Manifest) -> None:
     t0 = time.perf_counter()
     ref = reference_run(Path(opts.model), tok)
     log.info("LLM reference logits: %d prompts, %.1f s", len(ref.ids), time.perf_counter() - t0)
-    bars = {q: {**THRESHOLDS[q], **opts.llm_thresholds.get(q, {})} for q in quants}
+    bars = {q: llm_bar(opts, q) for q in quants}
     try:
         t0 = time.perf_counter()
         conv.write(base, base_type)
@@ -78,7 +79,7 @@ def export_llm(opts, work: Path, manifest: Manifest) -> None:
                 log.warning("warning: %s: %s", path.name, fb)
             if not val["passed"]:
                 raise MraError(f"{path.name} | validation against transformers failed: {'; '.join(val['failures'])}"
-                               f" (bars {bars[q]}); see the numbers with -v, or pick a higher precision")
+                               f" (bars {bars[q].to_dict()}); see the numbers with -v, or pick a higher precision")
     finally:
         if base_type not in quants:
             base.unlink(missing_ok=True)

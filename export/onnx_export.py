@@ -185,8 +185,8 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
     from mra.runtime.names import VISION_ONNX
 
     from .trt_check import tensorrt_check_info
-    from .validate import (VALIDATION_PHOTOS, Threshold, require_passed, torch_reference, validate_graph,
-                           validation_set)
+    from .thresholds import Threshold, vision_bar
+    from .validate import VALIDATION_PHOTOS, require_passed, torch_reference, validate_graph, validation_set
 
     unknown = [p for p in opts.precisions if p not in PRECISION_ORDER]
     if unknown:
@@ -222,17 +222,15 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
         manifest.add(_artifact(path, precision, {**describe_onnx(path), **common, **info, "tensorrt_check": trt}, v))
         require_passed(path.name, v)
 
-    finish("fp32", fp32, {}, Threshold(max_rel_err=opts.max_rel_err), built)
+    finish("fp32", fp32, {}, vision_bar(opts, "fp32"), built)
     if "fp16" in opts.precisions:
-        from mra.quantize.fp16 import FP16_MIN_COSINE, convert_fp16
+        from mra.quantize.fp16 import convert_fp16
 
         path = work / VISION_ONNX["fp16"]
         t0 = time.perf_counter()
         info = convert_fp16(fp32, path)
-        finish("fp16", path, {"fp16": info}, Threshold(min_cosine=opts.min_cosine.get("fp16", FP16_MIN_COSINE)),
-               time.perf_counter() - t0)
+        finish("fp16", path, {"fp16": info}, vision_bar(opts, "fp16"), time.perf_counter() - t0)
     if "int8" in opts.precisions:
-        from mra.quantize.int8 import INT8_MIN_COSINE
         from mra.quantize.int8_build import build_int8
 
         from .int8_report import format_int8_table
@@ -242,8 +240,7 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
         with contextlib.closing(build_int8(fp32, outputs, calib, int8_options(opts), progress=opts.progress)) as graphs:
             for g in graphs:  # each validated (and possibly failing the export) before the next is built
                 log.debug("%s", format_int8_table(g.path.name, g.info))
-                finish("int8", g.path, {"int8": g.info},
-                       Threshold(min_cosine=opts.min_cosine.get("int8", INT8_MIN_COSINE)), time.perf_counter() - t0)
+                finish("int8", g.path, {"int8": g.info}, vision_bar(opts, "int8"), time.perf_counter() - t0)
                 t0 = time.perf_counter()
 
 

@@ -27,12 +27,14 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from mra.runtime.compare import image_cosines
+
 from .int8 import QUANTIZED_OP_TYPES
 
 DEFAULT_MAX_FLOAT_FRACTION = 0.10
 # What the search aims for on the calibration images: the mean over images of each image's
-# mean token cosine against FP32, and the worst image's. Above the validation bar
-# (INT8_MIN_COSINE) so that held-out photos, which calibration did not see, pass it too.
+# mean token cosine against FP32, and the worst image's. Above the INT8 validation bar
+# (mra.export.thresholds.DEFAULT_BARS) so that held-out photos, which calibration did not see, pass it too.
 TARGET_MEAN_COSINE = 0.99
 TARGET_WORST_COSINE = 0.97
 SENSITIVITY_IMAGES = 4  # calibration images per drop-one measurement
@@ -53,9 +55,7 @@ class Score:
 
 def score(got: np.ndarray, ref: np.ndarray) -> Score:
     """got, ref: [B, N, D] embeddings."""
-    g, r = got.astype(np.float64), ref.astype(np.float64)
-    cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
-    per_image = cos.mean(axis=-1)
+    per_image = image_cosines(got, ref)
     return Score(float(per_image.mean()), float(per_image.min()))
 
 

@@ -176,20 +176,19 @@ def test_int8_engine_takes_the_tensorrt_flavoured_graph(tmp_path):
 
 
 def test_thresholds_follow_the_onnx_rules(tmp_path):
-    from mra.export.trt_build import EnginePlan, judge, threshold_for
+    from mra.export.thresholds import DEFAULT_BARS, Threshold
+    from mra.export.trt_build import EnginePlan, threshold_for
 
     m = manifest_with(graph("fp32"), graph("int8", cosine=0.985))
     opts = SimpleNamespace(max_rel_err=1e-4, min_cosine={})
     plan = lambda p: EnginePlan(p, graph(p), False)  # noqa: E731
-    assert threshold_for(opts, m, plan("fp32")) == {"max_rel_err": 1e-4}
-    assert threshold_for(opts, m, plan("int8")) == {"min_cosine": 0.985}
-    from mra.quantize.fp16 import FP16_MIN_COSINE
-
-    assert threshold_for(opts, m, plan("fp16")) == {"min_cosine": FP16_MIN_COSINE}
-    assert threshold_for(SimpleNamespace(max_rel_err=1e-4, min_cosine={"int8": 0.9}), m, plan("int8")) == {
+    assert threshold_for(opts, m, plan("fp32")).to_dict() == {"max_rel_err": 1e-4}
+    assert threshold_for(opts, m, plan("int8")).to_dict() == {"min_cosine": 0.985}
+    assert threshold_for(opts, m, plan("fp16")) == DEFAULT_BARS["vision"]["fp16"]
+    assert threshold_for(SimpleNamespace(max_rel_err=1e-4, min_cosine={"int8": 0.9}), m, plan("int8")).to_dict() == {
         "min_cosine": 0.9}
-    assert judge({"rel_err": 5e-5, "cosine": 0.5}, {"max_rel_err": 1e-4})
-    assert not judge({"rel_err": 0.0, "cosine": 0.98}, {"min_cosine": 0.985})
+    assert Threshold(max_rel_err=1e-4).passes({"rel_err": 5e-5, "cosine": 0.5})
+    assert not Threshold(min_cosine=0.985).passes({"rel_err": 0.0, "cosine": 0.98})
 
 
 def test_static_check_passes_on_every_exported_graph(onnx_bundle):
