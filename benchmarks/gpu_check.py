@@ -231,10 +231,8 @@ def build_engine(work: Path, size: int, precision: str, out: Path) -> dict:
         layers_file = Path(out) / "layers" / f"{size}-{precision}.json"
         layers_file.parent.mkdir(parents=True, exist_ok=True)
         layers_file.write_text(r.layer_information())
-    keep = ("tensorrt_version", "gpu_name", "compute_capability", "source_onnx", "strongly_typed", "builder_flags",
-            "build_seconds", "layers", "latency_ms", "device_memory_bytes", "profile")
     return {"file": a.file, "size_bytes": a.size, "validation": a.validation,
-            **{k: a.info.get(k) for k in keep}, "layers_file": str(layers_file.relative_to(out))}
+            **a.info.engine_build(), "layers_file": str(layers_file.relative_to(out))}
 
 
 def run_gpu_tests(out: Path) -> dict:
@@ -403,7 +401,7 @@ def auto_choices(engines: dict[str, dict]) -> dict[str, str]:
                 for k, e in engines.items() if k.startswith(f"{s}-") and e.get("file")]
         if arts:
             best = rank_engines(arts)[0]
-            lat = {a.precision: (a.info.get("latency_ms") or {}).get("1") for a in arts}
+            lat = {a.precision: a.info.latency_ms(1) for a in arts}
             out[s] = f"{best.precision} (batch-1 ms: " + ", ".join(f"{p} {v}" for p, v in sorted(lat.items())) + ")"
     return out
 

@@ -135,7 +135,7 @@ def bundle_files(path: Path) -> set[str] | None:
     files = {MANIFEST_FILE}
     for a in manifest.artifacts:
         files.add(a.file)
-        files.update(a.info.get("external_data", []))
+        files.update(a.info.external_data)
     have = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
     return files if have == files else None
 

@@ -51,7 +51,7 @@ log = logging.getLogger("mra.export")
 VALIDATION_IMAGES = 4
 LATENCY_RUNS = 10  # timed runs per batch size after 3 warm-ups (median recorded)
 
-# INT8 source graphs by manifest flavour (``info["int8"]["flavour"]``), preferred first.
+# INT8 source graphs by manifest flavour (``ArtifactInfo.int8_flavour``), preferred first.
 # TensorRT 10 runs the float layers of the symmetric QDQ graph ("trt") in FP16 via its FP16
 # flag. TensorRT 11 takes every type from the graph, so it wants the QDQ graph whose float
 # parts are FP16 ("trt-fp16"); a bundle exported before that flavour existed falls back to
@@ -158,7 +158,7 @@ def _int8_graph(manifest: Manifest, bundle: Path, strongly_typed: bool) -> Artif
     flavours = int8_flavours(strongly_typed)
 
     def flavour(a: Artifact) -> str:
-        return a.info.get("int8", {}).get("flavour") or FALLBACK_INT8_FLAVOUR
+        return a.info.int8_flavour or FALLBACK_INT8_FLAVOUR
 
     ranked = sorted(graphs, key=lambda a: flavours.index(flavour(a)) if flavour(a) in flavours else len(flavours))
     verdicts = [(a, tensorrt_verdict(bundle, a)) for a in ranked]
@@ -177,9 +177,9 @@ def _int8_graph(manifest: Manifest, bundle: Path, strongly_typed: bool) -> Artif
 def tensorrt_verdict(bundle: Path, a: Artifact) -> list[str]:
     """The static check's problems for a graph: recorded in the manifest at export time,
     else computed now (needs the onnx package)."""
-    rec = a.info.get("tensorrt_check")
-    if isinstance(rec, dict) and "ok" in rec:
-        return [] if rec["ok"] else list(rec.get("problems") or ["recorded as incompatible"])
+    recorded = a.info.tensorrt_problems
+    if recorded is not None:
+        return recorded
     from mra.export.trt_check import check_tensorrt_compat
 
     return check_tensorrt_compat(Path(bundle) / a.file)

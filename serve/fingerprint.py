@@ -53,7 +53,7 @@ class BundleFingerprint:
         that its file hashes to what this node's manifest records."""
         where = f"node {socket.gethostname()}"
         if a.format == "trt":
-            source = a.info.get("source_onnx_sha256")
+            source = a.info.source_onnx_sha256
             if source not in self.hashes.values():
                 raise MraError(f"{where}: {Path(bundle) / a.file} | built from an ONNX graph with sha256 "
                                f"{str(source)[:16]}, which the driver's bundle does not have; rebuild the engine "
