@@ -25,9 +25,9 @@ def make_bench_checkpoint(out: Path, quick: bool) -> Path:
 def make_bench_bundle(ckpt: Path, out: Path, precisions: list[str], quants: list[str], trt: bool,
                       calib_count: int) -> Path:
     """A bundle with every vision precision and GGUF type the tables compare."""
+    from mra.core.names import MANIFEST_FILE
     from mra.export.bundle import ExportOptions, export
     from mra.export.thresholds import default_bar
-    from mra.runtime.names import MANIFEST_FILE
 
     if (out / MANIFEST_FILE).is_file():
         return out

@@ -73,10 +73,10 @@ def run_case(ckpt: Path, work: Path, image_size: int, opts: argparse.Namespace) 
     from mra.quantize.calibration import load_calibration_set
     import onnx
 
+    from mra.core.names import INT8_FLAVOURS
     from mra.quantize.int8 import quantize_int8, quantized_nodes
     from mra.quantize.int8_build import build_int8
     from mra.quantize.sensitivity import node_flops
-    from mra.runtime.names import INT8_FLAVOURS
 
     work.mkdir(parents=True, exist_ok=True)
     tower = load_vision(ckpt, image_size)

@@ -29,7 +29,7 @@ def _export_vision(ckpt: Path, out: Path, precisions: list[str], calib_count: in
 
 
 def vision_export_memory(ckpt: Path, work: Path, precisions: list[str], calib_count: int) -> dict:
-    from mra.runtime.manifest import Manifest
+    from mra.core.manifest import Manifest
 
     bundle = work / "export-memory"
     common = {"precisions": list(precisions), "limit_gb": EXPORT_LIMIT_GB}

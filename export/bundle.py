@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Manifest
-from mra.runtime.names import MANIFEST_FILE
+from mra.core.errors import MraError
+from mra.core.manifest import Manifest
+from mra.core.names import MANIFEST_FILE
 
 from .thresholds import DEFAULT_BARS
 

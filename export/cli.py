@@ -163,7 +163,7 @@ def options_from(a: argparse.Namespace):
     from mra.export.bundle import ExportOptions
 
     if a.model and not a.out:
-        from mra.runtime.errors import MraError
+        from mra.core.errors import MraError
 
         raise MraError("--out | missing: --out BUNDLE is required with --model")
     quants = [] if a.llm_quant == ["none"] else a.llm_quant
@@ -197,7 +197,7 @@ def make_tiny_main(argv: list[str]) -> None:
                    "Linear pair scaled by F (the float function is unchanged), e.g. 2,40")
     a = p.parse_args(argv)
     if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
-        from mra.runtime.errors import MraError
+        from mra.core.errors import MraError
 
         raise MraError(f"{a.out} | exists and is not an empty folder; pass a new folder name")
     from tqdm import tqdm
@@ -240,7 +240,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mra.runtime.errors import run_cli
+    from mra.core.errors import run_cli
 
     argv = sys.argv[1:] if argv is None else argv
     return run_cli("mra-export", _main, argv, verbose="-v" in argv or "--verbose" in argv)

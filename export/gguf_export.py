@@ -13,9 +13,9 @@ import shutil
 import time
 from pathlib import Path
 
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Artifact, Manifest, describe_file
-from mra.runtime.names import llm_gguf_file
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, Manifest, describe_file
+from mra.core.names import llm_gguf_file
 
 from .gguf_convert import LlamaGGUFConverter
 

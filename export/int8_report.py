@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mra.runtime.manifest import Manifest
+from mra.core.manifest import Manifest
 
 
 def _gflops(flops: int) -> str:

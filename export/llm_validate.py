@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mra.core.errors import MraError
+from mra.core.names import ROLES, SYSTEM_PROMPT
 from mra.runtime.compare import compare
-from mra.runtime.errors import MraError
-from mra.runtime.names import ROLES, SYSTEM_PROMPT
 
 from .gguf_vocab import SpmVocab
 from .thresholds import Threshold, default_bar

@@ -31,10 +31,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from mra.core.errors import MraError
+from mra.core.names import (INPUT_NAME, INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, ONNX_OPSET,
+                            OUTPUT_NAME)
 from mra.quantize.onnx_io import external_files, is_large, save_onnx
-from mra.runtime.errors import MraError
-from mra.runtime.names import (INPUT_NAME, INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, ONNX_OPSET,
-                               OUTPUT_NAME)
 
 log = logging.getLogger("mra.export")
 
@@ -180,9 +180,9 @@ def export_vision_onnx(opts, work: Path, manifest) -> None:
     threshold raises MraError; the caller then discards ``work``."""
     import gc
 
+    from mra.core.names import VISION_ONNX
     from mra.model import load_vision
     from mra.quantize.calibration import load_calibration_set
-    from mra.runtime.names import VISION_ONNX
 
     from .trt_check import tensorrt_check_info
     from .thresholds import Threshold, vision_bar
@@ -254,7 +254,7 @@ def int8_options(opts):
 
 
 def _int8_file(flavour: str) -> str:
-    from mra.runtime.names import VISION_INT8_CPU_ONNX, VISION_INT8_FP16_ONNX, VISION_ONNX
+    from mra.core.names import VISION_INT8_CPU_ONNX, VISION_INT8_FP16_ONNX, VISION_ONNX
 
     return {INT8_FLAVOUR_TRT: VISION_ONNX["int8"], INT8_FLAVOUR_CPU: VISION_INT8_CPU_ONNX,
             INT8_FLAVOUR_TRT_FP16: VISION_INT8_FP16_ONNX}[flavour]
@@ -267,8 +267,8 @@ def _exporter() -> str:
 
 
 def _artifact(path: Path, precision: str, info: dict, validation: dict):
-    from mra.runtime.files import sha256_file
-    from mra.runtime.manifest import Artifact, describe_file
+    from mra.core.files import sha256_file
+    from mra.core.manifest import Artifact, describe_file
 
     size, sha = describe_file(path)
     extra = info.get("external_data", [])

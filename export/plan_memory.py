@@ -16,12 +16,12 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, Manifest
+from mra.core.names import INT8_FLAVOUR_TRT
 from mra.llama_shape import LLAMA_7B, LlamaShape
-from mra.runtime.errors import MraError
 from mra.runtime.gguf_types import GGUF_TYPES, gguf_type
 from mra.runtime.llama_enums import KV_TYPES
-from mra.runtime.manifest import Artifact, Manifest
-from mra.runtime.names import INT8_FLAVOUR_TRT
 
 log = logging.getLogger("mra.export")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 
 @dataclass(frozen=True)

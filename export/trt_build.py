@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
+from mra.core.errors import MraError
+from mra.core.files import atomic_path
+from mra.core.manifest import Artifact, Manifest, describe_file, verify_artifact
+from mra.core.names import (INPUT_NAME, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, OUTPUT_NAME, VISION_ONNX,
+                            trt_engine_file)
 from mra.runtime.compare import compare
-from mra.runtime.errors import MraError
-from mra.runtime.files import atomic_path
 from mra.runtime.gpu_stack import require_supported_tensorrt
-from mra.runtime.manifest import Artifact, Manifest, describe_file, verify_artifact
-from mra.runtime.names import (INPUT_NAME, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, OUTPUT_NAME, VISION_ONNX,
-                              trt_engine_file)
 from mra.runtime.trt_backend import (INSTALL_HINT, GpuInfo, TrtRunner, engine_tag, gpu_info,
                                      missing_for_tensorrt)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mra.core.errors import MraError
 from mra.quantize.photos import PHOTOS, photo_paths
 from mra.runtime.compare import compare, image_cosines
-from mra.runtime.errors import MraError
 from mra.runtime.ort_backend import OrtRunner
 from mra.runtime.preprocess import preprocess_batch
 

@@ -61,8 +61,8 @@ from pathlib import Path
 
 import onnx
 
-from mra.runtime.errors import MraError
-from mra.runtime.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16
+from mra.core.errors import MraError
+from mra.core.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16
 
 from .calibration import CalibrationSet, collect_ranges
 from .fp16 import convert_fp16

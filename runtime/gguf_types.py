@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import MraError
+from mra.core.errors import MraError
 
 # Bits per weight of the ggml tensor types the registry's file types write:
 # 8 * bytes per block / values per block, as gguf-py's GGML_QUANT_SIZES gives them.

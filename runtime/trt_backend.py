@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MraError
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, ArtifactInfo, Manifest
+from mra.core.names import INPUT_NAME, OUTPUT_NAME
+
 from .gpu_stack import SUPPORTED_TENSORRT, TENSORRT_INSTALL, require_supported_tensorrt, unsupported_tensorrt
-from .manifest import Artifact, ArtifactInfo, Manifest
-from .names import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger("mra.runtime")
 

@@ -11,9 +11,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MraError
-from .manifest import Artifact, Manifest
-from .names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, Manifest
+from mra.core.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT
+
 from .runners import VisionRunner, open_runner
 
 log = logging.getLogger("mra.runtime")

@@ -14,9 +14,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Artifact, Manifest, verify_artifact
-from mra.runtime.names import MANIFEST_FILE
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, Manifest, verify_artifact
+from mra.core.names import MANIFEST_FILE
 
 # What must be equal for two bundles to give the same answers.
 CONTRACT_FIELDS = ("image_size", "num_image_tokens", "embed_dim", "preprocess", "prompt")

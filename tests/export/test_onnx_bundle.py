@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from mra.core.files import sha256_file
+from mra.core.manifest import Manifest, verify_artifact
 from mra.export.cli import main
 from mra.export.thresholds import DEFAULT_BARS
 from mra.export.validate import VALIDATION_PHOTOS
 from mra.model import load_vision
 from mra.runtime.compare import compare
-from mra.runtime.files import sha256_file
-from mra.runtime.manifest import Manifest, verify_artifact
 from mra.runtime.ort_backend import OrtRunner
 from mra.runtime.preprocess import preprocess_batch
 

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from mra.core.errors import MraError
 from mra.export.thresholds import DEFAULT_BARS, Failure, Threshold, default_bar, llm_bar, vision_bar
 from mra.runtime.compare import image_cosines
-from mra.runtime.errors import MraError
 
 
 def test_vision_failures_keep_their_words():

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from mra.core.manifest import Artifact, Manifest
 from mra.runtime import MraError
-from mra.runtime.manifest import Artifact, Manifest
 from mra.runtime.trt_backend import missing_for_tensorrt
 
 NO_TENSORRT = bool(missing_for_tensorrt())
@@ -107,8 +107,8 @@ def test_int8_graph_is_chosen_by_manifest_flavour(tmp_path, caplog):
     the symmetric graph and says so; TensorRT 10 takes the symmetric graph and its FP16 flag."""
     import logging
 
+    from mra.core.names import VISION_INT8_FP16_ONNX
     from mra.export import trt_build
-    from mra.runtime.names import VISION_INT8_FP16_ONNX
 
     def int8(file, flavour):
         g = graph("int8", file)
@@ -129,7 +129,7 @@ def test_int8_graph_is_chosen_by_manifest_flavour(tmp_path, caplog):
 
 
 def graph(precision: str, file: str | None = None, check: dict | None = None, cosine: float | None = None):
-    from mra.runtime.names import VISION_ONNX
+    from mra.core.names import VISION_ONNX
 
     return Artifact(file or VISION_ONNX[precision], "vision", "onnx", precision, 1, "0" * 64,
                     info={"tensorrt_check": check or {"ok": True, "problems": []}},

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from mra.core.errors import MraError
 from mra.export.gguf_convert import LlamaGGUFConverter, write_gguf
 from mra.export.llm_validate import SpTokenizer, reference_run, validate_gguf
 from mra.export.thresholds import DEFAULT_BARS
 from mra.quantize.gguf_quant import quant_report, quantize_gguf, tensor_types
 from mra.quantize.gguf_types import K_GGML_TYPES
-from mra.runtime.errors import MraError
 
 
 @pytest.fixture(scope="module")

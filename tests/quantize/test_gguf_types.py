@@ -4,8 +4,8 @@ import gguf
 import llama_cpp
 import pytest
 
+from mra.core.errors import MraError
 from mra.export.thresholds import DEFAULT_BARS
-from mra.runtime.errors import MraError
 from mra.runtime.gguf_types import (GGML_BITS, GGUF_TYPES, K_GGML_TYPES, LLM_QUANT_ORDER, REGISTRY, gguf_type,
                                     least_quantized)
 

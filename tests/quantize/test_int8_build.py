@@ -10,13 +10,13 @@ import onnx
 import pytest
 from onnx import TensorProto
 
+from mra.core.names import INT8_FLAVOURS
 from mra.export.thresholds import DEFAULT_BARS
 from mra.export.validate import VALIDATION_PHOTOS, validate_graph
 from mra.quantize.calibration import load_calibration_set
 from mra.quantize.int8 import QUANTIZED_OP_TYPES, float_nodes, quantized_nodes
 from mra.quantize.int8_build import Int8Options, build_int8
 from mra.quantize.sensitivity import drop_group, embeddings, node_flops, quantizable_groups
-from mra.runtime.names import INT8_FLAVOURS
 
 BAR_MEAN, BAR_WORST, BAR_INT8_FLOPS = 0.985, 0.95, 0.85
 

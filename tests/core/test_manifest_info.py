@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from mra.runtime.manifest import Artifact, ArtifactInfo, Manifest
+from mra.core.manifest import Artifact, ArtifactInfo, Manifest
 
 
 def engine_info() -> dict:
