@@ -41,7 +41,7 @@ def backend_specs(bundle: Path, ckpt: Path, manifest) -> list[dict]:
     specs = [{"backend": "torch", "precision": "fp32", "path": str(ckpt)}]
     for a in sorted(manifest.find("vision", "onnx"), key=lambda a: ("fp32", "fp16", "int8").index(a.precision)):
         specs.append({"backend": "onnxruntime", "precision": a.precision, "path": str(bundle / a.file),
-                      "flavour": a.info.get("int8", {}).get("flavour"), "providers": ["CPUExecutionProvider"]})
+                      "flavour": a.info.int8_flavour, "providers": ["CPUExecutionProvider"]})
     for a in manifest.find("vision", "trt"):
         specs.append({"backend": "tensorrt", "precision": a.precision, "path": str(bundle / a.file)})
     return specs

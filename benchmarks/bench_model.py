@@ -25,15 +25,15 @@ def make_bench_checkpoint(out: Path, quick: bool) -> Path:
 def make_bench_bundle(ckpt: Path, out: Path, precisions: list[str], quants: list[str], trt: bool,
                       calib_count: int) -> Path:
     """A bundle with every vision precision and GGUF type the tables compare."""
+    from mra.core.names import MANIFEST_FILE
     from mra.export.bundle import ExportOptions, export
-    from mra.export.llm_validate import THRESHOLDS
-    from mra.runtime.names import MANIFEST_FILE
+    from mra.export.thresholds import default_bar
 
     if (out / MANIFEST_FILE).is_file():
         return out
     # The benchmark measures the reduced precisions' drift; it does not gate on it. The FP32
     # graph keeps its exactness bar: timings of a wrong graph would mean nothing.
-    open_bars = {q: {k: 0.0 if k == "top1" else 1e9 for k in THRESHOLDS.get(q, {})} for q in quants}
+    open_bars = {q: default_bar("llm", q).wide_open().to_dict() for q in quants}
     opts = ExportOptions(out=out, model=ckpt, target="trt" if trt else "onnx", precisions=list(precisions),
                          llm_quants=list(quants), calib_count=calib_count, progress=False, force=True,
                          min_cosine={p: 0.0 for p in precisions if p != "fp32"}, llm_thresholds=open_bars)

@@ -92,7 +92,7 @@ def load_record(out: Path, name: str) -> Record | None:
 
 
 def save_record(out: Path, r: Record) -> None:
-    from mra.runtime.files import atomic_write_text
+    from mra.core.files import atomic_write_text
 
     p = record_path(out, r.name)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +103,8 @@ def save_record(out: Path, r: Record) -> None:
 def artifacts_present(stage: str, work: Path) -> bool:
     """Whether what a passed stage built is still in the work folder (else it runs again)."""
     from mra.benchmarks.gpu_latency import bundle_dir
-    from mra.runtime.errors import MraError
-    from mra.runtime.manifest import Manifest
+    from mra.core.errors import MraError
+    from mra.core.manifest import Manifest
 
     m = re.match(r"(prepare|engine)-(\d+)(?:-(\w+))?$", stage)
     if not m:
@@ -219,8 +219,8 @@ def build_engine(work: Path, size: int, precision: str, out: Path) -> dict:
     """``mra-export --bundle B --target trt --precision P``, then what the manifest recorded
     and the inspector's full layer list (DIR/layers/S-P.json)."""
     from mra.benchmarks.gpu_latency import bundle_dir
+    from mra.core.manifest import Manifest
     from mra.export.bundle import ExportOptions, export
-    from mra.runtime.manifest import Manifest
     from mra.runtime.runners import open_runner
 
     bundle = bundle_dir(work, size)
@@ -231,10 +231,8 @@ def build_engine(work: Path, size: int, precision: str, out: Path) -> dict:
         layers_file = Path(out) / "layers" / f"{size}-{precision}.json"
         layers_file.parent.mkdir(parents=True, exist_ok=True)
         layers_file.write_text(r.layer_information())
-    keep = ("tensorrt_version", "gpu_name", "compute_capability", "source_onnx", "strongly_typed", "builder_flags",
-            "build_seconds", "layers", "latency_ms", "device_memory_bytes", "profile")
     return {"file": a.file, "size_bytes": a.size, "validation": a.validation,
-            **{k: a.info.get(k) for k in keep}, "layers_file": str(layers_file.relative_to(out))}
+            **a.info.engine_build(), "layers_file": str(layers_file.relative_to(out))}
 
 
 def run_gpu_tests(out: Path) -> dict:
@@ -373,7 +371,7 @@ def _write_data(out: Path, name: str, data: dict) -> None:
 def write_report(out: Path, all_stages: list[Stage], total_s: float | None = None,
                  deadline_s: float | None = None) -> dict:
     from mra.benchmarks.gpu_latency import table
-    from mra.runtime.files import atomic_write_text
+    from mra.core.files import atomic_write_text
 
     records = [load_record(out, s.name) or Record(s.name, "not run", s.budget_s) for s in all_stages]
     by = {r.name: r for r in records}
@@ -394,7 +392,7 @@ def write_report(out: Path, all_stages: list[Stage], total_s: float | None = Non
 
 def auto_choices(engines: dict[str, dict]) -> dict[str, str]:
     """Per S, which engine ``vision="auto"`` takes given the latencies the manifest records."""
-    from mra.runtime.manifest import Artifact
+    from mra.core.manifest import Artifact
     from mra.runtime.vision_select import rank_engines
 
     out = {}
@@ -403,7 +401,7 @@ def auto_choices(engines: dict[str, dict]) -> dict[str, str]:
                 for k, e in engines.items() if k.startswith(f"{s}-") and e.get("file")]
         if arts:
             best = rank_engines(arts)[0]
-            lat = {a.precision: (a.info.get("latency_ms") or {}).get("1") for a in arts}
+            lat = {a.precision: a.info.latency_ms(1) for a in arts}
             out[s] = f"{best.precision} (batch-1 ms: " + ", ".join(f"{p} {v}" for p, v in sorted(lat.items())) + ")"
     return out
 
@@ -467,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--preset", default="7b")
     a = p.parse_args(argv)
     if a.cmd == "packages":
-        from mra.runtime.errors import MraError
+        from mra.core.errors import MraError
         from mra.runtime.gpu_stack import cuda_major_for_driver, gpu_packages
 
         try:

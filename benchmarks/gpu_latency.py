@@ -39,10 +39,10 @@ def bundle_dir(work: Path, size: int) -> Path:
 def prepare(work: Path, size: int, calib_count: int = 2, preset: str = "7b") -> dict:
     """The 7B-shaped random checkpoint (vision only) and its ONNX bundle at ``size``, unless
     present (preset "tiny" smoke-tests this script in seconds, on any machine)."""
+    from mra.core.errors import MraError
+    from mra.core.manifest import Manifest
     from mra.export.bundle import ExportOptions, export
     from mra.model.tiny import make_checkpoint
-    from mra.runtime.errors import MraError
-    from mra.runtime.manifest import Manifest
 
     ckpt, bundle, done = checkpoint_dir(work), bundle_dir(work, size), {}
     if not (ckpt / "config.json").is_file():
@@ -62,7 +62,7 @@ def prepare(work: Path, size: int, calib_count: int = 2, preset: str = "7b") -> 
 def open_backend(backend: str, work: Path, size: int):
     """A ``VisionRunner`` for one row of the table, through the one factory."""
     from mra.benchmarks.runners import open_runner
-    from mra.runtime.manifest import Manifest
+    from mra.core.manifest import Manifest
 
     if backend == "torch-fp16":
         return open_runner("torch", checkpoint_dir(work), image_size=size, device="cuda", dtype="float16")

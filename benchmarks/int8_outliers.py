@@ -67,15 +67,16 @@ def latencies(paths: dict[str, str], image_size: int, threads: int | None, warmu
 
 def run_case(ckpt: Path, work: Path, image_size: int, opts: argparse.Namespace) -> list[dict]:
     from mra.export.onnx_convert import export_onnx
-    from mra.export.validate import VALIDATION_PHOTOS, Threshold, torch_reference, validate_graph, validation_set
+    from mra.export.thresholds import Threshold
+    from mra.export.validate import VALIDATION_PHOTOS, torch_reference, validate_graph, validation_set
     from mra.model import load_vision
     from mra.quantize.calibration import load_calibration_set
     import onnx
 
+    from mra.core.names import INT8_FLAVOURS
     from mra.quantize.int8 import quantize_int8, quantized_nodes
     from mra.quantize.int8_build import build_int8
     from mra.quantize.sensitivity import node_flops
-    from mra.runtime.names import INT8_FLAVOURS
 
     work.mkdir(parents=True, exist_ok=True)
     tower = load_vision(ckpt, image_size)

@@ -29,7 +29,7 @@ def _export_vision(ckpt: Path, out: Path, precisions: list[str], calib_count: in
 
 
 def vision_export_memory(ckpt: Path, work: Path, precisions: list[str], calib_count: int) -> dict:
-    from mra.runtime.manifest import Manifest
+    from mra.core.manifest import Manifest
 
     bundle = work / "export-memory"
     common = {"precisions": list(precisions), "limit_gb": EXPORT_LIMIT_GB}
@@ -39,10 +39,10 @@ def vision_export_memory(ckpt: Path, work: Path, precisions: list[str], calib_co
         return {**common, "failed": str(e), "peak_rss_sampled_mb": round(e.peak_sampled_mb), "within_limit": False,
                 "rss_timeline_mb": e.rss_timeline_mb[::5]}
     m = Manifest.load(bundle)
-    artifacts = [{"file": a.file, "precision": a.precision, "flavour": a.info.get("int8", {}).get("flavour"),
-                  "size_mb": sum((bundle / f).stat().st_size for f in [a.file, *a.info.get("external_data", [])])
-                  / 2**20, "external_data": a.info.get("external_data", []),
-                  "build_seconds": a.info.get("build_seconds"), "validation_seconds": a.validation.get("seconds"),
+    artifacts = [{"file": a.file, "precision": a.precision, "flavour": a.info.int8_flavour,
+                  "size_mb": sum((bundle / f).stat().st_size for f in [a.file, *a.info.external_data])
+                  / 2**20, "external_data": a.info.external_data,
+                  "build_seconds": a.info.build_seconds, "validation_seconds": a.validation.get("seconds"),
                   "cosine": a.validation["cosine"], "rel_err": a.validation["rel_err"]} for a in m.artifacts]
     shutil.rmtree(bundle, ignore_errors=True)  # scratch: the bench bundle is elsewhere
     return {**common, "image_size": m.image_size, "total_seconds": round(r.seconds, 1),

@@ -162,7 +162,7 @@ def run(bundle: Path, out: Path, quick: bool, threads: int | None, n_ctx: int) -
     finally:
         server.close()
     out.mkdir(parents=True, exist_ok=True)
-    from mra.runtime.files import atomic_write_text
+    from mra.core.files import atomic_write_text
 
     atomic_write_text(out / f"{NAME}.json", json.dumps(res, indent=2) + "\n")
     atomic_write_text(out / f"{NAME}.md", markdown(res))
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="llama.cpp / onnxruntime threads per replica")
     p.add_argument("--n-ctx", type=int, default=4096)
     a = p.parse_args(argv)
-    from mra.runtime.errors import MraError
+    from mra.core.errors import MraError
 
     try:
         res = run(a.bundle, a.out, a.quick, a.threads, a.n_ctx)

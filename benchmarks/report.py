@@ -282,7 +282,7 @@ def update_readme(path, results: dict, results_dir: str = "benchmarks/results") 
     """Replace the generated Performance section of ``path``, or append it at the end."""
     from pathlib import Path
 
-    from mra.runtime.files import atomic_write_text
+    from mra.core.files import atomic_write_text
 
     text = Path(path).read_text()
     section = performance_md(results, results_dir)

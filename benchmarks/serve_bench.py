@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.runtime.files import atomic_write_text
+from mra.core.files import atomic_write_text
 
 log = logging.getLogger("mra.benchmarks")
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mra.runtime.files import atomic_write_text
+from mra.core.files import atomic_write_text
 from mra.runtime.gguf_types import least_quantized
 
 from .machine import usable_cores
@@ -108,7 +108,7 @@ class Suite:
         return self._bundle
 
     def gguf(self, quant: str) -> Path:
-        from mra.runtime.manifest import Manifest
+        from mra.core.manifest import Manifest
 
         _, bundle = self.bundle()
         found = Manifest.load(bundle).find("llm", "gguf", quant)
@@ -190,9 +190,9 @@ class Suite:
             "rows": rows, "failed": failed, "conclusion": conclusion(rows)}
 
     def section_backends(self) -> None:
+        from mra.core.manifest import Manifest
         from mra.model import read_config, vision_config
         from mra.runtime.compare import compare
-        from mra.runtime.manifest import Manifest
 
         from .backends import accuracy_inputs, backend_specs, drift_by_backend, row_key, run_worker
         from .flops import mra_flops

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from mra.core.errors import MraError
+from mra.core.manifest import Manifest
+from mra.core.names import MANIFEST_FILE
 from mra.quantize.int8_options import Int8Options
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Manifest
-from mra.runtime.names import MANIFEST_FILE
+
+from .thresholds import DEFAULT_BARS
 
 if TYPE_CHECKING:
     from mra.export.trt_build import EngineOptions
@@ -56,12 +58,13 @@ class ExportOptions:
     calib_count: int = 16
     smooth_alpha: float = Int8Options.smooth_alpha
     int8_max_float_fraction: float = Int8Options.max_float_fraction
-    min_cosine: dict[str, float] = field(default_factory=dict)  # per precision; defaults in quantize
-    max_rel_err: float = 1e-4  # FP32 ONNX (and TensorRT FP32)
+    # Validation bars of the vision graphs and engines (defaults: mra.export.thresholds.DEFAULT_BARS).
+    min_cosine: dict[str, float] = field(default_factory=dict)  # per reduced precision
+    max_rel_err: float = DEFAULT_BARS["vision"]["fp32"]["max_rel_err"]  # FP32 ONNX (and TensorRT FP32)
     llm_quants: list[str] = field(default_factory=lambda: ["Q4_K_M"])
     llm_only: bool = False
     # Per GGUF type overrides of the LLM validation bars, e.g. {"Q4_K_M": {"kl_mean": 0.1}}
-    # (defaults: mra.export.llm_validate.THRESHOLDS).
+    # (defaults: mra.export.thresholds.DEFAULT_BARS).
     llm_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     force: bool = False
     progress: bool = True
@@ -158,7 +161,7 @@ def bundle_files(path: Path) -> set[str] | None:
     files = {MANIFEST_FILE}
     for a in manifest.artifacts:
         files.add(a.file)
-        files.update(a.info.get("external_data", []))
+        files.update(a.info.external_data)
     have = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
     return files if have == files else None
 

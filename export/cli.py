@@ -118,9 +118,13 @@ def _default(name: str):
 
 
 def export_parser() -> argparse.ArgumentParser:
+    from mra.export.thresholds import DEFAULT_BARS
     from mra.quantize.gguf_types import GGUF_TYPES
 
     first = next(iter(SUBCOMMANDS))
+    vision_bars = DEFAULT_BARS["vision"]
+    min_cosine = ",".join(f"{p}={vision_bars[p]['min_cosine']}" for p in ("fp16", "int8"))
+
     p = argparse.ArgumentParser(
         prog="mra-export", description="Turn a LLaVA-HR checkpoint into a deployable bundle: the vision tower "
         "(ConvNeXt + CLIP ViT + MR-Adapters + projector) as verified ONNX graphs / TensorRT engines, and the "
@@ -149,8 +153,10 @@ def export_parser() -> argparse.ArgumentParser:
                    help="INT8: the most of the quantizable FLOPs that the sensitivity search may keep in float to "
                    "reach its accuracy target (default %(default)s)")
     p.add_argument("--min-cosine", type=_thresholds, default={},
-                   help="validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.999,int8=0.98")
-    p.add_argument("--max-rel-err", type=_positive_float("--max-rel-err"), default=1e-4, help="FP32 validation threshold (default 1e-4)")
+                   help=f"validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.9995,int8=0.99 "
+                   f"(default {min_cosine})")
+    p.add_argument("--max-rel-err", type=_positive_float("--max-rel-err"), default=_default("max_rel_err"),
+                   help="FP32 validation threshold (default %(default)g)")
     quants = _default("llm_quants")
     p.add_argument("--llm-quant", type=_llm_quants, default=quants,
                    help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default {','.join(quants)})")
@@ -177,7 +183,7 @@ def options_from(a: argparse.Namespace):
     from mra.export.bundle import ExportOptions
 
     if a.model and not a.out:
-        from mra.runtime.errors import MraError
+        from mra.core.errors import MraError
 
         raise MraError("--out | missing: --out BUNDLE is required with --model")
     quants = [] if a.llm_quant == ["none"] else a.llm_quant
@@ -221,7 +227,7 @@ def make_tiny_parser(prog: str) -> argparse.ArgumentParser:
 
 def run_make_tiny(a: argparse.Namespace) -> None:
     if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
-        from mra.runtime.errors import MraError
+        from mra.core.errors import MraError
 
         raise MraError(f"{a.out} | exists and is not an empty folder; pass a new folder name")
     from tqdm import tqdm
@@ -268,7 +274,7 @@ def verify_parser(prog: str) -> argparse.ArgumentParser:
 
 def run_verify(a: argparse.Namespace) -> int:
     from mra.export.verify import verify_bundle
-    from mra.runtime.manifest import Manifest
+    from mra.core.manifest import Manifest
 
     problems = verify_bundle(a.bundle, check_hash=not a.no_hash)
     for line in problems:
@@ -310,7 +316,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mra.runtime.errors import run_cli
+    from mra.core.errors import run_cli
 
     argv = sys.argv[1:] if argv is None else argv
     return run_cli("mra-export", _main, argv, verbose="-v" in argv or "--verbose" in argv)

@@ -21,11 +21,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mra.core.errors import MraError
+from mra.core.files import atomic_path
+from mra.core.names import ROLES, SEP, SEP2, SYSTEM_PROMPT
 from mra.llama_shape import LlamaShape
-from mra.runtime.errors import MraError
-from mra.runtime.files import atomic_path
 from mra.runtime.gguf_types import gguf_type
-from mra.runtime.names import ROLES, SEP, SEP2, SYSTEM_PROMPT
 
 from .gguf_vocab import SpmVocab, read_spm_vocab
 from .streaming_reader import StreamingReader

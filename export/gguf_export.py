@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Artifact, Manifest, describe_file
-from mra.runtime.names import llm_gguf_file
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, Manifest, describe_file
+from mra.core.names import llm_gguf_file
 
 from .gguf_convert import LlamaGGUFConverter
 
@@ -31,7 +31,8 @@ def export_llm(model: Path | None, work: Path, manifest: Manifest, quants: Seque
     from mra.quantize.gguf_quant import quant_report, quantize_gguf
     from mra.quantize.gguf_types import GGUF_TYPES
 
-    from .llm_validate import THRESHOLDS, SpTokenizer, reference_run, validate_gguf
+    from .llm_validate import SpTokenizer, reference_run, validate_gguf
+    from .thresholds import llm_bar
 
     quants = list(dict.fromkeys(quants))
     bad = [q for q in quants if q not in GGUF_TYPES]
@@ -53,7 +54,7 @@ def export_llm(model: Path | None, work: Path, manifest: Manifest, quants: Seque
     t0 = time.perf_counter()
     ref = reference_run(Path(model), tok)
     log.info("LLM reference logits: %d prompts, %.1f s", len(ref.ids), time.perf_counter() - t0)
-    bars = {q: {**THRESHOLDS[q], **thresholds.get(q, {})} for q in quants}
+    bars = {q: llm_bar(thresholds, q) for q in quants}
     try:
         t0 = time.perf_counter()
         conv.write(base, base_type)
@@ -82,7 +83,7 @@ def export_llm(model: Path | None, work: Path, manifest: Manifest, quants: Seque
                 log.warning("warning: %s: %s", path.name, fb)
             if not val["passed"]:
                 raise MraError(f"{path.name} | validation against transformers failed: {'; '.join(val['failures'])}"
-                               f" (bars {bars[q]}); see the numbers with -v, or pick a higher precision")
+                               f" (bars {bars[q].to_dict()}); see the numbers with -v, or pick a higher precision")
     finally:
         if base_type not in quants:
             base.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 TOKENIZER_FILE = "tokenizer.model"
 BYTE_PIECES = tuple(f"<0x{b:02X}>" for b in range(256))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mra.runtime.manifest import Manifest
+from mra.core.manifest import Manifest
 
 
 def _gflops(flops: int) -> str:
@@ -55,10 +55,10 @@ def format_bundle(bundle: str | Path) -> str:
         v = a.validation or {}
         numbers = (f"cosine {v['cosine']:.5f}" if "cosine" in v else
                    f"top-1 {v['top1']:.3f}" if "top1" in v else "")
-        flavour = a.info.get("int8", {}).get("flavour")
+        flavour = a.info.int8_flavour
         lines.append(f"{a.file}: {a.kind} {a.format} {a.precision}{' ' + flavour if flavour else ''}, "
                      f"{a.size / 2**20:.1f} MiB, {numbers + ', ' if numbers else ''}"
                      f"{'passed' if a.passed else 'not passed'}")
-        if "int8" in a.info:
-            tables.append(format_int8_table(a.file, a.info["int8"], a.validation))
+        if a.info.int8 is not None:
+            tables.append(format_int8_table(a.file, a.info.int8, a.validation))
     return "\n\n".join(["\n".join(lines), *tables])

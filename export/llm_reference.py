@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 from .gguf_convert import LlamaSpec, llama_spec
 from .streaming_reader import StreamingReader

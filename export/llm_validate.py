@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from mra.core.errors import MraError
+from mra.core.names import ROLES, SYSTEM_PROMPT
 from mra.runtime.compare import compare
-from mra.runtime.errors import MraError
-from mra.runtime.names import ROLES, SYSTEM_PROMPT
 
 from .gguf_vocab import SpmVocab
+from .thresholds import Threshold, default_bar
 
 log = logging.getLogger("mra.export")
 
@@ -48,28 +49,6 @@ TOKENIZER_TEXTS = (
     "<s> literal </s> control text <unk>",
 )
 
-# Validation bars per GGUF type. F32 is the exactness check: 1e-3 max-norm relative error of
-# the logits. F16 also bounds the relative error (llama.cpp rounds activations to F16 in its
-# F16 matmuls: about 8e-4 measured). Quantized types are judged on distributions: mean
-# KL(ref || gguf) over all prompt positions and top-1 agreement. Measured on tiny random
-# checkpoints (3 seeds, 228 positions; K-quants fall back to Q5_0/Q5_1/Q8_0 there):
-#   F16 rel 7-8e-4, KL 2e-7 | Q8_0 KL 1.4e-4, top-1 0.96-0.97 | Q5_K_M KL 2.8-3.1e-3, 0.86-0.89
-#   Q4_K_M KL 3.7-4.1e-3, 0.86-0.89 | Q4_0 KL 1.5-1.7e-2, 0.70-0.75.
-# The KL bars are about 10x those numbers and the top-1 floors 0.15-0.25 below them: a tiny
-# random model has flat distributions with many near-ties, so its top-1 is noisy, and real
-# weights with peaked distributions drift differently; `mra-export --llm-max-kl/--llm-min-top1`
-# lower the bar where a real checkpoint needs it (the numbers are in the manifest either way).
-THRESHOLDS: dict[str, dict[str, float]] = {
-    "F32": {"rel_err": 1e-3},
-    "F16": {"rel_err": 1e-2, "kl_mean": 1e-4},
-    "Q8_0": {"kl_mean": 2e-3, "top1": 0.9},
-    "Q6_K": {"kl_mean": 1e-2, "top1": 0.8},
-    "Q5_K_M": {"kl_mean": 3e-2, "top1": 0.7},
-    "Q4_K_M": {"kl_mean": 5e-2, "top1": 0.6},
-    "Q4_0": {"kl_mean": 1.5e-1, "top1": 0.5},
-}
-
-
 def logit_drift(got: list[np.ndarray], ref: list[np.ndarray]) -> dict:
     """max-norm relative error, top-1 agreement and KL(ref || got) over all positions."""
     g = np.concatenate([np.asarray(x, np.float64) for x in got])
@@ -86,16 +65,6 @@ def logit_drift(got: list[np.ndarray], ref: list[np.ndarray]) -> dict:
 def _logsumexp(x: np.ndarray) -> np.ndarray:
     m = x.max(-1, keepdims=True)
     return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def check_thresholds(metrics: dict, bars: dict[str, float]) -> list[str]:
-    """The bars a measurement misses, as readable lines (top1 is a floor, the rest ceilings)."""
-    out = []
-    for k, bar in bars.items():
-        v = metrics[k]
-        if (v < bar) if k == "top1" else (v > bar):
-            out.append(f"{k} {v:.3g}, expected {'>=' if k == 'top1' else '<='} {bar:g}")
-    return out
 
 
 class SpTokenizer:
@@ -189,18 +158,19 @@ def reference_run(ckpt_dir: Path, tok: SpTokenizer, prompts=LOGIT_PROMPTS) -> Ll
 
 
 def validate_gguf(path: Path, quant: str, ref: LlmReferenceRun, tok: SpTokenizer,
-                  bars: dict[str, float] | None = None) -> dict:
-    """Run the GGUF in llama.cpp on the reference prompts and texts; the manifest's validation."""
-    bars = dict(THRESHOLDS[quant] if bars is None else bars)
+                  threshold: Threshold | None = None) -> dict:
+    """Run the GGUF in llama.cpp on the reference prompts and texts; the manifest's validation
+    (``threshold``: the type's default bar unless given)."""
+    threshold = default_bar("llm", quant) if threshold is None else threshold
     n_ctx = max(64, max(len(i) for i in ref.ids))
     with LlamaCppModel(Path(path), n_ctx=n_ctx) as m:
         got = [m.logits(ids) for ids in ref.ids]
         tokens = tokenization_parity(m, tok)
     metrics = logit_drift(got, ref.logits)
-    failures = check_thresholds(metrics, bars)
+    failures = [str(f) for f in threshold.failures(metrics)]
     if not tokens["passed"]:
         failures.append(f"tokenization differs from SentencePiece on {len(tokens['mismatches'])} of "
                         f"{tokens['checked']} texts")
     return {"logits": metrics, "tokenization": tokens, "prompts": len(ref.ids), "kv_cache": "f32",
-            "reference": "transformers LlamaDecoderLayer float32", "threshold": bars,
+            "reference": "transformers LlamaDecoderLayer float32", "threshold": threshold.to_dict(),
             "failures": failures, "passed": not failures}

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mra.quantize.onnx_io import external_files, is_large, save_onnx
-from mra.runtime.errors import MraError
-from mra.runtime.names import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
+from mra.core.errors import MraError
+from mra.core.names import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
 
 BATCH_AXIS = "batch"
 PRODUCER = "mra-edge"

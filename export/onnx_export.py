@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from mra.runtime.errors import MraError
-from mra.runtime.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16
+from mra.core.errors import MraError
+from mra.core.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16
 
 from .onnx_convert import VisionGraphSpec, describe_onnx, export_onnx, exporter_name
 
 if TYPE_CHECKING:
+    from mra.core.manifest import Manifest
     from mra.quantize.int8_options import Int8Options
-    from mra.runtime.manifest import Manifest
 
     from .bundle import VisionBars
 
@@ -38,13 +38,13 @@ def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: 
     threshold raises MraError; the caller then discards ``work``."""
     import gc
 
+    from mra.core.names import VISION_ONNX
     from mra.model import load_vision
     from mra.quantize.calibration import load_calibration_set
-    from mra.runtime.names import VISION_ONNX
 
     from .trt_check import tensorrt_check_info
-    from .validate import (VALIDATION_PHOTOS, Threshold, require_passed, torch_reference, validate_graph,
-                           validation_set)
+    from .thresholds import Threshold, vision_bar
+    from .validate import VALIDATION_PHOTOS, require_passed, torch_reference, validate_graph, validation_set
 
     unknown = [p for p in precisions if p not in PRECISION_ORDER]
     if unknown:
@@ -80,17 +80,15 @@ def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: 
         manifest.add(_artifact(path, precision, {**describe_onnx(path), **common, **info, "tensorrt_check": trt}, v))
         require_passed(path.name, v)
 
-    finish("fp32", fp32, {}, Threshold(max_rel_err=bars.max_rel_err), built)
+    finish("fp32", fp32, {}, vision_bar(bars, "fp32"), built)
     if "fp16" in precisions:
-        from mra.quantize.fp16 import FP16_MIN_COSINE, convert_fp16
+        from mra.quantize.fp16 import convert_fp16
 
         path = work / VISION_ONNX["fp16"]
         t0 = time.perf_counter()
         info = convert_fp16(fp32, path)
-        finish("fp16", path, {"fp16": info}, Threshold(min_cosine=bars.min_cosine.get("fp16", FP16_MIN_COSINE)),
-               time.perf_counter() - t0)
+        finish("fp16", path, {"fp16": info}, vision_bar(bars, "fp16"), time.perf_counter() - t0)
     if "int8" in precisions:
-        from mra.quantize.int8 import INT8_MIN_COSINE
         from mra.quantize.int8_build import build_int8
 
         from .int8_report import format_int8_table
@@ -100,21 +98,20 @@ def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: 
         with contextlib.closing(build_int8(fp32, outputs, calib, int8, progress=progress)) as graphs:
             for g in graphs:  # each validated (and possibly failing the export) before the next is built
                 log.debug("%s", format_int8_table(g.path.name, g.info))
-                finish("int8", g.path, {"int8": g.info},
-                       Threshold(min_cosine=bars.min_cosine.get("int8", INT8_MIN_COSINE)), time.perf_counter() - t0)
+                finish("int8", g.path, {"int8": g.info}, vision_bar(bars, "int8"), time.perf_counter() - t0)
                 t0 = time.perf_counter()
 
 
 def _int8_file(flavour: str) -> str:
-    from mra.runtime.names import VISION_INT8_CPU_ONNX, VISION_INT8_FP16_ONNX, VISION_ONNX
+    from mra.core.names import VISION_INT8_CPU_ONNX, VISION_INT8_FP16_ONNX, VISION_ONNX
 
     return {INT8_FLAVOUR_TRT: VISION_ONNX["int8"], INT8_FLAVOUR_CPU: VISION_INT8_CPU_ONNX,
             INT8_FLAVOUR_TRT_FP16: VISION_INT8_FP16_ONNX}[flavour]
 
 
 def _artifact(path: Path, precision: str, info: dict, validation: dict):
-    from mra.runtime.files import sha256_file
-    from mra.runtime.manifest import Artifact, describe_file
+    from mra.core.files import sha256_file
+    from mra.core.manifest import Artifact, describe_file
 
     size, sha = describe_file(path)
     extra = info.get("external_data", [])

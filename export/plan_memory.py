@@ -14,11 +14,12 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, Manifest
+from mra.core.names import INT8_FLAVOUR_TRT
 from mra.llama_shape import LLAMA_7B, LlamaShape
-from mra.runtime.errors import MraError
 from mra.runtime.gguf_types import GGUF_TYPES, gguf_type
 from mra.runtime.llama_enums import KV_TYPES
-from mra.runtime.manifest import Artifact, Manifest
 
 log = logging.getLogger("mra.export")
 
@@ -104,20 +105,20 @@ def plan_memory(bundle: str | Path, vision_precision: str = "fp16", llm_quant: s
 
 def _llm_shape(m: Manifest) -> dict:
     ggufs = m.find("llm", "gguf")
-    if ggufs and all(k in ggufs[0].info for k in ("n_layer", "n_embd", "n_head", "n_ff", "n_vocab")):
-        return {**LlamaShape.from_info(ggufs[0].info).info(), "_from": ggufs[0].file}
+    if ggufs and (shape := LlamaShape.recorded_in(ggufs[0].info)):
+        return {**shape.info(), "_from": ggufs[0].file}
     log.warning("plan-memory: the bundle has no GGUF with the LLM's shape; assuming LLaVA-HR-7B's Vicuna-7B")
     return {**LLAMA_7B.info(), "_from": "assumed Vicuna-7B"}
 
 
 def _files_size(bundle: Path, a: Artifact) -> int:
-    return a.size + sum((bundle / f).stat().st_size for f in a.info.get("external_data", []) if (bundle / f).is_file())
+    return a.size + sum((bundle / f).stat().st_size for f in a.info.external_data if (bundle / f).is_file())
 
 
 def _vision_lines(bundle: Path, m: Manifest, precision: str, batch: int) -> list[Line]:
     engines = [a for a in m.find("vision", "trt", precision)]
     # Engines are built from the TensorRT-safe graphs, not from the INT8 CPU flavour (the trt-fp16 one: TensorRT 11).
-    graphs = {a.precision: a for a in m.find("vision", "onnx") if a.info.get("int8", {}).get("flavour") in (None, "trt")}
+    graphs = {a.precision: a for a in m.find("vision", "onnx") if a.info.int8_flavour in (None, INT8_FLAVOUR_TRT)}
     if engines:
         e = engines[0]
         weights = Line(f"vision engine ({precision})", e.size, f"{e.file} (file size)")
@@ -137,8 +138,8 @@ def _vision_lines(bundle: Path, m: Manifest, precision: str, batch: int) -> list
 
 def _activations(bundle: Path, m: Manifest, engine: Artifact | None, graphs: dict, precision: str,
                  batch: int) -> tuple[int, str]:
-    if engine is not None and engine.info.get("device_memory_bytes"):
-        return int(engine.info["device_memory_bytes"]), f"recorded by TensorRT for {engine.file} (max batch)"
+    if engine is not None and engine.info.device_memory_bytes:
+        return int(engine.info.device_memory_bytes), f"recorded by TensorRT for {engine.file} (max batch)"
     # INT8 engines keep float16 between quantized layers on TensorRT 10 (its FP16 flag); on
     # TensorRT 11 only when built from an INT8 graph whose float parts are FP16 (else FP32:
     # this estimate is then low by up to 2x; an engine's recorded device memory replaces it)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from mra.core.manifest import Manifest
 from mra.model import check_image_size, num_image_tokens, read_config, read_vision_config
-from mra.runtime.manifest import Manifest
 
 
 def describe_source(ckpt: Path, image_size: int | None) -> Manifest:

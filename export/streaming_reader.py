@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 REOPEN_BYTES = 512 << 20
 

@@ -24,19 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mra.runtime.errors import MraError
-from mra.runtime.files import atomic_path
+from mra.core.errors import MraError
+from mra.core.files import atomic_path
+from mra.core.manifest import Artifact, Manifest
+from mra.core.names import INPUT_NAME, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, VISION_ONNX
 from mra.runtime.gpu_stack import require_supported_tensorrt
-from mra.runtime.manifest import Artifact, Manifest
-from mra.runtime.names import INPUT_NAME, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, VISION_ONNX
 from mra.runtime.trt_backend import INSTALL_HINT, GpuInfo, gpu_info, missing_for_tensorrt
 
 if TYPE_CHECKING:
     from .bundle import ExportOptions
 
+
 log = logging.getLogger("mra.export")
 
-# INT8 source graphs by manifest flavour (``info["int8"]["flavour"]``), preferred first.
+# INT8 source graphs by manifest flavour (``ArtifactInfo.int8_flavour``), preferred first.
 # TensorRT 10 runs the float layers of the symmetric QDQ graph ("trt") in FP16 via its FP16
 # flag. TensorRT 11 takes every type from the graph, so it wants the QDQ graph whose float
 # parts are FP16 ("trt-fp16"); a bundle exported before that flavour existed falls back to
@@ -151,7 +152,7 @@ def _int8_graph(manifest: Manifest, bundle: Path, strongly_typed: bool) -> Artif
     flavours = int8_flavours(strongly_typed)
 
     def flavour(a: Artifact) -> str:
-        return a.info.get("int8", {}).get("flavour") or FALLBACK_INT8_FLAVOUR
+        return a.info.int8_flavour or FALLBACK_INT8_FLAVOUR
 
     ranked = sorted(graphs, key=lambda a: flavours.index(flavour(a)) if flavour(a) in flavours else len(flavours))
     verdicts = [(a, tensorrt_verdict(bundle, a)) for a in ranked]
@@ -170,9 +171,9 @@ def _int8_graph(manifest: Manifest, bundle: Path, strongly_typed: bool) -> Artif
 def tensorrt_verdict(bundle: Path, a: Artifact) -> list[str]:
     """The static check's problems for a graph: recorded in the manifest at export time,
     else computed now (needs the onnx package)."""
-    rec = a.info.get("tensorrt_check")
-    if isinstance(rec, dict) and "ok" in rec:
-        return [] if rec["ok"] else list(rec.get("problems") or ["recorded as incompatible"])
+    recorded = a.info.tensorrt_problems
+    if recorded is not None:
+        return recorded
     from mra.export.trt_check import check_tensorrt_compat
 
     return check_tensorrt_compat(Path(bundle) / a.file)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 from . import trt_ops as T
 

@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from mra.core.errors import MraError
+from mra.core.files import atomic_path
+from mra.core.manifest import Artifact, Manifest, describe_file, verify_artifact
+from mra.core.names import INPUT_NAME, OUTPUT_NAME, trt_engine_file
 from mra.runtime.compare import compare
-from mra.runtime.errors import MraError
-from mra.runtime.files import atomic_path
-from mra.runtime.manifest import Artifact, Manifest, describe_file, verify_artifact
-from mra.runtime.names import INPUT_NAME, OUTPUT_NAME, trt_engine_file
 from mra.runtime.trt_backend import TrtRunner, engine_tag
+
+from .thresholds import Threshold, vision_bar
 
 from .trt_build import (EngineOptions, EnginePlan, TrtEnv, build_serialized, bundle_graph, plan_engine,
                         require_tensorrt, tensorrt_verdict)
@@ -89,25 +91,15 @@ def validation_pixels(calib_images: Path | None, image_size: int,
     return preprocess_batch(paths, image_size), [p.name for p in paths]
 
 
-def threshold_for(opts, manifest: Manifest, plan: EnginePlan) -> dict:
+def threshold_for(bars: VisionBars, manifest: Manifest, plan: EnginePlan) -> Threshold:
     """The ONNX graphs' rules: FP32 by relative error, FP16/INT8 by mean cosine, with the
     bar of the ONNX graph of the same precision unless --min-cosine overrides it."""
-    if plan.precision == "fp32":
-        return {"max_rel_err": opts.max_rel_err}
-    if plan.precision in opts.min_cosine:
-        return {"min_cosine": opts.min_cosine[plan.precision]}
-    for a in manifest.find("vision", "onnx", plan.precision):
-        if "min_cosine" in a.validation.get("threshold", {}):
-            return {"min_cosine": a.validation["threshold"]["min_cosine"]}
-    from mra.quantize.fp16 import FP16_MIN_COSINE
-
-    return {"min_cosine": FP16_MIN_COSINE}  # an FP16 engine built from the FP32 graph (TensorRT 10)
-
-
-def judge(numbers: dict, threshold: dict) -> bool:
-    if "max_rel_err" in threshold:
-        return numbers["rel_err"] <= threshold["max_rel_err"]
-    return numbers["cosine"] >= threshold["min_cosine"]
+    if plan.precision != "fp32" and plan.precision not in bars.min_cosine:
+        for a in manifest.find("vision", "onnx", plan.precision):
+            recorded = Threshold.from_dict(a.validation.get("threshold", {})).get("min_cosine")
+            if recorded is not None:
+                return Threshold(min_cosine=recorded)
+    return vision_bar(bars, plan.precision)  # e.g. an FP16 engine built from the FP32 graph (TensorRT 10)
 
 
 def reference_embeddings(bundle: Path, manifest: Manifest, pixels: np.ndarray) -> np.ndarray:
@@ -155,13 +147,13 @@ def export_engines(work: Path, manifest: Manifest, precisions: Sequence[str], op
                      _describe_layers(layers))
             numbers = compare(got, ref)
             threshold = threshold_for(bars, manifest, plan)
-            passed = judge(numbers, threshold)
+            passed = threshold.passes(numbers)
             log.info("%s vs onnxruntime FP32 on %d photos: rel_err %.2e, cosine %.6f (%s)", path.name,
                      len(names), numbers["rel_err"], numbers["cosine"], "passed" if passed else "FAILED")
             if not passed:
                 raise MraError(f"{path.name} | validation failed against onnxruntime FP32 on {len(names)} photos: "
                                f"rel_err {numbers['rel_err']:.3e}, cosine {numbers['cosine']:.6f}, required "
-                               f"{_fmt(threshold)}; lower the bar with --min-cosine / --max-rel-err, or try "
+                               f"{threshold.describe()}; lower the bar with --min-cosine / --max-rel-err, or try "
                                "another precision")
             size, sha = describe_file(tmp)
             built.append(Artifact(
@@ -169,7 +161,7 @@ def export_engines(work: Path, manifest: Manifest, precisions: Sequence[str], op
                 info={**_engine_info(env, plan, options, tag, manifest), "device_memory_bytes": activation_bytes,
                       "build_seconds": build_s, "layers": layers, "latency_ms": latency},
                 validation={**numbers, "reference": "onnxruntime fp32 (CPU)", "images": names,
-                            "threshold": threshold, "passed": True}))
+                            "threshold": threshold.to_dict(), "passed": True}))
     for a in built:
         manifest.add(a)
     return built
@@ -197,6 +189,3 @@ def _describe_layers(layers: dict) -> str:
 
     return layers["error"] if "error" in layers else describe_summary(layers)
 
-
-def _fmt(threshold: dict) -> str:
-    return ", ".join(f"{k.replace('_', ' ')} {'<=' if k.startswith('max') else '>='} {v}" for k, v in threshold.items())

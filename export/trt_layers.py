@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 # Data-type words of the inspector's Format/Datatype strings, most specific first.
 _PRECISIONS = [("bf16", r"\b(bf16|bfloat16)\b"), ("fp8", r"\b(fp8|float8\w*)\b"), ("int8", r"\bint8\b"),

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mra.core.errors import MraError
 from mra.quantize.photos import PHOTOS, photo_paths
-from mra.runtime.compare import compare
-from mra.runtime.errors import MraError
+from mra.runtime.compare import compare, image_cosines
 from mra.runtime.ort_backend import OrtRunner
 from mra.runtime.preprocess import preprocess_batch
+
+from .thresholds import Threshold
 
 # Held out from the built-in calibration set, so INT8 is judged on photos it was not
 # calibrated on: a person, a cat, a still life, an outdoor scene.
@@ -59,24 +61,6 @@ def torch_reference(tower, vs: ValidationSet, progress: bool = False) -> Validat
     return vs
 
 
-@dataclass(frozen=True)
-class Threshold:
-    """What a graph must reach: a max-norm relative error (FP32) or a mean cosine (FP16, INT8)."""
-    max_rel_err: float | None = None
-    min_cosine: float | None = None
-
-    def failures(self, numbers: dict) -> list[str]:
-        out = []
-        if self.max_rel_err is not None and not numbers["rel_err"] <= self.max_rel_err:
-            out.append(f"relative error {numbers['rel_err']:.3g} > {self.max_rel_err}")
-        if self.min_cosine is not None and not numbers["cosine"] >= self.min_cosine:
-            out.append(f"mean cosine {numbers['cosine']:.8f} < {self.min_cosine}")
-        return out
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
 def validate_graph(path: str | Path, vs: ValidationSet, threshold: Threshold, providers: list | None = None,
                    progress: bool = False) -> dict:
     """Run the graph on the validation batches; numbers, threshold and verdict for the manifest."""
@@ -88,19 +72,11 @@ def validate_graph(path: str | Path, vs: ValidationSet, threshold: Threshold, pr
         got = [runner.infer(b) for b in tqdm(vs.batches, desc=f"validating {Path(path).name}", unit="batch",
                                              disable=not progress, leave=False)]
         backend = runner.name
-    numbers = compare(np.concatenate(got), np.concatenate(vs.reference))
-    numbers["worst_image_cosine"] = worst_image_cosine(np.concatenate(got), np.concatenate(vs.reference))
-    failed = threshold.failures(numbers)
+    got, ref = np.concatenate(got), np.concatenate(vs.reference)
+    numbers = {**compare(got, ref), "worst_image_cosine": float(image_cosines(got, ref).min())}
+    failed = [str(f) for f in threshold.failures(numbers)]
     return {**numbers, "images": vs.names, "batches": vs.batch_sizes, "backend": backend,
             "threshold": threshold.to_dict(), "passed": not failed, **({"failed": failed} if failed else {})}
-
-
-def worst_image_cosine(got: np.ndarray, ref: np.ndarray) -> float:
-    """The lowest, over images, of an image's mean token cosine: one bad photo shows here
-    while the mean over all tokens of all photos hides it."""
-    g, r = got.astype(np.float64), ref.astype(np.float64)
-    cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
-    return float(cos.reshape(len(cos), -1).mean(axis=1).min())
 
 
 def require_passed(file: str, validation: dict) -> None:
@@ -108,7 +84,7 @@ def require_passed(file: str, validation: dict) -> None:
     if validation["passed"]:
         return
     v = validation
-    flag = "--max-rel-err" if "max_rel_err" in v["threshold"] else "--min-cosine"
+    flag = Threshold.from_dict(v["threshold"]).flags
     raise MraError(
         f"{file} | validation failed: {'; '.join(v['failed'])} (max abs {v['max_abs']:.4g}, relative error "
         f"{v['rel_err']:.4g}, mean cosine {v['cosine']:.6f}, min cosine {v['min_cosine']:.6f} on "

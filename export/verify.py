@@ -8,8 +8,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Manifest, verify_artifact
+from mra.core.errors import MraError
+from mra.core.manifest import Manifest, verify_artifact
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)

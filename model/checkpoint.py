@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 
 class CheckpointError(MraError):

@@ -14,7 +14,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 
 class ConfigError(MraError):

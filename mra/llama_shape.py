@@ -51,6 +51,13 @@ class LlamaShape:
         return cls(info["n_embd"], info["n_ff"], info["n_layer"], info["n_head"], info["n_vocab"],
                    info.get("n_head_kv") or info["n_head"], info.get("n_ctx_train", 4096))
 
+    @classmethod
+    def recorded_in(cls, info: dict) -> "LlamaShape | None":
+        """The shape a GGUF's manifest entry records, or None where it records none."""
+        if all(k in info for k in ("n_embd", "n_ff", "n_layer", "n_head", "n_vocab")):
+            return cls.from_info(info)
+        return None
+
     def hf_config(self) -> dict:
         """The shape in config.json's (transformers') names."""
         return {"hidden_size": self.n_embd, "intermediate_size": self.n_ff, "num_hidden_layers": self.n_layer,

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
-from mra.runtime.errors import MraError
-from mra.runtime.names import INPUT_NAME
+from mra.core.errors import MraError
+from mra.core.names import INPUT_NAME
 from mra.runtime.preprocess import IMAGE_SUFFIXES, image_files, load_image, preprocess_image
 
 from .photos import photo_paths

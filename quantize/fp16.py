@@ -10,7 +10,7 @@ Kept in float32, with casts around them:
   path, so its error multiplies into every token.
 Everything else (the convolutions and matrix products that are >99% of the time) runs in
 float16. ONNX Runtime's converter does the rewrite; this module only chooses what stays
-float32. The tolerance that validation applies is ``FP16_MIN_COSINE``.
+float32. The tolerance that validation applies is in ``mra.export.thresholds.DEFAULT_BARS``.
 """
 
 from __future__ import annotations
@@ -25,14 +25,6 @@ from .onnx_io import save_onnx
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean")
 # Node-name fragments (the exporter names nodes after module paths) of float32 sub-graphs.
 FP32_NODE_PATTERNS = ("/gate/",)
-
-# Default validation threshold on the mean cosine of the image embeddings against the torch
-# FP32 model (export/validate.py). Measured with onnxruntime CPU at S = 1024: 0.9999996 on
-# the tiny and on a medium random model (max-norm relative error 9e-4). onnxruntime's CPU
-# provider lacks float16 kernels for part of the graph and wraps those ops in Casts (35 on
-# the tiny graph), so a GPU computing everything in float16 lands somewhat lower; 0.999
-# leaves room for that and for trained weights with larger activations.
-FP16_MIN_COSINE = 0.999
 
 
 def fp32_nodes(model: onnx.ModelProto, patterns: tuple[str, ...] = FP32_NODE_PATTERNS) -> list[str]:

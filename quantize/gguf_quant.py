@@ -12,8 +12,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from mra.runtime.errors import MraError
-from mra.runtime.files import atomic_path
+from mra.core.errors import MraError
+from mra.core.files import atomic_path
 from mra.runtime.llm import capture_llama_log
 
 from .gguf_types import GGUF_TYPES, K_GGML_TYPES, gguf_type

@@ -42,10 +42,10 @@ Random weights make INT8 look worse than trained ones in one way (a random netwo
 amplifies small perturbations layer after layer) and better in another (no outlier
 channels: model/tiny.py's ``--outliers`` checkpoint adds them, and smoothing is what
 removes their effect; README "INT8 and activation outliers"). The default threshold
-``INT8_MIN_COSINE`` = 0.98 is a guard against gross failures, not a quality bar; the
-sensitivity search aims higher on the calibration images (quantize/sensitivity.py). Read
-the recorded cosine, and raise --min-cosine int8=... for a trained model once its typical
-value is known.
+(0.98, ``mra.export.thresholds.DEFAULT_BARS``) is a guard against gross failures, not a
+quality bar; the sensitivity search aims higher on the calibration images
+(quantize/sensitivity.py). Read the recorded cosine, and raise --min-cosine int8=... for a
+trained model once its typical value is known.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ from pathlib import Path
 
 import onnx
 
-from mra.runtime.errors import MraError
-from mra.runtime.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16
+from mra.core.errors import MraError
+from mra.core.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16
 
 from .calibration import CalibrationSet, collect_ranges
 from .fp16 import convert_fp16
@@ -81,10 +81,6 @@ QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # patch embedding used to be fixed float here as well).
 FLOAT_NODE_PATTERNS = ("/gate/", "/slow/stem/")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
-
-# Default validation threshold on the mean cosine of the image embeddings against the torch
-# FP32 model (see the measurements above); --min-cosine int8=... overrides it.
-INT8_MIN_COSINE = 0.98
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import Iterator
 
 import onnx
 
-from mra.runtime.errors import MraError
-from mra.runtime.names import INT8_FLAVOUR_TRT
+from mra.core.errors import MraError
+from mra.core.names import INT8_FLAVOUR_TRT
 
 from .calibration import CalibrationSet
 from .int8 import FLAVOURS, float_nodes, quantize_int8, quantized_nodes

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 # Default migration strength: SmoothQuant's. On the tiny outlier stress checkpoint (2 channels
 # x40 per LayerNorm -> Linear pair) alpha 0.25 to 1.0 measured the same (mean cosine 0.9984 trt
@@ -14,8 +14,8 @@ from mra.runtime.errors import MraError
 DEFAULT_SMOOTH_ALPHA = 0.5
 DEFAULT_MAX_FLOAT_FRACTION = 0.10
 # What the search aims for on the calibration images: the mean over images of each image's
-# mean token cosine against FP32, and the worst image's. Above the validation bar
-# (INT8_MIN_COSINE) so that held-out photos, which calibration did not see, pass it too.
+# mean token cosine against FP32, and the worst image's. Above the INT8 validation bar
+# (mra.export.thresholds.DEFAULT_BARS) so that held-out photos, which calibration did not see, pass it too.
 TARGET_MEAN_COSINE = 0.99
 TARGET_WORST_COSINE = 0.97
 

@@ -27,6 +27,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from mra.runtime.compare import image_cosines
+
 from .int8 import QUANTIZED_OP_TYPES
 
 SENSITIVITY_IMAGES = 4  # calibration images per drop-one measurement
@@ -47,9 +49,7 @@ class Score:
 
 def score(got: np.ndarray, ref: np.ndarray) -> Score:
     """got, ref: [B, N, D] embeddings."""
-    g, r = got.astype(np.float64), ref.astype(np.float64)
-    cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
-    per_image = cos.mean(axis=-1)
+    per_image = image_cosines(got, ref)
     return Score(float(per_image.mean()), float(per_image.min()))
 
 

@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from mra.runtime.errors import MraError
-from mra.runtime.names import INPUT_NAME
+from mra.core.errors import MraError
+from mra.core.names import INPUT_NAME
 
 from .calibration import CalibrationSet
 from .int8_options import DEFAULT_SMOOTH_ALPHA

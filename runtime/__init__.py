@@ -4,7 +4,8 @@ Importing this package must never import torch (a Jetson or an app installs nump
 pillow, onnxruntime or tensorrt, and llama-cpp-python only).
 """
 
-from .errors import MraError
+from mra.core.errors import MraError
+
 from .pipeline import ChatSession, Pipeline, Timings
 from .preprocess import load_image, preprocess_batch, preprocess_image
 

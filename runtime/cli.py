@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import MraError, cli_logging, run_cli
+from mra.core.errors import MraError, cli_logging, run_cli
+
 from .llama_enums import KV_TYPES
 from .preprocess import IMAGE_SUFFIXES, check_image_file, image_files
 from .prompt import check_text

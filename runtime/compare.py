@@ -20,3 +20,11 @@ def compare(got: np.ndarray, ref: np.ndarray) -> dict:
     r = ref.reshape(-1, ref.shape[-1])
     cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
     return {"max_abs": max_abs, "rel_err": rel, "cosine": float(cos.mean()), "min_cosine": float(cos.min())}
+
+
+def image_cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """got, ref: [B, N, D] embeddings; each image's mean token cosine, [B]. One bad photo shows
+    in the lowest of these while the mean over all tokens of all photos hides it."""
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
+    return cos.reshape(len(cos), -1).mean(axis=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import MraError
+from mra.core.errors import MraError
 
 # Bits per weight of the ggml tensor types the registry's file types write:
 # 8 * bytes per block / values per block, as gguf-py's GGML_QUANT_SIZES gives them.
@@ -24,7 +24,7 @@ K_GGML_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
 @dataclass(frozen=True)
 class GgufType:
     """One llama.cpp file type (``llama_ftype``), named as llama.cpp's llama-quantize names it."""
-    name: str  # "Q4_K_M": the bundle's file suffix and its validation-bar key (llm_validate.THRESHOLDS)
+    name: str  # "Q4_K_M": the bundle's file suffix and its key in mra.export.thresholds.DEFAULT_BARS["llm"]
     ftype: int  # llama_ftype / gguf-py LlamaFileType value
     main: str  # the ggml type of most weight matrices
     writes: tuple[str, ...]  # every ggml type llama.cpp may write for the matrices: mixes and fallbacks

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import MraError
+from mra.core.errors import MraError
 
 # --- TensorRT ------------------------------------------------------------------------------
 # 10.x: JetPack 6 and x86 (weakly typed: FP16/INT8 builder flags); 11.x: strongly typed only.

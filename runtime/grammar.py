@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Any
 
-from .errors import MraError
+from mra.core.errors import MraError
 
 log = logging.getLogger("mra.runtime.grammar")
 

@@ -22,7 +22,8 @@ from typing import Any, Hashable, Sequence, Union
 
 import numpy as np
 
-from .errors import MraError
+from mra.core.errors import MraError
+
 from .llama_enums import KV_TYPES, constant, flash_attn_type, kv_type as kv_type_value
 
 log = logging.getLogger("mra.runtime.llama")

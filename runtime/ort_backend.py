@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MraError
-from .names import INPUT_NAME, OUTPUT_NAME
+from mra.core.errors import MraError
+from mra.core.names import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger("mra.runtime")
 

@@ -35,12 +35,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import MraError
-from .files import sha256_stream
+from mra.core.errors import MraError
+from mra.core.files import sha256_stream
+from mra.core.manifest import Artifact, Manifest, verify_artifact
+
 from .gguf_types import LLM_QUANT_ORDER
 from .grammar import grammar_for
 from .llm import Embeddings, LlamaSession, Sampler, use_flash_attn
-from .manifest import Artifact, Manifest, verify_artifact
 from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
 from .prompt import Conversation, ImageSlot, Template, check_text, count_positions, tokenize_parts
 from .prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES

@@ -21,8 +21,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import MraError
-from .names import CLIP_MEAN, CLIP_STD, PAD_COLOR
+from mra.core.errors import MraError
+from mra.core.names import CLIP_MEAN, CLIP_STD, PAD_COLOR
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
-from .errors import MraError
-from .names import IMAGE_MARKER, ROLES, SEP, SEP2, SYSTEM_PROMPT
+from mra.core.errors import MraError
+from mra.core.names import IMAGE_MARKER, ROLES, SEP, SEP2, SYSTEM_PROMPT
 
 
 @dataclass(frozen=True)

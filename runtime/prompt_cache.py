@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
-from .errors import MraError
+from mra.core.errors import MraError
+
 from .llm import Embeddings, Item, LlamaSession, PrefillStats
 
 log = logging.getLogger("mra.runtime.prompt_cache")

@@ -13,8 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .errors import MraError
-from .manifest import Artifact
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact
 
 BACKENDS = ("onnxruntime", "tensorrt")
 

@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MraError
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, ArtifactInfo, Manifest
+from mra.core.names import INPUT_NAME, OUTPUT_NAME
+
 from .gpu_stack import SUPPORTED_TENSORRT, TENSORRT_INSTALL, require_supported_tensorrt, unsupported_tensorrt
-from .manifest import Artifact, Manifest
-from .names import INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger("mra.runtime")
 
@@ -140,7 +141,7 @@ def rebuild_command(bundle: str | os.PathLike, precision: str) -> str:
 
 def engine_mismatch(info: dict, gpu: GpuInfo, trt_version: str) -> str | None:
     """Why an engine recorded with ``info`` cannot run here, or None."""
-    built = (info.get("tensorrt_version"), info.get("gpu_name"), info.get("compute_capability"))
+    built = ArtifactInfo(info).built_for
     here = (trt_version, gpu.name, gpu.compute_capability)
     if built == here:
         return None
@@ -212,7 +213,7 @@ class TrtRunner:
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         if dla_core is None and artifact is not None:
-            dla_core = artifact.info.get("dla_core")
+            dla_core = artifact.info.dla_core
         if dla_core is not None:  # read at deserialization: the core the engine runs on
             if not 0 <= int(dla_core) < self.runtime.num_DLA_cores:
                 raise MraError(f"{self.path} | a DLA engine for core {dla_core}, this device has "

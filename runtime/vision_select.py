@@ -11,8 +11,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MraError
-from .manifest import Artifact, Manifest
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, Manifest
+from mra.core.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT
+
 from .runners import VisionRunner, open_runner
 
 log = logging.getLogger("mra.runtime")
@@ -70,7 +72,7 @@ def select_vision(manifest: Manifest, bundle: str | Path, vision: str = "auto",
 
 
 # Engines of one GPU are ranked by the batch-1 latency measured at build time (recorded in
-# the manifest as info["latency_ms"]["1"]): INT8 is not faster than FP16 on every GPU. Where
+# the manifest, ``ArtifactInfo.latency_ms``): INT8 is not faster than FP16 on every GPU. Where
 # an engine has no measured latency (built by an older version), this fixed order decides.
 TRT_PRECISION_ORDER = ("fp16", "int8", "fp32")
 
@@ -81,7 +83,7 @@ def rank_engines(engines: list[Artifact]) -> list[Artifact]:
     def order(a: Artifact) -> int:
         return TRT_PRECISION_ORDER.index(a.precision) if a.precision in TRT_PRECISION_ORDER else 99
 
-    latency = {a.file: (a.info.get("latency_ms") or {}).get("1") for a in engines}
+    latency = {a.file: a.info.latency_ms(1) for a in engines}
     if all(isinstance(v, (int, float)) and v > 0 for v in latency.values()):
         return sorted(engines, key=lambda a: (latency[a.file], order(a)))
     return sorted(engines, key=order)
@@ -137,6 +139,5 @@ def _select_onnx(manifest: Manifest, bundle: str | Path, precision: str | None,
 def _flavour_rank(a: Artifact, provider: str) -> int:
     """Of two INT8 graphs, the CPU provider prefers the ``cpu`` flavour (UINT8 activations that
     onnxruntime fuses into faster x86 kernels), every other provider the symmetric ``trt`` one."""
-    flavour = a.info.get("int8", {}).get("flavour")
-    wanted = "cpu" if provider == "CPUExecutionProvider" else "trt"
-    return 0 if flavour in (None, wanted) else 1
+    wanted = INT8_FLAVOUR_CPU if provider == "CPUExecutionProvider" else INT8_FLAVOUR_TRT
+    return 0 if a.info.int8_flavour in (None, wanted) else 1

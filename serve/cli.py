@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+from mra.core.errors import MraError
 from mra.runtime.cli import _positive
 from mra.runtime.llama_enums import KV_TYPES
-from mra.runtime.errors import MraError
 
 from .app import ServerSettings, build_app
 from .jobs import ImagePolicy

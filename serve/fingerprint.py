@@ -14,9 +14,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Artifact, Manifest, verify_artifact
-from mra.runtime.names import MANIFEST_FILE
+from mra.core.errors import MraError
+from mra.core.manifest import Artifact, Manifest, verify_artifact
+from mra.core.names import MANIFEST_FILE
 
 # What must be equal for two bundles to give the same answers.
 CONTRACT_FIELDS = ("image_size", "num_image_tokens", "embed_dim", "preprocess", "prompt")
@@ -53,7 +53,7 @@ class BundleFingerprint:
         that its file hashes to what this node's manifest records."""
         where = f"node {socket.gethostname()}"
         if a.format == "trt":
-            source = a.info.get("source_onnx_sha256")
+            source = a.info.source_onnx_sha256
             if source not in self.hashes.values():
                 raise MraError(f"{where}: {Path(bundle) / a.file} | built from an ONNX graph with sha256 "
                                f"{str(source)[:16]}, which the driver's bundle does not have; rebuild the engine "

@@ -285,7 +285,7 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float) -> floa
 
 
 def _grammar(fmt: Any) -> str | None:
-    from mra.runtime.errors import MraError
+    from mra.core.errors import MraError
     from mra.runtime.grammar import json_object_grammar, schema_to_gbnf
 
     if fmt is None:

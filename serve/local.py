@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 from mra.runtime.prompt import Conversation
 
 from .jobs import ChatJob

@@ -31,7 +31,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 from .fingerprint import BundleFingerprint
 from .jobs import ChatJob, ImageInput
@@ -172,9 +172,9 @@ def llm_pipeline(bundle: str | Path, fingerprint: BundleFingerprint, llm_quant: 
                  prompt_cache_bytes: int | None = None):
     """A Pipeline with the bundle's LLM and no vision backend: images arrive as Embeddings whose
     keys name the vision graph that made them (so the KV and prompt caches never mix graphs)."""
+    from mra.core.manifest import Artifact
     from mra.runtime import Pipeline
     from mra.runtime.llm import LlamaSession, use_flash_attn
-    from mra.runtime.manifest import Artifact
     from mra.runtime.pipeline import prompt_cache_identity, select_llm
     from mra.runtime.prompt_cache import DEFAULT_MAX_BYTES, PromptCache
 

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 log = logging.getLogger("mra.serve")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from mra.benchmarks.llm_bench import decode_overhead, v1_prompt_ids, v1_prompt_items
 from mra.benchmarks.report import decode_md
+from mra.core.manifest import Manifest
 from mra.runtime.llm import Embeddings, LlamaSession
-from mra.runtime.manifest import Manifest
 
 
 def test_decode_overhead_quick(tiny_bundle, photo_paths):

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mra.core.manifest import Manifest
 from mra.runtime import Pipeline
-from mra.runtime.manifest import Manifest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCRIPTS = ("caption_folder.py", "camera_qa.py", "yes_no_scoring.py")

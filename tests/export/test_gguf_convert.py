@@ -12,11 +12,11 @@ import pytest
 
 from gguf_helpers import copy_ckpt, edit_config, hf_llama, hf_logits, retrain_tokenizer
 
+from mra.core.errors import MraError
+from mra.core.names import ROLES, SEP, SEP2, SYSTEM_PROMPT
 from mra.export.gguf_convert import LlamaGGUFConverter, v1_chat_template, write_gguf
 from mra.export.llm_validate import LOGIT_PROMPTS, LlamaCppModel, SpTokenizer, logit_drift
 from mra.runtime.compare import compare
-from mra.runtime.errors import MraError
-from mra.runtime.names import ROLES, SEP, SEP2, SYSTEM_PROMPT
 
 
 @pytest.fixture(scope="module")

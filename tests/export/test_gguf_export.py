@@ -10,11 +10,11 @@ import pytest
 
 from gguf_helpers import copy_ckpt, edit_config
 
+from mra.core.errors import MraError
+from mra.core.manifest import Manifest, verify_artifact
+from mra.core.names import MANIFEST_FILE, llm_gguf_file
 from mra.export.bundle import ExportOptions, export
 from mra.export.cli import main
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Manifest, verify_artifact
-from mra.runtime.names import MANIFEST_FILE, llm_gguf_file
 
 
 def _llm_export(ckpt: Path, out: Path, quants: list[str], **kw) -> Path:

@@ -10,10 +10,10 @@ import sys
 import onnx
 import pytest
 
+from mra.core.manifest import Manifest
 from mra.export.cli import main
 from mra.quantize.int8 import quantized_nodes
 from mra.quantize.sensitivity import quantizable_groups
-from mra.runtime.manifest import Manifest
 
 S = 384
 

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from mra.core.files import sha256_file
+from mra.core.manifest import Manifest, verify_artifact
 from mra.export.cli import main
+from mra.export.thresholds import DEFAULT_BARS
 from mra.export.validate import VALIDATION_PHOTOS
 from mra.model import load_vision
-from mra.quantize.fp16 import FP16_MIN_COSINE
-from mra.quantize.int8 import INT8_MIN_COSINE
 from mra.runtime.compare import compare
-from mra.runtime.files import sha256_file
-from mra.runtime.manifest import Manifest, verify_artifact
 from mra.runtime.ort_backend import OrtRunner
 from mra.runtime.preprocess import preprocess_batch
 
@@ -70,7 +69,7 @@ def test_bundle_files_and_manifest(bundle, tiny_ckpt):
         assert {"max_abs", "rel_err", "cosine", "min_cosine", "threshold", "backend"} <= set(v)
     assert arts["vision.onnx"].validation["threshold"] == {"max_rel_err": 1e-4}
     assert arts["vision.onnx"].validation["rel_err"] <= 1e-4
-    assert arts["vision.fp16.onnx"].validation["threshold"] == {"min_cosine": FP16_MIN_COSINE}
+    assert arts["vision.fp16.onnx"].validation["threshold"] == DEFAULT_BARS["vision"]["fp16"].to_dict()
     assert arts["vision.fp16.onnx"].info["fp16"]["compute_dtype"] == "float16"
     trt, cpu = arts["vision.int8.onnx"].info["int8"], arts["vision.int8-cpu.onnx"].info["int8"]
     assert (trt["flavour"], trt["activations"], cpu["flavour"], cpu["activations"]) == (
@@ -79,7 +78,7 @@ def test_bundle_files_and_manifest(bundle, tiny_ckpt):
     assert (fp16q["flavour"], fp16q["float_compute"], arts["vision.int8-fp16.onnx"].info["opset"]) == (
         "trt-fp16", "float16", 19)
     for q, f in ((trt, "vision.int8.onnx"), (cpu, "vision.int8-cpu.onnx"), (fp16q, "vision.int8-fp16.onnx")):
-        assert arts[f].validation["threshold"] == {"min_cosine": INT8_MIN_COSINE}
+        assert arts[f].validation["threshold"] == DEFAULT_BARS["vision"]["int8"].to_dict()
         assert q["method"] == "minmax" and q["calibration"]["source"] == "built-in"
         assert not set(q["calibration"]["images"]) & set(VALIDATION_PHOTOS)
     assert trt["calibration"] == cpu["calibration"] == fp16q["calibration"]  # one calibration serves all

@@ -8,11 +8,11 @@ import onnx
 import pytest
 import torch
 
+from mra.core.errors import MraError
 from mra.export.onnx_convert import describe_onnx, export_onnx
 from mra.model import load_vision
 from mra.quantize.onnx_io import external_files
 from mra.runtime.compare import compare
-from mra.runtime.errors import MraError
 from mra.runtime.ort_backend import OrtRunner
 from mra.runtime.preprocess import preprocess_batch
 

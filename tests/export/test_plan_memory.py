@@ -14,9 +14,9 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper
 
+from mra.core.manifest import Artifact, Manifest, describe_file
 from mra.export.plan_memory import CARVEOUT_GIB, DEVICES, GiB, format_budget, max_n_ctx, plan_memory
 from mra.runtime import MraError
-from mra.runtime.manifest import Artifact, Manifest, describe_file
 
 VICUNA_7B = {"n_vocab": 32000, "n_embd": 4096, "n_ctx_train": 4096, "n_layer": 32, "n_head": 32,
              "n_head_kv": 32, "n_ff": 11008}

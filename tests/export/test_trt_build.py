@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from mra.core.manifest import Artifact, Manifest
 from mra.runtime import MraError
-from mra.runtime.manifest import Artifact, Manifest
 from mra.runtime.trt_backend import missing_for_tensorrt
 
 NO_TENSORRT = bool(missing_for_tensorrt())
@@ -107,8 +107,8 @@ def test_int8_graph_is_chosen_by_manifest_flavour(tmp_path, caplog):
     the symmetric graph and says so; TensorRT 10 takes the symmetric graph and its FP16 flag."""
     import logging
 
+    from mra.core.names import VISION_INT8_FP16_ONNX
     from mra.export import trt_build
-    from mra.runtime.names import VISION_INT8_FP16_ONNX
 
     def int8(file, flavour):
         g = graph("int8", file)
@@ -129,7 +129,7 @@ def test_int8_graph_is_chosen_by_manifest_flavour(tmp_path, caplog):
 
 
 def graph(precision: str, file: str | None = None, check: dict | None = None, cosine: float | None = None):
-    from mra.runtime.names import VISION_ONNX
+    from mra.core.names import VISION_ONNX
 
     return Artifact(file or VISION_ONNX[precision], "vision", "onnx", precision, 1, "0" * 64,
                     info={"tensorrt_check": check or {"ok": True, "problems": []}},
@@ -176,21 +176,20 @@ def test_int8_engine_takes_the_tensorrt_flavoured_graph(tmp_path):
 
 
 def test_thresholds_follow_the_onnx_rules(tmp_path):
+    from mra.export.thresholds import DEFAULT_BARS, Threshold
     from mra.export.trt_build import EnginePlan
-    from mra.export.trt_export import judge, threshold_for
+    from mra.export.trt_export import threshold_for
 
     m = manifest_with(graph("fp32"), graph("int8", cosine=0.985))
     opts = SimpleNamespace(max_rel_err=1e-4, min_cosine={})
     plan = lambda p: EnginePlan(p, graph(p), False)  # noqa: E731
-    assert threshold_for(opts, m, plan("fp32")) == {"max_rel_err": 1e-4}
-    assert threshold_for(opts, m, plan("int8")) == {"min_cosine": 0.985}
-    from mra.quantize.fp16 import FP16_MIN_COSINE
-
-    assert threshold_for(opts, m, plan("fp16")) == {"min_cosine": FP16_MIN_COSINE}
-    assert threshold_for(SimpleNamespace(max_rel_err=1e-4, min_cosine={"int8": 0.9}), m, plan("int8")) == {
+    assert threshold_for(opts, m, plan("fp32")).to_dict() == {"max_rel_err": 1e-4}
+    assert threshold_for(opts, m, plan("int8")).to_dict() == {"min_cosine": 0.985}
+    assert threshold_for(opts, m, plan("fp16")) == DEFAULT_BARS["vision"]["fp16"]
+    assert threshold_for(SimpleNamespace(max_rel_err=1e-4, min_cosine={"int8": 0.9}), m, plan("int8")).to_dict() == {
         "min_cosine": 0.9}
-    assert judge({"rel_err": 5e-5, "cosine": 0.5}, {"max_rel_err": 1e-4})
-    assert not judge({"rel_err": 0.0, "cosine": 0.98}, {"min_cosine": 0.985})
+    assert Threshold(max_rel_err=1e-4).passes({"rel_err": 5e-5, "cosine": 0.5})
+    assert not Threshold(min_cosine=0.985).passes({"rel_err": 0.0, "cosine": 0.98})
 
 
 def test_static_check_passes_on_every_exported_graph(onnx_bundle):

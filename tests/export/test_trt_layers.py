@@ -87,7 +87,7 @@ def int8_bundle(tiny_ckpt, tmp_path_factory):
 def test_quantized_nodes_of_a_real_qdq_graph(int8_bundle):
     import onnx
 
-    from mra.runtime.manifest import Manifest
+    from mra.core.manifest import Manifest
 
     m = Manifest.load(int8_bundle)
     qdq = [a for a in m.find("vision", "onnx", "int8") if a.info.get("int8", {}).get("flavour") == "trt"][0]

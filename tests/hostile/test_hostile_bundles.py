@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mra.core.errors import MraError
 from mra.runtime import Pipeline
-from mra.runtime.errors import MraError
 
 
 @pytest.fixture
@@ -91,8 +91,8 @@ def test_verify_names_each_bad_file(copy, capsys):
 
 
 def test_verify_checks_the_gguf_header_even_when_the_hash_matches(copy, capsys):
+    from mra.core.files import sha256_file
     from mra.export.cli import main
-    from mra.runtime.files import sha256_file
 
     gguf = next(copy.glob("*.gguf"))
     with open(gguf, "r+b") as f:

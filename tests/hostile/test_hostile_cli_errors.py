@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mra.runtime.errors import MraError, run_cli
+from mra.core.errors import MraError, run_cli
 
 
 def _raise(e: BaseException):

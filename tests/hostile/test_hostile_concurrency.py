@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 
 
 def test_threads_asking_greedily_get_the_answer_each_would_get_alone(pipe, photo_paths):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from hostile_helpers import BIN, S, vision_only
+from mra.core.errors import MraError
+from mra.core.manifest import Manifest
 from mra.export import bundle as bundle_mod
 from mra.export.bundle import export, output_lock, recover
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Manifest
 
 
 def mra_export(args: list[str], capsys) -> tuple[int, str]:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from hostile_helpers import FAST
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 from mra.runtime.pipeline import image_key
 from mra.runtime.preprocess import (MAX_TALL_SIDE, expand_to_square, load_image, pad_resize, preprocess_image)
 
@@ -110,7 +110,7 @@ def test_a_huge_non_image_is_refused_without_reading_it(tmp_path):
         f.write(b"not an image at all")
         f.truncate(1500 << 20)
     mb = _peak_rss_mb(f"""
-        from mra.runtime.errors import MraError
+        from mra.core.errors import MraError
         from mra.runtime.pipeline import image_key
         try:
             image_key({str(big)!r})

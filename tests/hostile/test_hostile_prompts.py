@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hostile_helpers import BIN, FAST
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
 from mra.runtime.llm import Sampler
 
 

@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
+from mra.core.errors import MraError
+from mra.core.names import INPUT_NAME
 from mra.quantize.calibration import CalibrationReader, load_calibration_set
 from mra.quantize.photos import PHOTOS
-from mra.runtime.errors import MraError
-from mra.runtime.names import INPUT_NAME
 from mra.runtime.preprocess import preprocess_image
 
 S = 64  # small: these tests are about files, not the model

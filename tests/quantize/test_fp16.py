@@ -6,8 +6,9 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
-from mra.export.validate import Threshold, validate_graph
-from mra.quantize.fp16 import FP16_MIN_COSINE, FP32_OPS, convert_fp16
+from mra.export.thresholds import DEFAULT_BARS
+from mra.export.validate import validate_graph
+from mra.quantize.fp16 import FP32_OPS, convert_fp16
 from mra.quantize.onnx_io import weight_bytes
 
 
@@ -34,7 +35,7 @@ def test_fp16_graph(fp32_graph, tmp_path):
     # float16 halves the weights (LayerNorm's and the gates' stay float32).
     assert weight_bytes(m) < 0.6 * weight_bytes(onnx.load(str(fp32_graph.path)))
 
-    v = validate_graph(dst, fp32_graph.vs, Threshold(min_cosine=FP16_MIN_COSINE))
+    v = validate_graph(dst, fp32_graph.vs, DEFAULT_BARS["vision"]["fp16"])
     assert v["passed"], v
     assert v["cosine"] > 0.9999 and v["rel_err"] < 1e-2  # measured 0.9999996 and 9e-4
     assert v["batches"] == [1, 3]

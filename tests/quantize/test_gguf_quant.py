@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from mra.core.errors import MraError
 from mra.export.gguf_convert import LlamaGGUFConverter, write_gguf
-from mra.export.llm_validate import THRESHOLDS, SpTokenizer, reference_run, validate_gguf
+from mra.export.llm_validate import SpTokenizer, reference_run, validate_gguf
+from mra.export.thresholds import DEFAULT_BARS
 from mra.quantize.gguf_quant import quant_report, quantize_gguf, tensor_types
 from mra.quantize.gguf_types import K_GGML_TYPES
-from mra.runtime.errors import MraError
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_quantized_files_work_with_reported_drift(f16_gguf, reference, tmp_path,
     assert v["passed"], v["failures"]
     assert v["tokenization"]["identical"] == v["tokenization"]["checked"] > 0
     assert m["kl_mean"] > 1e-7 and m["rel_err"] > 1e-3  # really quantized, not a copy
-    assert m["kl_mean"] <= THRESHOLDS[quant]["kl_mean"] and m["top1"] >= THRESHOLDS[quant]["top1"]
+    bar = DEFAULT_BARS["llm"][quant]
+    assert m["kl_mean"] <= bar["kl_mean"] and m["top1"] >= bar["top1"]
 
 
 def test_q8_0_types(f16_gguf, tmp_path):

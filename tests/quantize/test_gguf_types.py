@@ -4,8 +4,8 @@ import gguf
 import llama_cpp
 import pytest
 
-from mra.export.llm_validate import THRESHOLDS
-from mra.runtime.errors import MraError
+from mra.core.errors import MraError
+from mra.export.thresholds import DEFAULT_BARS
 from mra.runtime.gguf_types import (GGML_BITS, GGUF_TYPES, K_GGML_TYPES, LLM_QUANT_ORDER, REGISTRY, gguf_type,
                                     least_quantized)
 
@@ -31,7 +31,7 @@ def test_k_types_are_gguf_py_super_block_types():
 
 
 def test_orders_and_bars_cover_the_registry():
-    assert sorted(LLM_QUANT_ORDER) == sorted(GGUF_TYPES) == sorted(THRESHOLDS)
+    assert sorted(LLM_QUANT_ORDER) == sorted(GGUF_TYPES) == sorted(DEFAULT_BARS["llm"])
     assert [gguf_type(n).bits for n in GGUF_TYPES] == sorted((t.bits for t in REGISTRY), reverse=True)
     assert least_quantized(["Q4_K_M", "F16", "Q8_0"]) == "F16"
     with pytest.raises(MraError, match="got 'Q3_K_S', expected one of F32, F16"):

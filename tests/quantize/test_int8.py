@@ -10,9 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from mra.export.validate import VALIDATION_PHOTOS, Threshold, validate_graph
+from mra.export.thresholds import DEFAULT_BARS
+from mra.export.validate import VALIDATION_PHOTOS, validate_graph
 from mra.quantize.calibration import load_calibration_set
-from mra.quantize.int8 import INT8_MIN_COSINE, QUANTIZED_OP_TYPES, quantize_int8
+from mra.quantize.int8 import QUANTIZED_OP_TYPES, quantize_int8
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_both_flavours_share_one_calibration(int8_graphs):
 @pytest.mark.parametrize("flavour", ["trt", "cpu"])
 def test_int8_accuracy_on_held_out_photos(int8_graphs, fp32_graph, flavour):
     path, _ = int8_graphs[0][flavour]
-    v = validate_graph(path, fp32_graph.vs, Threshold(min_cosine=INT8_MIN_COSINE))
+    v = validate_graph(path, fp32_graph.vs, DEFAULT_BARS["vision"]["int8"])
     assert v["passed"], v
     assert v["batches"] == [1, 3]
 
@@ -132,6 +133,6 @@ def test_histogram_calibration_methods(fp32_graph, calib, tmp_path, method):
     path = tmp_path / "vision.int8.onnx"
     info = quantize_int8(fp32_graph.path, path, calib, method=method)
     assert info["method"] == method
-    v = validate_graph(path, fp32_graph.vs, Threshold(min_cosine=INT8_MIN_COSINE))
+    v = validate_graph(path, fp32_graph.vs, DEFAULT_BARS["vision"]["int8"])
     assert v["passed"], v
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.int8.onnx"]  # no scratch left behind

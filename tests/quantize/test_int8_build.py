@@ -10,13 +10,14 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from mra.export.validate import VALIDATION_PHOTOS, Threshold, validate_graph
+from mra.core.names import INT8_FLAVOURS
+from mra.export.thresholds import DEFAULT_BARS
+from mra.export.validate import VALIDATION_PHOTOS, validate_graph
 from mra.quantize.calibration import load_calibration_set
-from mra.quantize.int8 import INT8_MIN_COSINE, QUANTIZED_OP_TYPES, float_nodes, quantized_nodes
+from mra.quantize.int8 import QUANTIZED_OP_TYPES, float_nodes, quantized_nodes
 from mra.quantize.int8_build import build_int8
 from mra.quantize.int8_options import Int8Options
 from mra.quantize.sensitivity import drop_group, embeddings, node_flops, quantizable_groups
-from mra.runtime.names import INT8_FLAVOURS
 
 BAR_MEAN, BAR_WORST, BAR_INT8_FLOPS = 0.985, 0.95, 0.85
 
@@ -53,7 +54,7 @@ def stress_int8(stress_graph, tmp_path_factory, request):
 def test_outlier_checkpoint_meets_the_bar(stress_int8, flavour):
     graph, graphs = stress_int8
     path, info = graphs[flavour]
-    v = validate_graph(path, graph.vs, Threshold(min_cosine=INT8_MIN_COSINE))
+    v = validate_graph(path, graph.vs, DEFAULT_BARS["vision"]["int8"])
     assert v["passed"] and v["cosine"] >= BAR_MEAN and v["worst_image_cosine"] >= BAR_WORST, v
     share = int8_share(path, graph.path)
     assert share >= BAR_INT8_FLOPS
@@ -66,7 +67,7 @@ def test_without_smoothing_the_outliers_break_int8(stress384, tmp_path):
     """The same path with smoothing and the search off: what the bar guards against."""
     graphs = build(stress384, tmp_path, smooth_alpha=0, max_float_fraction=0)
     for flavour, (path, info) in graphs.items():
-        v = validate_graph(path, stress384.vs, Threshold(min_cosine=INT8_MIN_COSINE))
+        v = validate_graph(path, stress384.vs, DEFAULT_BARS["vision"]["int8"])
         assert v["cosine"] < BAR_MEAN, (flavour, v)
         assert info["smoothing"] == {"method": "none"} and info["float_kept_groups"] == []
 
@@ -82,14 +83,14 @@ def test_plain_model_is_no_worse_than_before(fp32_graph, tmp_path):
 
     calib = load_calibration_set(None, 16, fp32_graph.size, exclude_builtin=VALIDATION_PHOTOS)
     for flavour, (path, info) in build(fp32_graph, tmp_path).items():
-        v = validate_graph(path, fp32_graph.vs, Threshold(min_cosine=INT8_MIN_COSINE))
+        v = validate_graph(path, fp32_graph.vs, DEFAULT_BARS["vision"]["int8"])
         assert int8_share(path, fp32_graph.path) >= BAR_INT8_FLOPS
         if flavour == "trt-fp16":  # no float16 graph before; onnxruntime runs it like trt
             continue
         before = tmp_path / f"before.{flavour}.onnx"
         quantize_int8(fp32_graph.path, before, calib, flavour=flavour, ranges_cache=tmp_path / "before-ranges.json",
                       float_node_patterns=LEGACY_FLOAT_PATTERNS, keep_float=legacy_float_nodes(fp32_graph.path))
-        b = validate_graph(before, fp32_graph.vs, Threshold(min_cosine=INT8_MIN_COSINE))
+        b = validate_graph(before, fp32_graph.vs, DEFAULT_BARS["vision"]["int8"])
         assert v["cosine"] >= b["cosine"] - 4e-4 and v["worst_image_cosine"] >= b["worst_image_cosine"] - 4e-4, \
             (flavour, v["cosine"], b["cosine"])
 
@@ -137,7 +138,7 @@ def test_sensitivity_search_keeps_the_most_helpful_groups_within_budget(stress38
         groups = {g.name: g for g in quantizable_groups(onnx.load(str(stress384.path)), [])}
         for r in info["layers"]:
             assert all((n in int8) == (r["decision"] == "int8") for n in groups[r["name"]].nodes), r
-        v = validate_graph(path, stress384.vs, Threshold(min_cosine=INT8_MIN_COSINE))
+        v = validate_graph(path, stress384.vs, DEFAULT_BARS["vision"]["int8"])
         assert v["passed"]
 
 
@@ -164,5 +165,5 @@ def test_float16_qdq_graph_for_tensorrt_11(stress384, stress384_int8):
     assert biases and all(b.data_type == TensorProto.FLOAT16 for b in biases)
     assert {i.type.tensor_type.elem_type for i in (*m.graph.input, *m.graph.output)} == {TensorProto.FLOAT}
     assert check_tensorrt_compat(path) == []
-    v = validate_graph(path, stress384.vs, Threshold(min_cosine=INT8_MIN_COSINE))
+    v = validate_graph(path, stress384.vs, DEFAULT_BARS["vision"]["int8"])
     assert v["passed"] and v["cosine"] >= BAR_MEAN

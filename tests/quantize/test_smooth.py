@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
+from mra.core.errors import MraError
 from mra.export.validate import VALIDATION_PHOTOS
 from mra.quantize.calibration import load_calibration_set
 from mra.quantize.smooth import channel_maxima, smooth_graph, smoothable_pairs
-from mra.runtime.errors import MraError
 from mra.runtime.ort_backend import OrtRunner
 
 

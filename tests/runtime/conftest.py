@@ -10,6 +10,6 @@ import pytest
 def torch_llava(tiny_ckpt, tiny_bundle):
     from llava_reference import TorchLlava
 
-    from mra.runtime.manifest import Manifest
+    from mra.core.manifest import Manifest
 
     return TorchLlava(tiny_ckpt, int(Manifest.load(tiny_bundle).image_size))

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from mra.runtime.manifest import Manifest
+from mra.core.manifest import Manifest
 
 S = 384
 

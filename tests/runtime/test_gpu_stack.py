@@ -75,7 +75,7 @@ def test_mra_export_refuses_tensorrt_8_before_any_work(tmp_path):
     fake = tmp_path / "site" / "tensorrt"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("__version__ = '8.6.1'\n")
-    from mra.runtime.manifest import Manifest
+    from mra.core.manifest import Manifest
 
     bundle = tmp_path / "b"
     bundle.mkdir()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from mra.core.files import sha256_file
+from mra.core.manifest import Manifest
 from mra.runtime import MraError, Pipeline
-from mra.runtime.files import sha256_file
-from mra.runtime.manifest import Manifest
 
 
 @pytest.fixture(scope="module")

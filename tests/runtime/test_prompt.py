@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from mra.core.names import SYSTEM_PROMPT
 from mra.runtime import MraError
-from mra.runtime.names import SYSTEM_PROMPT
 from mra.runtime.prompt import Conversation, ImageSlot, Template, count_positions, tokenize_parts
 
 from llava_reference import IMAGE_TOKEN_INDEX, tokenizer_image_token
@@ -79,8 +79,8 @@ def test_typed_special_text_stays_literal(tiny_ckpt, hf_tokenizer):
 def test_llama_cpp_tokenizer_matches_sentencepiece(tiny_bundle, tiny_ckpt):
     import sentencepiece as spm
 
+    from mra.core.manifest import Manifest
     from mra.runtime.llm import LlamaSession
-    from mra.runtime.manifest import Manifest
 
     sp = spm.SentencePieceProcessor(model_file=str(tiny_ckpt / "tokenizer.model"))
     gguf = Manifest.load(tiny_bundle).find("llm", "gguf")[0].file

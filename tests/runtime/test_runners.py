@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import pytest
 
+from mra.core.manifest import Artifact
+from mra.core.names import INPUT_NAME, OUTPUT_NAME
 from mra.runtime import MraError
-from mra.runtime.manifest import Artifact
-from mra.runtime.names import INPUT_NAME, OUTPUT_NAME
 from mra.runtime.runners import VisionRunner, open_runner
 from mra.runtime.vision_select import rank_engines
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from mra.core.manifest import Manifest
 from mra.runtime import MraError
-from mra.runtime.manifest import Manifest
 from mra.runtime.trt_backend import (GpuInfo, TrtRunner, engine_mismatch, engine_tag, missing_for_tensorrt,
                                      rebuild_command, usable_engines)
 
@@ -27,7 +27,7 @@ def built_for(gpu: GpuInfo, version: str) -> dict:
 def test_engine_names_carry_gpu_and_version():
     assert engine_tag(H100, "10.3.0") == "h100-80gb-hbm3-sm90-trt10.3.0"
     assert engine_tag(ORIN, "10.3.0") == "orin-sm87-trt10.3.0"
-    from mra.runtime.names import trt_engine_file
+    from mra.core.names import trt_engine_file
 
     assert trt_engine_file("int8", engine_tag(ORIN, "10.3.0")) == "vision.int8.orin-sm87-trt10.3.0.plan"
 
@@ -58,7 +58,7 @@ def test_no_usable_engines_without_tensorrt():
 
 @pytest.mark.skipif(not NO_TENSORRT, reason="this machine can run TensorRT")
 def test_vision_auto_falls_back_to_onnxruntime_and_tensorrt_says_why(tmp_path):
-    from mra.runtime.manifest import Artifact
+    from mra.core.manifest import Artifact
     from mra.runtime.vision_select import select_vision
 
     m = Manifest.new({"name": "t"}, 384, 576, 64)

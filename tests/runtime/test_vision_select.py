@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mra.core.manifest import Artifact, Manifest
 from mra.runtime import MraError
-from mra.runtime.manifest import Artifact, Manifest
 from mra.runtime.vision_select import parse_vision, select_vision
 
 CPU = ["CPUExecutionProvider"]

@@ -13,8 +13,8 @@ import psutil
 import pytest
 from ray_helpers import free_port
 
-from mra.runtime.errors import MraError
-from mra.runtime.manifest import Manifest
+from mra.core.errors import MraError
+from mra.core.manifest import Manifest
 from mra.serve.fingerprint import BundleFingerprint
 
 
@@ -68,7 +68,7 @@ def test_a_different_bundle_is_refused(tiny_bundle, tmp_path):
 def test_an_engine_must_come_from_the_drivers_onnx(tiny_bundle, tmp_path):
     fp = BundleFingerprint.of(tiny_bundle)
     onnx = Manifest.load(tiny_bundle).find("vision", "onnx")[0]
-    from mra.runtime.manifest import Artifact
+    from mra.core.manifest import Artifact
 
     engine = Artifact("vision.fp16.other.plan", "vision", "trt", "fp16", 1, "x", {"source_onnx_sha256": "f" * 64})
     with pytest.raises(MraError, match="built from an ONNX graph with sha256 ffff"):

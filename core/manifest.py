@@ -18,6 +18,71 @@ from .names import (CLIP_MEAN, CLIP_STD, IMAGE_MARKER, INPUT_NAME, MANIFEST_FILE
                     PAD_COLOR, RESAMPLE, ROLES, SEP, SEP2, SYSTEM_PROMPT)
 
 
+class ArtifactInfo(dict):
+    """An artifact's format-specific facts, the JSON object ``info``: I/O names and shapes, INT8
+    flavour, TensorRT version and GPU, n_vocab / n_embd of a GGUF, ... The exporter writes them;
+    every key that another layer reads is read through a property here, so its name and the
+    default for bundles that lack it are stated once."""
+
+    @property
+    def external_data(self) -> list[str]:
+        """Files beside an ONNX graph that hold its weights."""
+        return self.get("external_data", [])
+
+    @property
+    def int8(self) -> dict[str, Any] | None:
+        """An INT8 graph's quantization record (``mra.quantize.int8_build``); None for the others."""
+        return self.get("int8")
+
+    @property
+    def int8_flavour(self) -> str | None:
+        """``names.INT8_FLAVOURS``; None for other graphs (and for INT8 graphs of the first bundles)."""
+        return (self.get("int8") or {}).get("flavour")
+
+    @property
+    def tensorrt_problems(self) -> list[str] | None:
+        """What the static TensorRT check recorded at export time ([] when compatible); None
+        where it recorded nothing."""
+        rec = self.get("tensorrt_check")
+        if not isinstance(rec, dict) or "ok" not in rec:
+            return None
+        return [] if rec["ok"] else list(rec.get("problems") or ["recorded as incompatible"])
+
+    # --- TensorRT engines ------------------------------------------------------------
+    @property
+    def built_for(self) -> tuple[str | None, str | None, str | None]:
+        """(TensorRT version, GPU name, compute capability) the engine was built with."""
+        return self.get("tensorrt_version"), self.get("gpu_name"), self.get("compute_capability")
+
+    @property
+    def dla_core(self) -> int | None:
+        return self.get("dla_core")
+
+    @property
+    def source_onnx_sha256(self) -> str | None:
+        return self.get("source_onnx_sha256")
+
+    @property
+    def device_memory_bytes(self) -> int | None:
+        """Activation memory TensorRT reported for the engine (its profile's largest batch)."""
+        return self.get("device_memory_bytes")
+
+    @property
+    def build_seconds(self) -> float | None:
+        return self.get("build_seconds")
+
+    def latency_ms(self, batch: int = 1) -> float | None:
+        """The median latency measured at build time for ``batch`` images, where it was measured."""
+        return (self.get("latency_ms") or {}).get(str(batch))
+
+    def engine_build(self) -> dict[str, Any]:
+        """How the engine was built and what it measured (None where not recorded): what a
+        report of the build shows."""
+        keys = ("tensorrt_version", "gpu_name", "compute_capability", "source_onnx", "strongly_typed",
+                "builder_flags", "build_seconds", "layers", "latency_ms", "device_memory_bytes", "profile")
+        return {k: self.get(k) for k in keys}
+
+
 @dataclass
 class Artifact:
     file: str
@@ -26,12 +91,14 @@ class Artifact:
     precision: str  # vision: fp32 | fp16 | int8; llm: the GGUF type (F32, Q4_K_M, ...)
     size: int
     sha256: str
-    # Format-specific facts: I/O names and shapes, INT8 flavour, TensorRT version and GPU,
-    # n_vocab / n_embd of a GGUF, ...
-    info: dict[str, Any] = field(default_factory=dict)
+    info: ArtifactInfo = field(default_factory=ArtifactInfo)  # a plain dict is taken as one
     # Numbers measured against the reference at export time, the thresholds applied, and
     # whether they passed: {"max_abs", "rel_err", "cosine", ..., "threshold": {...}, "passed"}.
     validation: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.info, ArtifactInfo):
+            self.info = ArtifactInfo(self.info)
 
     @property
     def passed(self) -> bool:
@@ -189,7 +256,7 @@ def verify_artifact(bundle: str | Path, a: Artifact, check_hash: bool = True) ->
                        "re-export the bundle")
     if check_hash and sha256_file(path) != a.sha256:
         raise MraError(f"{path} | sha256 differs from the manifest: corrupt or replaced; re-export the bundle")
-    for extra in a.info.get("external_data", []):
+    for extra in a.info.external_data:
         check_bundle_path(extra, f"bundle {bundle} artifact {a.file}")
         if not (Path(bundle) / extra).is_file():
             raise MraError(f"bundle {bundle} | {extra} (external weights of {a.file}) is missing")

@@ -38,7 +38,7 @@ ROLES = ("USER", "ASSISTANT")
 SEP = " "
 SEP2 = "</s>"
 
-# --- INT8 graph flavours (manifest info["int8"]["flavour"]) -----------------
+# --- INT8 graph flavours (manifest: ArtifactInfo.int8_flavour) ---------------
 INT8_FLAVOUR_TRT = "trt"  # symmetric INT8, float32 outside the INT8 layers: TensorRT 8.6-10 explicit quantization
 INT8_FLAVOUR_CPU = "cpu"  # UINT8 activations, INT32 biases: what onnxruntime fuses on x86
 INT8_FLAVOUR_TRT_FP16 = "trt-fp16"  # symmetric INT8, float16 elsewhere (opset 19): TensorRT 11, strongly typed
