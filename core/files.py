@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -44,3 +45,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json(path: Path, error: type[Exception], advice: str = "") -> Any:
+    """The JSON document at ``path``, or ``error`` with one line naming the file (and ``advice``)."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} | not valid JSON: {e}{advice}") from None
+    except OSError as e:
+        raise error(f"{path} | cannot read it: {e.strerror or e}") from None

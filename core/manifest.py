@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import MraError
-from .files import atomic_write_text, sha256_file
+from .files import atomic_write_text, read_json, sha256_file
 from .names import (CLIP_MEAN, CLIP_STD, IMAGE_MARKER, INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME,
                     PAD_COLOR, RESAMPLE, ROLES, SEP, SEP2, SYSTEM_PROMPT)
 
@@ -155,13 +155,7 @@ class Manifest:
             raise MraError(f"bundle {bundle} | not a directory")
         if not path.is_file():
             raise MraError(f"bundle {bundle} | no {MANIFEST_FILE}: not a bundle, or its export did not finish")
-        try:
-            d = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MraError(f"{path} | corrupt manifest: {e}; re-export the bundle") from None
-        except OSError as e:
-            raise MraError(f"{path} | cannot read it: {e.strerror or e}") from None
-        return cls.from_dict(d, path)
+        return cls.from_dict(read_json(path, MraError, advice="; re-export the bundle"), path)
 
     @classmethod
     def from_dict(cls, d: Any, path: str | Path = MANIFEST_FILE) -> "Manifest":

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mra.core.errors import MraError
+from mra.core.files import read_json
 
 
 class CheckpointError(MraError):
@@ -28,12 +29,7 @@ def read_config(ckpt_dir: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {ckpt_dir} | not a directory")
     if not path.is_file():
         raise CheckpointError(f"{path} | missing: a LLaVA-HR checkpoint directory has a config.json")
-    try:
-        cfg = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} | not valid JSON: {e}") from None
-    except OSError as e:
-        raise CheckpointError(f"{path} | cannot read it: {e.strerror or e}") from None
+    cfg = read_json(path, CheckpointError)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} | top level is a JSON {type(cfg).__name__}, expected an object")
     return cfg
