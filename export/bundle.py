@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mra.export")
 
 PARTIAL_MARK = ".mra-export-partial"  # inside a work folder: this tool made it, it may delete it
+LOCK_PREFIX = "pid "  # how the lock file beside --out starts: this tool wrote it, it may delete it
 
 
 @dataclass
@@ -194,7 +195,11 @@ def output_lock(out: Path) -> Iterator[None]:
     kernel drops it if the process dies, so a crash never leaves a lock that blocks."""
     path = out.parent / f".{out.name}.lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: truncating its target would touch a file this tool did not write
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise MraError(f"{path} | cannot use it as the export's lock ({e.strerror or e}): a link or not a "
+                           "file; remove it or pass another --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -208,9 +213,13 @@ def output_lock(out: Path) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)
+    left = os.pread(fd, len(LOCK_PREFIX), 0)
+    if left and left != LOCK_PREFIX.encode():  # ours, or one a killed export left, starts so
+        os.close(fd)
+        raise MraError(f"{path} | exists and was not written by mra-export; remove it or pass another --out")
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}".encode("utf-8", "replace")[:4000], 0)
+        os.pwrite(fd, f"{LOCK_PREFIX}{os.getpid()}: {' '.join(sys.argv)}".encode("utf-8", "replace")[:4000], 0)
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -124,6 +124,30 @@ def test_a_second_export_fails_at_once_naming_the_first(tiny_ckpt, tmp_path):
         pass
 
 
+def test_a_lock_path_this_tool_did_not_write_is_left_alone(tmp_path):
+    """A link at .NAME.lock (to a user's file) or a file there with other content: refused,
+    neither truncated nor removed; a lock file a killed export left is taken over."""
+    out = tmp_path / "b"
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    lock = tmp_path / ".b.lock"
+    lock.symlink_to(precious)
+    with pytest.raises(MraError, match="a link or not a file"):
+        with output_lock(out):
+            pass
+    assert lock.is_symlink() and precious.read_text() == "keep me"
+    lock.unlink()
+    lock.write_text("someone's own file")
+    with pytest.raises(MraError, match="not written by mra-export"):
+        with output_lock(out):
+            pass
+    assert lock.read_text() == "someone's own file"
+    lock.write_text("pid 999999: mra-export --model m --out b")  # left by a killed export
+    with output_lock(out):
+        assert lock.read_text().startswith(f"pid {os.getpid()}:")
+    assert not lock.exists()
+
+
 def test_a_file_put_into_out_during_the_export_is_kept(tiny_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "b"
     real_build = bundle_mod._build
