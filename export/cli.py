@@ -39,41 +39,31 @@ def _csv(kind, allowed=None):
     return parse
 
 
-def _positive_int(name: str):
-    def parse(text: str) -> int:
+def _number(name: str, cast: type, ok, expected: str, unparsable: str = "a number"):
+    """An argparse type: ``cast(text)`` that passes ``ok``; nan and inf fail every range here."""
+    def parse(text: str):
         try:
-            v = int(text)
+            v = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a positive integer") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} | got {v}, expected a positive integer")
+            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected {unparsable}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{name} | got {v if cast is int else text}, expected {expected}")
         return v
     return parse
+
+
+def _positive_int(name: str):
+    return _number(name, int, lambda v: v >= 1, "a positive integer", unparsable="a positive integer")
 
 
 def _fraction(name: str, low_open: bool = True):
     """A number in (0, 1] (or [0, 1]): thresholds, where nan or 5 would silently pass or fail everything."""
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a number") from None
-        if not (0 < v <= 1 if low_open else 0 <= v <= 1):
-            raise argparse.ArgumentTypeError(f"{name} | got {text}, expected a number in {'(0' if low_open else '[0'}, 1]")
-        return v
-    return parse
+    return _number(name, float, (lambda v: 0 < v <= 1) if low_open else (lambda v: 0 <= v <= 1),
+                   f"a number in {'(0' if low_open else '[0'}, 1]")
 
 
 def _positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a number") from None
-        if not (v > 0 and v < float("inf")):
-            raise argparse.ArgumentTypeError(f"{name} | got {text}, expected a finite number > 0")
-        return v
-    return parse
+    return _number(name, float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
 def _llm_quants(text: str) -> list[str]:
