@@ -9,8 +9,8 @@ GPU for the vision batch; run it there.
   python -m mra.benchmarks.ray_serve --bundle BUNDLE --out benchmarks/results     # the measurement
   python -m mra.benchmarks.ray_serve --bundle BUNDLE --out /tmp/rs --quick         # a smoke test (CI)
 
-Writes ``ray_serve.json`` and ``ray_serve.md`` into ``--out``. Each configuration starts its
-own local Ray instance (127.0.0.1) in this process and shuts it down.
+Writes ``ray_serve.json`` and ``ray_serve.md`` into ``--out``. One local Ray instance (127.0.0.1)
+in this process serves every configuration in turn and is shut down at the end.
 """
 
 from __future__ import annotations
@@ -50,18 +50,12 @@ def request_body(image: Path, question: str, max_tokens: int) -> dict:
                                                       {"type": "text", "text": question}]}]}
 
 
-def deploy(bundle: Path, replicas: int, max_batch: int, wait_ms: float, threads: int | None, n_ctx: int):
-    """A started RayServer (context manager) serving the bundle, and its URL."""
+def ray_app(bundle: Path, opts, threads: int | None, n_ctx: int):
     from mra.serve.app import ServerSettings
-    from mra.serve.ray_app import RayOptions, RayServer, build_ray_app
+    from mra.serve.ray_app import build_ray_app
 
-    opts = RayOptions(replicas=replicas, max_batch=max_batch, batch_wait_ms=wait_ms)
-    app = build_ray_app(bundle, opts, ServerSettings(), {"n_ctx": n_ctx, "n_threads": threads}, queue=1024,
-                        model_id="bench")
-    port = free_port()
-    server = RayServer(opts, port=port)
-    server.start(app)
-    return server, f"http://127.0.0.1:{port}"
+    return build_ray_app(bundle, opts, ServerSettings(), {"n_ctx": n_ctx, "n_threads": threads}, queue=1024,
+                         model_id="bench")
 
 
 def throughput(url: str, requests: int, max_tokens: int, clients: int) -> dict:
@@ -137,30 +131,32 @@ def markdown(res: dict) -> str:
 
 def run(bundle: Path, out: Path, quick: bool, threads: int | None, n_ctx: int) -> dict:
     import ray
+    from ray import serve
 
     from mra.benchmarks.machine import describe_machine
+    from mra.serve.ray_app import APP_NAME, RayServer
+    from mra.serve.ray_options import RayOptions
 
     requests, max_tokens, repeats = (8, 16, 1) if quick else (32, 64, 3)
     res: dict = {"bundle": str(bundle), "quick": quick, "throughput": [], "vision": [],
                  "machine": {**describe_machine(threads or os.cpu_count() or 1), "ray": ray.__version__}}
-    for replicas in (1, 2):
-        server, url = deploy(bundle, replicas, 4, 10.0, threads, n_ctx)
-        try:
-            res["throughput"].append({"llm_replicas": replicas, **throughput(url, requests, max_tokens, 8)})
-        finally:
-            server.close()
-    server, _ = deploy(bundle, 1, 4, 200.0, threads, n_ctx)  # a long wait: the 4 images surely meet
-    try:
-        from ray import serve
 
-        from mra.serve.ray_app import APP_NAME
+    def measure(replicas: int) -> dict:
+        return {"llm_replicas": replicas, **throughput(url, requests, max_tokens, 8)}
 
+    # One Ray instance, sized for 2 LLM replicas, serves both configurations: the second replaces
+    # the app in place (a fresh instance for each would cost more than the quick measurement).
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with RayServer(RayOptions(replicas=2), port=port) as server:
+        server.start(ray_app(bundle, RayOptions(replicas=1), threads, n_ctx))
+        res["throughput"].append(measure(1))
+        server.deploy(ray_app(bundle, RayOptions(replicas=2), threads, n_ctx))
+        res["throughput"].append(measure(2))
         vision = serve.get_deployment_handle("vision", APP_NAME)
         for k in (1, 4):
-            vision.set_batching.remote(k, 0.2).result()
+            vision.set_batching.remote(k, 0.2).result()  # a long wait: the 4 images surely meet
             res["vision"].append(vision_per_image(k, 4, repeats))
-    finally:
-        server.close()
     out.mkdir(parents=True, exist_ok=True)
     from mra.core.files import atomic_write_text
 

@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -36,6 +35,7 @@ from mra.core.errors import MraError
 from .fingerprint import BundleFingerprint
 from .jobs import ChatJob, ImageInput
 from .protocol import ApiError, Event, Headers, queue_full
+from .ray_options import RayOptions
 
 log = logging.getLogger("mra.serve.ray")
 
@@ -44,28 +44,6 @@ APP_NAME = "mra"
 # replica, and the next replicas on the ring take over when it is busy or gone.
 KEY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 RETRY_AFTER_S = 2
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """How the model is spread over Ray: `mra-serve --ray ...`."""
-    address: str | None = None  # None: start a local Ray instance on 127.0.0.1, stopped on exit
-    replicas: int = 1  # LLM replicas (one llama.cpp context each)
-    autoscale: tuple[int, int] | None = None  # (min, max) LLM replicas instead of a fixed number
-    vision_replicas: int = 1
-    max_batch: int = 4  # images per vision batch
-    batch_wait_ms: float = 10.0  # how long a vision batch waits to fill
-    llm_cpus: float = 1.0  # Ray resources one replica reserves (placement, not threads)
-    vision_cpus: float = 1.0
-    llm_gpus: float = 0.0
-    vision_gpus: float = 0.0
-
-    def check(self) -> None:
-        lo, hi = self.autoscale or (self.replicas, self.replicas)
-        if not 1 <= lo <= hi or self.vision_replicas < 1 or self.max_batch < 1 or self.batch_wait_ms < 0:
-            raise MraError(f"ray options | replicas {lo}..{hi}, vision replicas {self.vision_replicas}, max batch "
-                           f"{self.max_batch}, batch wait {self.batch_wait_ms} ms; expected 1 <= min <= max, >= 1, "
-                           ">= 1 and >= 0")
 
 
 def replica_name() -> str:
@@ -313,14 +291,16 @@ def build_ray_app(bundle: str | Path, opts: RayOptions, settings, pipeline: dict
 
 class RayServer:
     """Ray started (or joined) and the app deployed; :meth:`close` takes down what it started:
-    a local instance entirely (no Ray process is left), on a cluster only this app."""
+    a local instance entirely (no Ray process is left once it returns), on a cluster only this app."""
 
     def __init__(self, opts: RayOptions, host: str = "127.0.0.1", port: int = 8080, after_init=None):
         self.opts, self.host, self.port = opts, host, port
         self.after_init = after_init  # called once Ray is up (Ray's core installs its own signal handlers)
         self.started_ray = False
+        self.children_before: set[int] = set()
 
     def start(self, app) -> None:
+        import psutil
         import ray
 
         if self.opts.address is None:
@@ -328,6 +308,7 @@ class RayServer:
             # enough logical CPUs for the replicas asked for.
             lo, hi = self.opts.autoscale or (self.opts.replicas, self.opts.replicas)
             need = hi * self.opts.llm_cpus + self.opts.vision_replicas * self.opts.vision_cpus
+            self.children_before = {p.pid for p in psutil.Process().children()}
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))),
                      include_dashboard=False, _node_ip_address="127.0.0.1")
             self.started_ray = True
@@ -337,17 +318,26 @@ class RayServer:
             self.after_init()
         try:
             serve.start(http_options={"host": self.host, "port": self.port})
+            self.deploy(app)
+        except Exception as e:
+            err = e if isinstance(e, MraError) else deployment_failed(e)
+            self.close()
+            raise err from None
+
+    def deploy(self, app) -> None:
+        """Deploy ``app``, or replace the running one in place on the same instance (the Ray
+        benchmark's configurations: a new instance for each costs more than the measurement)."""
+        try:
             serve.run(app, name=APP_NAME, route_prefix="/")
         except Exception as e:
-            why = replica_error(e)
-            self.close()
-            raise MraError(f"mra-serve --ray | the deployment failed: {why}") from None
+            raise deployment_failed(e) from None
 
     def close(self) -> None:
         import ray
 
         if not ray.is_initialized():
             return
+        ours = self.ray_processes() if self.started_ray else []
         try:
             if self.started_ray:
                 serve.shutdown()
@@ -355,12 +345,48 @@ class RayServer:
                 serve.delete(APP_NAME)
         finally:
             ray.shutdown()
+            reap(ours)
+
+    def ray_processes(self) -> list:
+        """The processes of the instance this server started: the children Ray's start added
+        to this process (GCS, raylet, ...) and everything below them (the replicas' workers)."""
+        import psutil
+
+        roots = [p for p in psutil.Process().children() if p.pid not in self.children_before]
+        return roots + [c for p in roots for c in _descendants(p)]
 
     def __enter__(self) -> "RayServer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _descendants(p) -> list:
+    import psutil
+
+    try:
+        return p.children(recursive=True)
+    except psutil.Error:  # gone already
+        return []
+
+
+def reap(procs: list, grace_s: float = 10.0) -> None:
+    """Wait for ``procs`` to exit after ``ray.shutdown()`` (workers notice their raylet's death
+    only after a while, later still on a busy machine), then kill what is left."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def deployment_failed(e: Exception) -> MraError:
+    return MraError(f"mra-serve --ray | the deployment failed: {replica_error(e)}")
 
 
 def replica_error(e: Exception) -> str:

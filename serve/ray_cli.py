@@ -31,7 +31,7 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def ray_options(a: argparse.Namespace):
-    from .ray_app import RayOptions
+    from .ray_options import RayOptions
 
     autoscale = None
     if a.autoscale:
@@ -51,12 +51,12 @@ def serve_ray(a: argparse.Namespace, settings) -> int:
     """Deploy, serve until Ctrl-C or SIGTERM, then shut down; errors are MraError."""
     if a.address is None:  # a private instance: Ray binds its ports to 127.0.0.1 when not meant for a cluster
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported
+    opts = ray_options(a)  # before importing Ray: a bad option fails at once
     try:
         from .ray_app import RayServer, build_ray_app
     except ImportError as e:
         raise MraError(f"--ray | Ray Serve is not installed ({e}); install it with `pip install 'mra-edge[ray]'`") \
             from None
-    opts = ray_options(a)
     pipeline = {"vision": a.vision, "llm_quant": a.llm_quant, "n_ctx": a.n_ctx, "n_threads": a.threads,
                 "n_gpu_layers": a.n_gpu_layers, "kv_type": a.kv_type, "prompt_cache": a.prompt_cache,
                 "prompt_cache_bytes": int(a.prompt_cache_gb * (1 << 30))}

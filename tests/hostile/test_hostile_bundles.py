@@ -14,8 +14,8 @@ from mra.runtime import Pipeline
 
 
 @pytest.fixture
-def copy(hostile_bundle, tmp_path) -> Path:
-    return Path(shutil.copytree(hostile_bundle, tmp_path / "b"))
+def copy(tiny_bundle, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "b"))
 
 
 def edit_manifest(bundle: Path, change) -> None:

@@ -47,10 +47,10 @@ def test_an_open_stream_and_another_call_do_not_corrupt_each_other(pipe, photo_p
         list(stream)
 
 
-def test_a_closed_pipeline_refuses_calls(hostile_bundle, photo_paths):
+def test_a_closed_pipeline_refuses_calls(tiny_bundle, photo_paths):
     from mra.runtime import Pipeline
 
-    p = Pipeline.from_bundle(hostile_bundle, n_ctx=1024, n_threads=1)
+    p = Pipeline.from_bundle(tiny_bundle, n_ctx=1024, n_threads=1)
     stream = p.ask(photo_paths[0], "Describe it.", max_tokens=4, stream=True)
     p.close()
     with pytest.raises(MraError):
@@ -59,7 +59,7 @@ def test_a_closed_pipeline_refuses_calls(hostile_bundle, photo_paths):
         p.ask(photo_paths[0], "What?", max_tokens=2)
 
 
-def test_llama_cpp_errors_keep_their_text_after_the_quantizer_ran(hostile_bundle, tmp_path):
+def test_llama_cpp_errors_keep_their_text_after_the_quantizer_ran(tiny_bundle, tmp_path):
     from mra.quantize.gguf_quant import quantize_gguf
     from mra.runtime.llm import LlamaSession
 
@@ -67,7 +67,7 @@ def test_llama_cpp_errors_keep_their_text_after_the_quantizer_ran(hostile_bundle
     bad.write_bytes(b"GGUF" + b"\x07" * 60)
     with pytest.raises(MraError) as before:
         LlamaSession(bad)
-    quantize_gguf(next(hostile_bundle.glob("*.gguf")), tmp_path / "q.gguf", "Q8_0")
+    quantize_gguf(next(tiny_bundle.glob("*.gguf")), tmp_path / "q.gguf", "Q8_0")
     with pytest.raises(MraError) as after:
         LlamaSession(bad)
     for e in (before, after):
@@ -94,16 +94,16 @@ def test_llama_cpp_log_levels_come_from_the_named_table():
     ({"n_ctx": 0}, "n_ctx"), ({"n_ctx": 1 << 30}, "n_ctx"), ({"n_threads": 0}, "n_threads"),
     ({"n_batch": 0}, "n_batch"),
 ])
-def test_sizes_llama_cpp_would_abort_or_choke_on_are_refused(hostile_bundle, kwargs, message):
+def test_sizes_llama_cpp_would_abort_or_choke_on_are_refused(tiny_bundle, kwargs, message):
     from mra.runtime.llm import LlamaSession
 
     with pytest.raises(MraError, match=message):
-        LlamaSession(next(hostile_bundle.glob("*.gguf")), **kwargs)
+        LlamaSession(next(tiny_bundle.glob("*.gguf")), **kwargs)
 
 
-def test_a_kv_cache_larger_than_the_memory_is_refused_before_llama_cpp_allocates_it(hostile_bundle, monkeypatch):
+def test_a_kv_cache_larger_than_the_memory_is_refused_before_llama_cpp_allocates_it(tiny_bundle, monkeypatch):
     from mra.runtime import llm
 
     monkeypatch.setattr(llm, "available_memory", lambda: 1024)  # a machine with 1 KiB free
     with pytest.raises(MraError, match=r"KV cache, 0.0 GiB of memory is available"):
-        llm.LlamaSession(next(hostile_bundle.glob("*.gguf")), n_ctx=1024)
+        llm.LlamaSession(next(tiny_bundle.glob("*.gguf")), n_ctx=1024)

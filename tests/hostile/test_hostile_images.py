@@ -46,7 +46,7 @@ def _peak_rss_mb(code: str, cap_gib: int = 3) -> float:
     return float(r.stdout.split()[-1])
 
 
-def test_mra_run_answers_thin_images_in_bounded_memory(hostile_bundle, tmp_path):
+def test_mra_run_answers_thin_images_in_bounded_memory(tiny_bundle, tmp_path):
     """1 x 20000 and 100000 x 10 PNGs (the padded squares: 1.6 GB and 40 GB in PIL): mra-run
     answers both with a peak RSS under 1 GB."""
     folder = tmp_path / "thin"
@@ -56,7 +56,7 @@ def test_mra_run_answers_thin_images_in_bounded_memory(hostile_bundle, tmp_path)
     out = tmp_path / "answers.jsonl"
     mb = _peak_rss_mb(f"""
         from mra.runtime.cli import run_main
-        rc = run_main(["--bundle", {str(hostile_bundle)!r}, "--images", {str(folder)!r}, "--out", {str(out)!r},
+        rc = run_main(["--bundle", {str(tiny_bundle)!r}, "--images", {str(folder)!r}, "--out", {str(out)!r},
                        "--prompt", "What?", "-q", *{FAST!r}])
         assert rc == 0, rc
         """, cap_gib=4)

@@ -70,8 +70,8 @@ def test_a_bad_sampler_leaves_no_traceback_behind(monkeypatch):
     assert seen == []
 
 
-def test_cli_refuses_invalid_utf8_and_bad_sampling_in_one_line(hostile_bundle, photo_paths):
-    base = [str(BIN / "mra-run"), "--bundle", str(hostile_bundle), "--image", str(photo_paths[0]), *FAST]
+def test_cli_refuses_invalid_utf8_and_bad_sampling_in_one_line(tiny_bundle, photo_paths):
+    base = [str(BIN / "mra-run"), "--bundle", str(tiny_bundle), "--image", str(photo_paths[0]), *FAST]
     r = subprocess.run([*base, "--prompt", b"caf\xe9?"], capture_output=True, text=True)
     assert r.returncode == 1 and "not valid UTF-8" in r.stderr and "Traceback" not in r.stderr
     for flag, value in (("--temperature", "nan"), ("--top-p", "0"), ("--temperature", "-1")):
@@ -79,9 +79,9 @@ def test_cli_refuses_invalid_utf8_and_bad_sampling_in_one_line(hostile_bundle, p
         assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr and "Exception" not in r.stderr
 
 
-def test_chat_survives_a_line_that_is_not_utf8(hostile_bundle, photo_paths):
+def test_chat_survives_a_line_that_is_not_utf8(tiny_bundle, photo_paths):
     script = b"\xff\xfe broken\nHello\n/quit\n"
-    r = subprocess.run([str(BIN / "mra-chat"), "--bundle", str(hostile_bundle), "--image", str(photo_paths[0]), *FAST],
+    r = subprocess.run([str(BIN / "mra-chat"), "--bundle", str(tiny_bundle), "--image", str(photo_paths[0]), *FAST],
                        input=script, capture_output=True)
     err = r.stderr.decode()
     assert r.returncode == 0 and "not valid UTF-8" in err and "Traceback" not in err

@@ -1,23 +1,11 @@
-"""Server fixtures: the tiny bundle, mra-serve's app on it (see serve_helpers), an in-process
-Pipeline with the same settings as the reference its greedy answers must equal, and an
-official `openai` client."""
+"""Server fixtures: mra-serve's app on the shared tiny bundle (tests/conftest.py; see
+serve_helpers), an in-process Pipeline with the same settings as the reference its greedy
+answers must equal, and an official `openai` client."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from serve_helpers import API_KEY, PIPE_KW, ServerThread, local_app, wait_ready
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
-    """The runtime tests' tiny bundle (FP32 ONNX vision at S=384: 576 image rows, F32 GGUF)."""
-    from mra.export.bundle import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("serve-bundle") / "tiny"
-    return export(ExportOptions(out=out, model=tiny_ckpt, image_size=384, precisions=["fp32"], llm_quants=["F32"],
-                                progress=False))
 
 
 @pytest.fixture(scope="session")

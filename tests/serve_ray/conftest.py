@@ -1,25 +1,14 @@
 """Ray fixtures: `mra-serve --ray` as a real process (a local Ray instance on 127.0.0.1, two LLM
-replicas, the tiny bundle) and an in-process Pipeline with the replicas' settings, the reference
+replicas, the shared tiny bundle) and an in-process Pipeline with the replicas' settings, the reference
 its greedy answers must equal."""
 
 from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 from ray_helpers import N_CTX, PIPE_KW, RayServerProcess
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
-    """The runtime tests' tiny bundle (FP32 ONNX vision at S=384: 576 image rows, F32 GGUF)."""
-    from mra.export.bundle import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("ray-bundle") / "tiny"
-    return export(ExportOptions(out=out, model=tiny_ckpt, image_size=384, precisions=["fp32"], llm_quants=["F32"],
-                                progress=False))
 
 
 @pytest.fixture(scope="module")
