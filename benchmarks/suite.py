@@ -81,6 +81,7 @@ class Suite:
         self.results: dict = {}
         self._limit = None
         self._bundle: tuple[Path, Path] | None = None
+        self._plotted: str | None = None  # the efficiency table the plots on disk show
 
     # --- shared inputs ------------------------------------------------------------
     def limit(self):
@@ -296,7 +297,12 @@ class Suite:
         atomic_write_text(out / "results.json", json.dumps(_jsonable(self.results), indent=1) + "\n")
         if "efficiency" in self.results:
             e = self.results["efficiency"]
-            write_plots(e["rows"], out, f"{e['backend']} {e['precision'].upper()}")
+            title = f"{e['backend']} {e['precision'].upper()}"
+            # Plotting takes seconds and write() runs after every section: redraw only when the table changed.
+            shown = json.dumps([_jsonable(e["rows"]), title], sort_keys=True)
+            if shown != self._plotted:
+                write_plots(e["rows"], out, title)
+                self._plotted = shown
         atomic_write_text(out / "REPORT.md", render(self.results))
 
 

@@ -48,6 +48,20 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    """`mra-export --target onnx --precision fp32,fp16,int8 --llm-quant none` of the tiny
+    checkpoint at S=384 (built-in calibration), exported once per session: the ONNX bundle the
+    export and TensorRT tests read. Tests that share it must not write into it; its parent
+    folder is its own, for tests that copy it beside it."""
+    from mra.export.cli import main
+
+    out = tmp_path_factory.mktemp("onnx-bundle") / "bundle"
+    assert main(["--model", str(tiny_ckpt), "--target", "onnx", "--out", str(out), "--image-size",
+                 str(TINY_IMAGE_SIZE), "--llm-quant", "none", "-q", "--precision", "fp32,fp16,int8"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def hf_tokenizer(tiny_ckpt):
     """transformers' LlamaTokenizer of the tiny checkpoint: a tokenizer independent of llama.cpp's."""
     from transformers import AutoTokenizer

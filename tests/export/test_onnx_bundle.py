@@ -36,11 +36,10 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    assert main(export_args(tiny_ckpt, out, "--precision", "fp32,fp16,int8")) == 0
-    return out
+@pytest.fixture
+def bundle(tiny_onnx_bundle):
+    """The session's `main(export_args(ckpt, out, "--precision", "fp32,fp16,int8"))` (tests/conftest.py)."""
+    return tiny_onnx_bundle
 
 
 def test_bundle_files_and_manifest(bundle, tiny_ckpt):

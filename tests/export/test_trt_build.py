@@ -25,14 +25,10 @@ def mra_export(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def onnx_bundle(tiny_ckpt, tmp_path_factory) -> Path:
-    """A tiny bundle with every vision ONNX precision (no LLM)."""
-    from mra.export.bundle import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("trt-src") / "bundle"
-    return export(ExportOptions(out=out, model=tiny_ckpt, image_size=S, precisions=["fp32", "fp16", "int8"],
-                                calib_count=4, llm_quants=[], progress=False))
+@pytest.fixture
+def onnx_bundle(tiny_onnx_bundle) -> Path:
+    """A tiny bundle with every vision ONNX precision (no LLM), shared by the session (tests/conftest.py)."""
+    return tiny_onnx_bundle
 
 
 # --- everywhere -----------------------------------------------------------------------

@@ -75,13 +75,10 @@ def test_names_only_or_foreign_output_is_refused():
         parse_engine_layers("Layers: conv")
 
 
-@pytest.fixture(scope="module")
-def int8_bundle(tiny_ckpt, tmp_path_factory):
-    from mra.export.bundle import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("int8") / "bundle"
-    return export(ExportOptions(out=out, model=tiny_ckpt, image_size=384, precisions=["fp32", "int8"],
-                                calib_count=2, llm_quants=[], progress=False))
+@pytest.fixture
+def int8_bundle(tiny_onnx_bundle):
+    """A tiny bundle with the INT8 graphs, shared by the session (tests/conftest.py)."""
+    return tiny_onnx_bundle
 
 
 def test_quantized_nodes_of_a_real_qdq_graph(int8_bundle):

@@ -5,6 +5,8 @@ the sensitivity search within its budget, the float16 QDQ graph for TensorRT 11.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import pytest
@@ -22,8 +24,14 @@ from mra.quantize.sensitivity import drop_group, embeddings, node_flops, quantiz
 BAR_MEAN, BAR_WORST, BAR_INT8_FLOPS = 0.985, 0.95, 0.85
 
 
-def build(graph, folder, **options) -> dict:
-    calib = load_calibration_set(None, 16, graph.size, exclude_builtin=VALIDATION_PHOTOS)
+@functools.lru_cache
+def calibration(size: int, count: int = 16):
+    """The built-in photos minus the validation ones (4 of the 16 asked for), preprocessed once per size."""
+    return load_calibration_set(None, count, size, exclude_builtin=VALIDATION_PHOTOS)
+
+
+def build(graph, folder, calib_count: int = 16, **options) -> dict:
+    calib = calibration(graph.size, calib_count)
     outputs = {f: folder / f"vision.{f}.onnx" for f in INT8_FLAVOURS}
     return {g.flavour: (g.path, g.info) for g in build_int8(graph.path, outputs, calib, Int8Options(**options))}
 
@@ -63,9 +71,15 @@ def test_outlier_checkpoint_meets_the_bar(stress_int8, flavour):
     assert info["flavour"] == flavour and len(info["layers"]) == len(quantizable_groups(onnx.load(str(graph.path)), []))
 
 
-def test_without_smoothing_the_outliers_break_int8(stress384, tmp_path):
+@pytest.fixture(scope="module")
+def stress384_int8_unsmoothed(stress384, tmp_path_factory):
+    """Smoothing and the search off; read by the tests below, never written."""
+    return build(stress384, tmp_path_factory.mktemp("int8-384-unsmoothed"), smooth_alpha=0, max_float_fraction=0)
+
+
+def test_without_smoothing_the_outliers_break_int8(stress384, stress384_int8_unsmoothed):
     """The same path with smoothing and the search off: what the bar guards against."""
-    graphs = build(stress384, tmp_path, smooth_alpha=0, max_float_fraction=0)
+    graphs = stress384_int8_unsmoothed
     for flavour, (path, info) in graphs.items():
         v = validate_graph(path, stress384.vs, DEFAULT_BARS["vision"]["int8"])
         assert v["cosine"] < BAR_MEAN, (flavour, v)
@@ -81,7 +95,7 @@ def test_plain_model_is_no_worse_than_before(fp32_graph, tmp_path):
     from mra.benchmarks.int8_outliers import LEGACY_FLOAT_PATTERNS, legacy_float_nodes
     from mra.quantize.int8 import quantize_int8
 
-    calib = load_calibration_set(None, 16, fp32_graph.size, exclude_builtin=VALIDATION_PHOTOS)
+    calib = calibration(fp32_graph.size)
     for flavour, (path, info) in build(fp32_graph, tmp_path).items():
         v = validate_graph(path, fp32_graph.vs, DEFAULT_BARS["vision"]["int8"])
         assert int8_share(path, fp32_graph.path) >= BAR_INT8_FLOPS
@@ -104,8 +118,8 @@ def test_graph_flops_match_the_analytic_count(stress_graph, stress_ckpt):
     assert flops == pytest.approx(mra_flops(cfg, stress_graph.size).total, rel=1e-3)
 
 
-def test_dropping_every_group_gives_the_float_graph_back(stress384, tmp_path):
-    graphs = build(stress384, tmp_path, smooth_alpha=0, max_float_fraction=0)  # quantized from this very graph
+def test_dropping_every_group_gives_the_float_graph_back(stress384, stress384_int8_unsmoothed):
+    graphs = stress384_int8_unsmoothed  # quantized from this very graph (no smoothing)
     fp32 = onnx.load(str(stress384.path))
     qdq = onnx.load(str(graphs["trt"][0]))
     everything = [n for g in quantizable_groups(fp32, float_nodes(fp32)) if g.decision != "float: fixed"
@@ -121,8 +135,10 @@ def test_dropping_every_group_gives_the_float_graph_back(stress384, tmp_path):
 
 def test_sensitivity_search_keeps_the_most_helpful_groups_within_budget(stress384, tmp_path):
     """An unreachable target forces the search: it ranks every group, keeps groups in float
-    most helpful first, never past the budget, and the graph does what the report says."""
-    graphs = build(stress384, tmp_path, max_float_fraction=0.1, target_mean=1.0)
+    most helpful first, never past the budget, and the graph does what the report says.
+    Two calibration photos: the search runs every one of them through a graph per group and
+    per step, and none of what is checked here depends on how many there are."""
+    graphs = build(stress384, tmp_path, calib_count=2, max_float_fraction=0.1, target_mean=1.0)
     for flavour, (path, info) in graphs.items():
         kept = [r for r in info["layers"] if r["decision"] == "float: sensitive"]
         assert kept and 0 < info["float_kept_fraction"] <= 0.1
