@@ -15,7 +15,32 @@ def has_gpu() -> bool:
         ["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
+# The longest folders first, so that the workers of `pytest -n` (pyproject's addopts) finish together.
+LONGEST_FOLDERS = ("serve_ray", "benchmarks")
+
+
+def folder(nodeid: str) -> str:
+    """``tests/serve_ray/test_x.py::test_y`` -> ``tests/serve_ray``."""
+    return "/".join(nodeid.split("/")[:2])
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist runs a whole test folder on one worker: each folder's session and module
+    fixtures are then built once, and the Ray tests, which count Ray processes, never run
+    beside each other."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FolderScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return folder(nodeid)
+
+    return FolderScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    order = [f"tests/{name}" for name in LONGEST_FOLDERS]
+    items.sort(key=lambda item: order.index(folder(item.nodeid)) if folder(item.nodeid) in order
+               else len(order))  # stable: the order within and after them is kept
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")

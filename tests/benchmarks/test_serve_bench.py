@@ -10,9 +10,9 @@ import math
 from mra.benchmarks.serve_bench import main
 
 
-def test_quick_run(tmp_path):
-    out = tmp_path / "out"
-    assert main(["--quick", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+def test_quick_run(tiny_bundle, tmp_path):
+    out = tmp_path / "out"  # the shared tiny bundle is the one the benchmark would build under --work
+    assert main(["--quick", "--out", str(out), "--bundle", str(tiny_bundle), "--work", str(tmp_path / "work")]) == 0
     r = json.loads((out / "serve_bench-quick.json").read_text())
     md = (out / "serve_bench-quick.md").read_text()
     ov, de, lo, pc = r["overhead"], r["decode"], r["load"], r["prompt_cache"]
