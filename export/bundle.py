@@ -222,8 +222,9 @@ def output_lock(out: Path) -> Iterator[None]:
         os.pwrite(fd, f"{LOCK_PREFIX}{os.getpid()}: {' '.join(sys.argv)}".encode("utf-8", "replace")[:4000], 0)
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        with contextlib.suppress(OSError):  # only the file this lock holds, never one put at its path since
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                os.unlink(path)
         os.close(fd)
 
 

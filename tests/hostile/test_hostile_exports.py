@@ -146,6 +146,10 @@ def test_a_lock_path_this_tool_did_not_write_is_left_alone(tmp_path):
     with output_lock(out):
         assert lock.read_text().startswith(f"pid {os.getpid()}:")
     assert not lock.exists()
+    with output_lock(out):  # a file moved to the lock's path while it is held is not removed with it
+        (tmp_path / "moved").write_text("moved here by someone else")
+        os.replace(tmp_path / "moved", lock)
+    assert lock.read_text() == "moved here by someone else"
 
 
 def test_a_file_put_into_out_during_the_export_is_kept(tiny_ckpt, tmp_path, monkeypatch):
