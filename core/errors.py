@@ -17,6 +17,33 @@ class MraError(Exception):
     """A problem the user can fix; the message says what, where and how."""
 
 
+# The kinds callers act on (an HTTP status, a retry, an install hint). Code branches on these
+# types, never on a message's text; the text stays for people.
+
+class ContextOverflow(MraError):
+    """The prompt (text and image rows) does not fit the LLM's context."""
+
+
+class LimitExceeded(MraError):
+    """An input passes a stated bound (size, pixels, depth, length, schema size): refused before the work."""
+
+
+class BadImage(MraError):
+    """An image that cannot be read, is not an allowed format, or does not decode."""
+
+
+class BadBundle(MraError):
+    """A bundle, manifest or artifact that is missing, inconsistent or corrupt."""
+
+
+class MissingDependency(MraError):
+    """An optional package this feature needs is not installed; the message names the extra."""
+
+
+class Closed(MraError):
+    """The object (a Pipeline, a stream) was closed or superseded; open a new one."""
+
+
 def run_cli(prog: str, body: Callable[[list[str]], int], argv: list[str], verbose: bool) -> int:
     """Run a CLI's ``body`` under the one error policy of mra-run, mra-chat and mra-export:
     user errors (``MraError``) are one line and exit 1; Ctrl-C exits 130; a closed stdout
