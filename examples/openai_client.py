@@ -19,7 +19,7 @@ from openai import OpenAI
 # What a robot wants to parse: a yes/no and a count, nothing else.
 SCHEMA = {
     "type": "object",
-    "properties": {"person": {"type": "boolean"}, "count": {"type": "integer"}},
+    "properties": {"person": {"type": "boolean"}, "count": {"type": "integer", "minimum": 0, "maximum": 99}},
     "required": ["person", "count"],
     "additionalProperties": False,
 }

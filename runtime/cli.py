@@ -134,7 +134,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {answer, timings} as JSON instead of streaming")
     p.add_argument("--out", type=Path, help="answers.jsonl for --images; a rerun skips images already in it")
     p.add_argument("--json-schema", type=Path, metavar="FILE",
-                   help="a JSON schema file: the answer is JSON that follows it (llama.cpp's grammar sampler)")
+                   help="a JSON schema file: the answer is JSON that follows it (enforced by llguidance)")
     _add_pipeline_args(p)
     return p
 

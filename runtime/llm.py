@@ -22,7 +22,7 @@ from typing import Any, Hashable, Sequence, Union
 
 import numpy as np
 
-from mra.core.errors import MraError
+from mra.core.errors import ContextOverflow, MraError
 
 from .llama_enums import KV_TYPES, constant, flash_attn_type, kv_type as kv_type_value
 
@@ -187,14 +187,14 @@ def _is_number(x: object) -> bool:
 
 
 class Sampler:
-    """llama.cpp sampler chain: greedy when temperature == 0, else temp -> top-p -> seeded draw;
-    with ``grammar`` (GBNF, needs ``vocab``) llama.cpp's grammar sampler goes first, so only
-    tokens the grammar allows are ever drawn (structured answers, see :mod:`.grammar`)."""
+    """llama.cpp sampler chain: greedy when temperature == 0, else temp -> top-p -> seeded draw.
+    With a ``constraint`` (a grammar compiled for this vocabulary, see :mod:`.constraint`) the
+    tokens it does not allow are masked in llama.cpp's logits buffer before the chain runs, and
+    the drawn token advances it: only tokens the grammar allows are ever drawn."""
 
     chain = None  # so that close() and __del__ work when __init__ raised
 
-    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 grammar: str | None = None, vocab: Any = None):
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, constraint: Any = None):
         lib = llama_lib()
         if not _is_number(temperature) or not _is_number(top_p) or not (0 <= temperature < float("inf")) \
                 or not 0 < top_p <= 1:
@@ -203,16 +203,8 @@ class Sampler:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise MraError(f"sampling | seed={seed!r}, expected an integer")
         self._lib = lib
+        self.state = constraint.start() if constraint is not None else None  # this sequence's grammar state
         self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        # --- issue 12: grammar-constrained sampling ---
-        if grammar is not None:
-            g = lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root") if vocab else None
-            if not g:
-                self.close()
-                raise MraError(f"grammar | llama.cpp cannot parse it ({_last_error()}); check the GBNF (a "
-                               "`root ::= ...` rule) or the JSON schema it came from")
-            lib.llama_sampler_chain_add(self.chain, g)
-        # --- end issue 12 ---
         if temperature == 0:
             lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_greedy())
         else:
@@ -221,8 +213,17 @@ class Sampler:
                 lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_top_p(top_p, 1))
             lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
-    def sample(self, ctx) -> int:
-        return int(self._lib.llama_sampler_sample(self.chain, ctx, -1))
+    def sample(self, ctx, index: int = -1) -> int:
+        """Draw a token from the logits of output row ``index`` (-1: the last one evaluated)."""
+        if self.state is not None:
+            ptr = self._lib.llama_get_logits_ith(ctx, index)
+            if not ptr:
+                raise MraError(f"llama.cpp | no logits at output row {index}")
+            self.state.mask(np.ctypeslib.as_array(ptr, shape=(self.state.n_vocab,)))
+        token = int(self._lib.llama_sampler_sample(self.chain, ctx, index))
+        if self.state is not None:
+            self.state.accept(token)
+        return token
 
     def close(self) -> None:
         if self.chain:
@@ -394,7 +395,7 @@ class LlamaSession:
         if not keys:
             raise MraError("prompt | empty")
         if len(keys) > self.n_ctx:
-            raise MraError(f"prompt | {len(keys)} positions, the context holds {self.n_ctx}")
+            raise ContextOverflow(f"prompt | {len(keys)} positions, the context holds {self.n_ctx}")
         # Keep the common prefix, but evaluate at least the last position to get its logits.
         limit = min(len(keys) - 1, len(self.keys))
         keep = next((i for i in range(limit) if keys[i] != self.keys[i]), limit)

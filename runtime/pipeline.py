@@ -35,12 +35,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mra.core.errors import MraError
+from mra.core.errors import ContextOverflow, MraError
 from mra.core.files import sha256_stream
 from mra.core.manifest import Artifact, Manifest, verify_artifact
 
 from .gguf_types import LLM_QUANT_ORDER
-from .grammar import grammar_for
+from .constraint import ConstraintCompiler, Grammar, grammar_for
 from .llm import Embeddings, LlamaSession, Sampler, use_flash_attn
 from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
 from .prompt import Conversation, ImageSlot, Template, check_text, count_positions, tokenize_parts
@@ -100,7 +100,7 @@ class GenerationParams:
     seed: int = 0
     stop: Sequence[str] = ()
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
-    grammar: str | None = None  # GBNF for llama.cpp's grammar sampler (issue 12: structured answers)
+    grammar: Grammar | None = None  # the answer's constraint (a JSON schema or GBNF, checked and bounded)
 
     def check(self) -> None:
         """Every field typed and in range: nan, a bytes stop or a str where a list belongs would
@@ -241,6 +241,8 @@ class Pipeline:
         self._call = 0  # bumped by every call: a stream left open notices it is stale
         self.lock = threading.RLock()  # one caller at a time on the llama.cpp context (see the module doc)
         self.prompt_cache = prompt_cache  # persistent image-prefix KV states (issue 12), or None
+        self._constraints: ConstraintCompiler | None = None  # made at the first constrained call
+        self._longest_piece: int | None = None  # bytes of the vocabulary's longest token
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, vision: str = "auto", llm_quant: str | None = None,
@@ -333,7 +335,8 @@ class Pipeline:
             ignore_eos: bool = False, json_schema: dict | str | None = None,
             grammar: str | None = None) -> str | Iterator[str]:
         """Answer one question about one image (or none): a string, or text pieces when ``stream``.
-        ``json_schema`` (a dict or its JSON) or ``grammar`` (GBNF) constrain the answer's form."""
+        ``json_schema`` (a dict or its JSON) or ``grammar`` (GBNF) constrain the answer's form
+        (llguidance, bounded by :class:`~mra.runtime.constraint.ConstraintLimits`)."""
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
                                   grammar_for(json_schema, grammar))
         conv = Conversation(self.template)
@@ -345,7 +348,7 @@ class Pipeline:
     # --- issue 12: a whole conversation, as the server receives it ---------------------------
     def answer(self, conversation: Conversation, image: ImageLike | None = None, max_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-               stream: bool = False, json_schema: dict | str | None = None, grammar: str | None = None,
+               stream: bool = False, json_schema: dict | str | None = None, grammar: str | Grammar | None = None,
                ignore_eos: bool = False) -> str | Iterator[str]:
         """Answer the open assistant turn of ``conversation`` (built by the caller, e.g. from an
         OpenAI message list); ``image`` belongs to the turn marked ``image``. A conversation
@@ -383,13 +386,15 @@ class Pipeline:
         t = self.timings = t or Timings()
         embed = self._embed if self.prompt_cache is None else self._embed_pending  # issue 12: vision only if needed
         embs = [im if isinstance(im, Embeddings) else embed(im, t) for im in images]
-        units = tokenize_parts(conv.parts(), self.llm.tokenize, self.llm.bos, self.llm.eos, self.template.add_bos)
         if conv.n_images != len(embs):
             raise MraError(f"prompt | {conv.n_images} image turns but {len(embs)} images")
+        parts = conv.parts()
+        self._check_fits(parts, len(embs))
+        units = tokenize_parts(parts, self.llm.tokenize, self.llm.bos, self.llm.eos, self.template.add_bos)
         positions = count_positions(units, self.n_image_tokens)
         if positions > self.llm.n_ctx:
             n_img = len(embs) * self.n_image_tokens
-            raise MraError(f"prompt | {positions - n_img} text tokens + {n_img} image tokens ({len(embs)} x "
+            raise ContextOverflow(f"prompt | {positions - n_img} text tokens + {n_img} image tokens ({len(embs)} x "
                            f"{self.n_image_tokens}) = {positions} positions, but the context holds {self.llm.n_ctx}; "
                            f"shorten the prompt, start a new chat, or raise n_ctx (trained: {self.llm.n_ctx_train})")
         items = [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
@@ -405,13 +410,29 @@ class Pipeline:
         t.stamp()
         return t
 
+    def _check_fits(self, parts: list, n_images: int) -> None:
+        """Refuse a prompt that cannot fit before tokenizing it (a 30 MB prompt took 15 s and 2 GB to
+        be refused after): no token is longer than the vocabulary's longest piece, so its bytes
+        give a lower bound of its positions."""
+        if self._longest_piece is None:
+            self._longest_piece = max(len(self.llm.token_bytes(t)) for t in range(self.llm.n_vocab)) or 1
+        n_bytes = sum(len(p.encode("utf-8", "surrogatepass")) for p in parts if isinstance(p, str))
+        least = -(-n_bytes // self._longest_piece) + n_images * self.n_image_tokens
+        if least > self.llm.n_ctx:
+            raise ContextOverflow(f"prompt | {n_bytes} bytes of text and {n_images} image(s) need at least {least} "
+                                  f"positions, but the context holds {self.llm.n_ctx}; shorten the prompt, start a "
+                                  f"new chat, or raise n_ctx (trained: {self.llm.n_ctx_train})")
+
     def _answer(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], p: GenerationParams,
                 on_done=None, t: Timings | None = None) -> Iterator[str]:
         """Prefill now (errors surface at the call), then stream the answer lazily."""
         p.check()
         if self.llm is None:
             raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
-        sampler = Sampler(p.temperature, p.top_p, p.seed, p.grammar, self.llm.vocab)  # bad settings fail first
+        if p.grammar is not None and self._constraints is None:
+            self._constraints = ConstraintCompiler(self.llm.vocab)
+        constraint = self._constraints.compile(p.grammar) if p.grammar is not None else None
+        sampler = Sampler(p.temperature, p.top_p, p.seed, constraint)  # bad settings fail first
         try:
             t = self._prefill(conv, images, t)
         except BaseException:

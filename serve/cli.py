@@ -17,7 +17,8 @@ from mra.runtime.cli import _positive
 from mra.runtime.llama_enums import KV_TYPES
 
 from .app import ServerSettings, build_app
-from .jobs import ImagePolicy
+from .connections import ConnectionLimits, protocol
+from .jobs import ImagePolicy, RequestLimits
 from .local import LocalBackend
 from .ray_cli import add_ray_arguments, serve_ray
 
@@ -40,6 +41,15 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds per request, queue wait included (default 600)")
     h.add_argument("--max-body-mb", type=_positive(float, "--max-body-mb"), default=32.0,
                    help="largest request body (default 32 MB)")
+    h.add_argument("--read-timeout", type=_positive(float, "--read-timeout"), default=ConnectionLimits.read_timeout_s,
+                   help="seconds a client has to send a whole request, headers and body; then 408 (default "
+                   f"{ConnectionLimits.read_timeout_s:g})")
+    h.add_argument("--max-connections", type=_positive(int, "--max-connections"),
+                   default=ConnectionLimits.max_connections, help="open connections at once; more get 503 "
+                   f"(default {ConnectionLimits.max_connections})")
+    h.add_argument("--max-prompt-chars", type=_positive(int, "--max-prompt-chars"),
+                   default=RequestLimits.max_text_chars, help="characters of message text per request, checked "
+                   f"before tokenizing (default {RequestLimits.max_text_chars})")
     h.add_argument("--allow-files", type=Path, help="accept image_url file paths inside this folder")
     h.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (size-capped, 10 s timeout)")
     g = p.add_argument_group("runtime")
@@ -66,7 +76,7 @@ def open_pipeline(a: argparse.Namespace):
                                 prompt_cache=a.prompt_cache, prompt_cache_bytes=int(a.prompt_cache_gb * (1 << 30)))
 
 
-def app_from_args(a: argparse.Namespace):
+def app_from_args(a: argparse.Namespace, on_failure=None):
     if not (a.bundle / "mra.json").is_file():
         raise MraError(f"--bundle {a.bundle} | no mra.json there; pass a bundle made by mra-export")
     if a.queue < 0:
@@ -74,14 +84,46 @@ def app_from_args(a: argparse.Namespace):
     if a.allow_files is not None and not a.allow_files.is_dir():
         raise MraError(f"--allow-files {a.allow_files} | not a directory")
     backend = LocalBackend(functools.partial(open_pipeline, a), a.parallel, a.queue,
-                           a.model_name or a.bundle.resolve().name)
+                           a.model_name or a.bundle.resolve().name, on_failure)
     return build_app(backend, settings_from_args(a))
 
 
 def settings_from_args(a: argparse.Namespace) -> ServerSettings:
     return ServerSettings(api_key=a.api_key or None, max_body_bytes=int(a.max_body_mb * (1 << 20)),
                           request_timeout_s=a.timeout,
-                          images=ImagePolicy(allow_files=a.allow_files, allow_urls=a.allow_urls))
+                          images=ImagePolicy(allow_files=a.allow_files, allow_urls=a.allow_urls),
+                          limits=RequestLimits(max_text_chars=a.max_prompt_chars))
+
+
+def serve_local(a: argparse.Namespace) -> int:
+    """uvicorn with the connection bounds until Ctrl-C or SIGTERM (0), or until the model fails to
+    load: then 1 and the reason on stderr, so that a supervisor sees it (instead of a server that
+    answers 503 forever)."""
+    import uvicorn
+
+    failed: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_failure(reason: str) -> None:
+        failed.append(reason)
+        server.should_exit = True
+
+    app = app_from_args(a, on_failure)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
+        logging.warning("mra-serve: listening on %s without --api-key: anyone who can reach this port can use "
+                        "the model (see the README: exposing mra-serve safely)", a.host)
+    limits = ConnectionLimits(read_timeout_s=a.read_timeout, max_connections=a.max_connections)
+    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, http=protocol(limits),
+                                           timeout_keep_alive=limits.keep_alive_s,
+                                           log_level="debug" if a.verbose else "warning"))
+    server.run()
+    if not server.started and not failed:
+        print(f"mra-serve: error: could not listen on {a.host}:{a.port} (the log above says why)", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"mra-serve: error: the model failed to load: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,14 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.ray:  # issue 16: the same app on Ray Serve
             app_from_args(a)  # the same checks; the local backend it builds is never started
             return serve_ray(a, settings_from_args(a))
-        import uvicorn
-
-        app = app_from_args(a)
-        if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
-            logging.warning("mra-serve: listening on %s without --api-key: anyone who can reach this port can use "
-                            "the model (see the README: exposing mra-serve safely)", a.host)
-        uvicorn.run(app, host=a.host, port=a.port, log_level="debug" if a.verbose else "warning")
-        return 0
+        return serve_local(a)
     except MraError as e:
         print(f"mra-serve: error: {e}", file=sys.stderr)
         return 1

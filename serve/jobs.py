@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mra.core.errors import LimitExceeded, MraError
+from mra.runtime.constraint import Grammar, json_object_grammar, json_schema_grammar
+
 from .protocol import ApiError
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -69,7 +72,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    grammar: str | None = None  # GBNF (response_format json_object / json_schema, converted)
+    grammar: Grammar | None = None  # response_format json_object / json_schema, checked and bounded
     ignore_eos: bool = False  # llama.cpp server's extension: generate exactly max_tokens (benchmarks)
 
 
@@ -99,33 +102,84 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
     return ApiError(400, message, param=param, code=code)
 
 
-def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy()) -> ChatJob:
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request body may hold, checked before any model work (docs/reliability.md)."""
+    max_json_depth: int = 32  # nesting of the body's objects and lists (a schema's included)
+    max_messages: int = 256
+    max_parts: int = 64  # content parts per message
+    max_text_chars: int = 1 << 20  # all message texts together: checked before anything is tokenized
+    max_tokens: int = 1 << 20  # max_tokens beyond the backend's context is refused by the backend
+    max_stop_chars: int = 256  # per stop string
+    max_id_chars: int = 256  # model, user
+
+
+def _show(v: Any) -> str:
+    """A client's value for an error message: short, and never a deep repr."""
+    if isinstance(v, (dict, list)):
+        return f"a JSON {'object' if isinstance(v, dict) else 'array'} of {len(v)}"
+    if isinstance(v, str):
+        return repr(v[:40] + "...") if len(v) > 40 else repr(v)
+    return "null" if v is None else repr(v)[:40]
+
+
+def _text(v: Any, where: str, param: str = "messages") -> str:
+    if not isinstance(v, str):
+        raise bad(f"{where} | got {_show(v)}, expected a string", param)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{where} | not valid UTF-8 text: {e.reason} at character {e.start}; send UTF-8 text (a lone "
+                  "surrogate escape such as \\ud800 has no character)", param) from None
+    return v
+
+
+def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy(),
+                       limits: RequestLimits = RequestLimits()) -> ChatJob:
     """Check an OpenAI ``/v1/chat/completions`` body and turn it into a job (blocking: it may
-    decode an image or fetch a URL; call it off the event loop)."""
+    decode an image or fetch a URL; call it off the event loop). Every field it reads is typed
+    and bounded by ``limits``; the body's nesting is bounded where it is read (app.py)."""
     if not isinstance(body, dict):
         raise bad(f"body | got {type(body).__name__}, expected a JSON object")
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("messages | expected a non-empty list of {role, content}", "messages")
-    if body.get("n", 1) != 1:
-        raise bad(f"n | got {body.get('n')!r}, only n=1 is supported", "n")
+    if len(raw) > limits.max_messages:
+        raise bad(f"messages | {len(raw)} messages, the bound is {limits.max_messages}; shorten the conversation",
+                  "messages", "limit_exceeded")
+    n = body.get("n", 1)
+    if n is not None and (type(n) is not int or n != 1):
+        raise bad(f"n | got {_show(n)}, only n=1 is supported", "n")
     if body.get("logprobs") or body.get("top_logprobs"):
         raise bad("logprobs | not supported by mra-serve; leave it unset", "logprobs")
     if body.get("tools") or body.get("functions"):
         raise bad("tools | function calling is not supported; use response_format json_schema", "tools")
+    if body.get("logit_bias"):
+        raise bad("logit_bias | not supported by mra-serve; leave it unset", "logit_bias")
+    for name in ("model", "user"):
+        v = body.get(name)
+        if v is not None and (not isinstance(v, str) or len(v) > limits.max_id_chars):
+            raise bad(f"{name} | got {_show(v)}, expected a string of at most {limits.max_id_chars} characters", name)
+    for name in ("frequency_penalty", "presence_penalty"):  # accepted as OpenAI's clients send them, not applied
+        _number(body, name, 0.0, -2.0, 2.0)
 
     messages: list[Message] = []
     image: ImageInput | None = None
+    chars = 0
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise bad(f"{where} | expected an object with role and content", "messages")
+            raise bad(f"{where} | got {_show(m)}, expected an object with role and content", "messages")
         role = m.get("role")
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise bad(f"{where}.role | got {role!r}, expected system, user or assistant", "messages")
-        text, found = _content(m.get("content"), where, role, policy)
+            raise bad(f"{where}.role | got {_show(role)}, expected system, user or assistant", "messages")
+        text, found = _content(m.get("content"), where, role, policy, limits)
+        chars += len(text)
+        if chars > limits.max_text_chars:
+            raise bad(f"messages | more than {limits.max_text_chars} characters of text, the bound of one request; "
+                      "shorten the prompt", "messages", "context_length_exceeded")
         if found is not None:
             if image is not None:
                 raise bad(f"{where} | a second image; LLaVA-HR takes one image per conversation: start a new "
@@ -133,14 +187,18 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy()) -> ChatJo
             image = found
         messages.append(Message(role, text, found is not None))
     _check_order(messages)
-    return ChatJob(tuple(messages), image, _sampling(body), str(body.get("model") or ""),
-                   _flag(body, "stream"), bool((body.get("stream_options") or {}).get("include_usage")))
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad(f"stream_options | got {_show(options)}, expected an object such as {{\"include_usage\": true}}",
+                  "stream_options")
+    return ChatJob(tuple(messages), image, _sampling(body, limits), str(body.get("model") or ""),
+                   _flag(body, "stream"), _flag(options or {}, "include_usage", "stream_options.include_usage"))
 
 
-def _flag(body: dict, name: str) -> bool:
+def _flag(body: dict, name: str, where: str | None = None) -> bool:
     v = body.get(name, False)
     if not isinstance(v, bool) and v is not None:
-        raise bad(f"{name} | got {v!r}, expected true or false", name)
+        raise bad(f"{where or name} | got {_show(v)}, expected true or false", where or name)
     return bool(v)
 
 
@@ -162,19 +220,23 @@ def _check_order(messages: list[Message]) -> None:
         raise bad("messages | the last message must be the user's (the turn to answer)", "messages")
 
 
-def _content(content: Any, where: str, role: str, policy: ImagePolicy) -> tuple[str, ImageInput | None]:
+def _content(content: Any, where: str, role: str, policy: ImagePolicy,
+             limits: RequestLimits) -> tuple[str, ImageInput | None]:
     if isinstance(content, str):
-        return content, None
+        return _text(content, f"{where}.content"), None
     if content is None and role == "assistant":
         return "", None
     if not isinstance(content, list):
-        raise bad(f"{where}.content | expected a string or a list of parts", "messages")
+        raise bad(f"{where}.content | got {_show(content)}, expected a string or a list of parts", "messages")
+    if len(content) > limits.max_parts:
+        raise bad(f"{where}.content | {len(content)} parts, the bound is {limits.max_parts}; merge the texts",
+                  "messages", "limit_exceeded")
     texts: list[str] = []
     image = None
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
+        if kind == "text":
+            texts.append(_text(part.get("text"), f"{where}.content[{j}].text"))
         elif kind == "image_url":
             if role != "user":
                 raise bad(f"{where}.content[{j}] | images go in user messages", "messages")
@@ -187,8 +249,10 @@ def _content(content: Any, where: str, role: str, policy: ImagePolicy) -> tuple[
                 raise bad(f"{where}.content[{j}].image_url | expected {{\"url\": \"data:image/...;base64,...\"}}",
                           "messages")
             image = load_image_url(url, policy)
+        elif isinstance(part, dict):
+            raise bad(f"{where}.content[{j}].type | got {_show(kind)}, expected text or image_url", "messages")
         else:
-            raise bad(f"{where}.content[{j}] | got type {kind!r}, expected text or image_url", "messages")
+            raise bad(f"{where}.content[{j}] | got {_show(part)}, expected an object with a type", "messages")
     return "\n".join(texts), image
 
 
@@ -253,21 +317,31 @@ def _read_file(url: str, policy: ImagePolicy) -> bytes:
     return path.read_bytes()
 
 
-def _sampling(body: dict) -> SamplingParams:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise bad(f"max_tokens | got {max_tokens!r}, expected an integer >= 1", "max_tokens")
+def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
+    v = body.get(name)
+    if v is not None and (type(v) is not int or not lo <= v <= hi):
+        raise bad(f"{name} | got {_show(v)}, expected an integer in [{lo}, {hi}]", name)
+    return v
+
+
+def _sampling(body: dict, limits: RequestLimits = RequestLimits()) -> SamplingParams:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, name, 1, limits.max_tokens)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
         raise bad("top_p | got 0, expected 0 < top_p <= 1", "top_p")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise bad(f"seed | got {seed!r}, expected an integer", "seed")
+    seed = _integer(body, "seed", -(1 << 63), (1 << 64) - 1)
     stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
-        raise bad(f"stop | got {stop!r}, expected a non-empty string or a list of at most {MAX_STOP}", "stop")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else None
+    if stop is None:
+        stops = ()
+    if stops is None or len(stops) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= limits.max_stop_chars
+                                                         for s in stops):
+        raise bad(f"stop | got {_show(stop)}, expected a non-empty string or a list of at most {MAX_STOP}, each of "
+                  f"1 to {limits.max_stop_chars} characters", "stop")
+    for s in stops:
+        _text(s, "stop", "stop")
     ignore_eos = _flag(body, "ignore_eos")
     if ignore_eos and max_tokens is None:
         raise bad("ignore_eos | needs max_tokens (it generates exactly that many tokens)", "ignore_eos")
@@ -280,14 +354,13 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float) -> floa
     if v is None:
         return default
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
-        raise bad(f"{name} | got {v!r}, expected a number in [{lo}, {hi}]", name)
+        raise bad(f"{name} | got {_show(v)}, expected a number in [{lo}, {hi}]", name)
     return float(v)
 
 
-def _grammar(fmt: Any) -> str | None:
-    from mra.core.errors import MraError
-    from mra.runtime.grammar import json_object_grammar, schema_to_gbnf
-
+def _grammar(fmt: Any) -> Grammar | None:
+    """response_format as a checked grammar: compiled here without a vocabulary, under the
+    constraint limits, so a schema past a bound is a 400 before the request is queued."""
     if fmt is None:
         return None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -302,7 +375,9 @@ def _grammar(fmt: Any) -> str | None:
             if not isinstance(schema, dict):
                 raise bad("response_format.json_schema | expected {\"name\": ..., \"schema\": {...}}",
                           "response_format")
-            return schema_to_gbnf(json.dumps(schema))
+            return json_schema_grammar(schema)
+    except LimitExceeded as e:
+        raise bad(str(e), "response_format", "limit_exceeded") from None
     except MraError as e:
         raise bad(str(e), "response_format") from None
-    raise bad(f"response_format | got {fmt!r}, expected type text, json_object or json_schema", "response_format")
+    raise bad(f"response_format | got {_show(fmt)}, expected type text, json_object or json_schema", "response_format")

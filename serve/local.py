@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from mra.core.errors import MraError
+from mra.core.errors import ContextOverflow, MraError
 from mra.runtime.prompt import Conversation
 
 from .jobs import ChatJob
@@ -60,17 +60,21 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
         # issue 16: the Ray backend sends the image already embedded by its vision deployment
         image = job.meta.get("image_embeddings") or (job.image.open() if job.image is not None else None)
         max_tokens = p.max_tokens or pipe.llm.n_ctx
+        if max_tokens > pipe.llm.n_ctx:
+            raise ContextOverflow(f"max_tokens | got {max_tokens}, the context holds {pipe.llm.n_ctx} positions in "
+                                  "all; ask for fewer")
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         pieces = pipe.answer(conv, image, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed,
                              stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos)
     except MraError as e:  # the request cannot run (too long for the context, bad grammar): the client's to fix
-        code = "context_length_exceeded" if "context holds" in str(e) else None
-        raise ApiError(400, str(e), code=code) from None
+        raise client_error(e) from None
     try:
         for piece in pieces:
             if cancelled.is_set():
                 break
             emit(Text(piece))
+    except MraError as e:  # a bound met while generating (a grammar's per-token budget): the request's
+        raise client_error(e) from None
     finally:
         pieces.close()
     t = pipe.timings
@@ -80,13 +84,20 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
     emit(Done("length" if length else "stop", t.prompt_positions, t.generated, t.as_dict()))
 
 
+def client_error(e: MraError) -> ApiError:
+    """A request that cannot run (too long for the context, a grammar past its bounds): a 400."""
+    return ApiError(400, str(e), code="context_length_exceeded" if isinstance(e, ContextOverflow) else None)
+
+
 class LocalBackend:
     """N Pipelines loaded in this process (see the module docstring)."""
 
-    def __init__(self, open_pipeline: Callable[[], Any], parallel: int = 1, queue: int = 8, model_id: str = "mra"):
+    def __init__(self, open_pipeline: Callable[[], Any], parallel: int = 1, queue: int = 8, model_id: str = "mra",
+                 on_failure: Callable[[str], None] | None = None):
         if parallel < 1 or queue < 0:
             raise MraError(f"serve | parallel={parallel}, queue={queue}; expected parallel >= 1 and queue >= 0")
         self.open_pipeline, self.parallel, self.queue, self.model_id = open_pipeline, parallel, queue, model_id
+        self.on_failure = on_failure  # called with the reason when loading fails (mra-serve then exits)
         self.slots: list[Slot] = []
         self.error: str | None = None  # why loading failed
         self._free: list[Slot] = []
@@ -111,9 +122,12 @@ class LocalBackend:
                 self.slots.append(slot)
                 self._free.append(slot)
             log.info("mra-serve: %d slot(s) ready", self.parallel)
-        except Exception as e:  # the server keeps answering: /health says why
+        except Exception as e:  # without on_failure the app keeps answering 503 and /health says why
             self.error = str(e) if isinstance(e, MraError) else f"{type(e).__name__}: {e}"
-            log.error("mra-serve: loading failed: %s", self.error)
+            if self.on_failure is not None:
+                self.on_failure(self.error)
+            else:
+                log.error("mra-serve: loading failed: %s", self.error)
         async with self._wakeup:
             self._wakeup.notify_all()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -73,10 +74,12 @@ def test_response_format_becomes_a_grammar():
     job = parse_chat_request({"messages": [{"role": "user", "content": "hi"}],
                               "response_format": {"type": "json_schema", "json_schema": {"name": "x",
                                                                                           "schema": schema}}})
-    assert "root ::=" in job.params.grammar and '\\"ok\\"' in job.params.grammar
+    [g] = json.loads(job.params.grammar.spec)["grammars"]
+    assert job.params.grammar.source == "json_schema" and g["json_schema"] == {
+        **schema, "x-guidance": {"whitespace_flexible": False}}
     job = parse_chat_request({"messages": [{"role": "user", "content": "hi"}],
                               "response_format": {"type": "json_object"}})
-    assert "object" in job.params.grammar
+    assert job.params.grammar.source == "json_schema" and '"object"' in job.params.grammar.spec
     assert status({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "yaml"}})[0] == 400
 
 

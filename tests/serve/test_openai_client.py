@@ -16,7 +16,8 @@ from mra.runtime.prompt import Conversation
 
 CASES = [("astronaut.png", "What is in the image?"), ("coffee.png", "What colour is the cup?")]
 SCHEMA = {"type": "object",
-          "properties": {"animal": {"enum": ["cat", "dog", "none"]}, "count": {"type": "integer"},
+          "properties": {"animal": {"enum": ["cat", "dog", "none"]},
+                         "count": {"type": "integer", "minimum": 0, "maximum": 99},
                          "indoor": {"type": "boolean"}, "label": {"type": "string", "maxLength": 8}},
           "required": ["animal", "count", "indoor", "label"], "additionalProperties": False}
 
