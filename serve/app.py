@@ -78,7 +78,7 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
         start = time.perf_counter()
         try:
             check_key(request)
-            body = await _read_json(request, settings.max_body_bytes, settings.limits.max_json_depth)
+            body = await _read_json(request, settings.max_body_bytes, settings.limits)
             job = await asyncio.to_thread(parse_chat_request, body, settings.images, settings.limits)
             if not backend.ready():
                 raise not_ready()
@@ -120,7 +120,7 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
 
 
-async def _read_json(request: Request, limit: int, max_depth: int):
+async def _read_json(request: Request, limit: int, limits: RequestLimits):
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
@@ -133,10 +133,13 @@ async def _read_json(request: Request, limit: int, max_depth: int):
     except ClientDisconnect:
         raise ApiError(499, "client disconnected before its body was read", code="client_closed") from None
     data = bytes(data)
-    depth = await asyncio.to_thread(nesting_depth, data)
-    if depth > max_depth:
-        raise ApiError(400, f"body | JSON nested {depth} deep, the bound is {max_depth}; flatten the request",
-                       code="limit_exceeded")
+    depth, items = await asyncio.to_thread(json_shape, data)
+    if depth > limits.max_json_depth:
+        raise ApiError(400, f"body | JSON nested {depth} deep, the bound is {limits.max_json_depth}; flatten the "
+                       "request", code="limit_exceeded")
+    if items > limits.max_json_items:
+        raise ApiError(400, f"body | about {items} JSON values, the bound is {limits.max_json_items}; send fewer "
+                       "messages, parts or schema entries", code="limit_exceeded")
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:  # a JSONDecodeError, bad UTF-8, an integer of 5,000 digits
@@ -146,17 +149,19 @@ async def _read_json(request: Request, limit: int, max_depth: int):
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # unrolled: linear, ~250 MB/s
 
 
-def nesting_depth(data: bytes, chunk: int = 1 << 22) -> int:
-    """The deepest nesting of ``[``/``{`` in JSON text, strings skipped, found without parsing it
-    (Python's parser recurses: 200,000 ``[`` would be a RecursionError), in bounded memory."""
+def json_shape(data: bytes, chunk: int = 1 << 22) -> tuple[int, int]:
+    """(deepest nesting of ``[``/``{``, number of values, about) of JSON text, strings skipped,
+    found without parsing it and in bounded memory: Python's parser recurses (200,000 ``[`` is a
+    RecursionError) and makes an object per value (28 MB of ``[],`` took 730 MB)."""
     skeleton = _JSON_STRING.sub(b"", data)
     deepest = level = 0
+    items = skeleton.count(b",") + skeleton.count(b"[") + skeleton.count(b"{") + 1
     for s in range(0, len(skeleton), chunk):
         a = np.frombuffer(skeleton, np.uint8, min(chunk, len(skeleton) - s), s)
         step = ((a == 91) | (a == 123)).astype(np.int32) - ((a == 93) | (a == 125))
         run = np.cumsum(step) + level
         deepest, level = max(deepest, int(run.max())), int(run[-1])
-    return deepest
+    return deepest, items
 
 
 def _too_large(n: int, limit: int) -> ApiError:

@@ -106,6 +106,7 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 class RequestLimits:
     """What one request body may hold, checked before any model work (docs/reliability.md)."""
     max_json_depth: int = 32  # nesting of the body's objects and lists (a schema's included)
+    max_json_items: int = 100_000  # values in the body: each is a Python object once parsed
     max_messages: int = 256
     max_parts: int = 64  # content parts per message
     max_text_chars: int = 1 << 20  # all message texts together: checked before anything is tokenized

@@ -83,6 +83,16 @@ def test_deep_nesting_is_a_400_not_a_recursion_error(served):
     assert served.alive()
 
 
+def test_millions_of_small_values_are_refused_before_parsing(served):
+    """28 MB of `[],` took 730 MB to parse (an object per value): counted in the text first."""
+    before = served.peak_rss()
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "metadata": [' + b"[]," * 10_000_000 + b"[]]}"
+    e = error(post(served.url, body))
+    assert e["code"] == "limit_exceeded" and "the bound is 100000" in e["message"]
+    assert served.peak_rss() - before < 300 << 20
+    assert served.alive()
+
+
 def test_a_30_mb_prompt_is_refused_fast_and_cheaply(served):
     before = served.peak_rss()
     t0 = time.perf_counter()
