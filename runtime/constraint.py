@@ -188,9 +188,10 @@ class ConstraintState:
 
 class ConstraintCompiler:
     """Compiles grammars for one llama.cpp vocabulary; the last ``cache`` grammars are kept, so a
-    schema sent with every request is compiled once. The vocabulary must outlive it."""
+    schema sent with every request is compiled once (each kept one holds at most its lexer-state
+    bound: 8 x ~40 MB at worst). The vocabulary must outlive it."""
 
-    def __init__(self, vocab, limits: ConstraintLimits = DEFAULT_LIMITS, cache: int = 16):
+    def __init__(self, vocab, limits: ConstraintLimits = DEFAULT_LIMITS, cache: int = 8):
         from llguidance.llamacpp import lltokenizer_from_vocab
 
         _llg()

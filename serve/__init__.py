@@ -4,7 +4,7 @@ The seam, for other ways of running the model (Ray Serve, issue 16):
 
 1. :func:`mra.serve.jobs.parse_chat_request` checks an OpenAI chat-completions body and
    returns a :class:`~mra.serve.jobs.ChatJob` (messages, the one image's bytes and sha256 key,
-   sampling params with the GBNF grammar already made from ``response_format``), or raises
+   sampling params with the checked, bounded grammar of ``response_format``), or raises
    :class:`~mra.serve.protocol.ApiError`. It knows nothing about how the job runs.
 2. :func:`mra.serve.app.build_app` ``(backend, ServerSettings)`` makes the ASGI app (routes,
    API key, body cap, timeout, SSE, disconnects, metrics) over any object that follows
