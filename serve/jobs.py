@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mra.core.errors import LimitExceeded, MraError
+from mra.core.errors import LimitExceeded, MissingDependency, MraError
 from mra.runtime.constraint import Grammar, json_object_grammar, json_schema_grammar
 
 from .protocol import ApiError
@@ -377,6 +377,8 @@ def _grammar(fmt: Any) -> Grammar | None:
                 raise bad("response_format.json_schema | expected {\"name\": ..., \"schema\": {...}}",
                           "response_format")
             return json_schema_grammar(schema)
+    except MissingDependency as e:  # the server's installation, not the request
+        raise ApiError(501, str(e), "server_error", "not_installed") from None
     except LimitExceeded as e:
         raise bad(str(e), "response_format", "limit_exceeded") from None
     except MraError as e:
