@@ -163,6 +163,11 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy(),
             raise bad(f"{name} | got {_show(v)}, expected a string of at most {limits.max_id_chars} characters", name)
     for name in ("frequency_penalty", "presence_penalty"):  # accepted as OpenAI's clients send them, not applied
         _number(body, name, 0.0, -2.0, 2.0)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad(f"stream_options | got {_show(options)}, expected an object such as {{\"include_usage\": true}}",
+                  "stream_options")
+    params = _sampling(body, limits)  # the cheap checks (and the bounded grammar compile) before any image
 
     messages: list[Message] = []
     image: ImageInput | None = None
@@ -188,11 +193,7 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy(),
             image = found
         messages.append(Message(role, text, found is not None))
     _check_order(messages)
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad(f"stream_options | got {_show(options)}, expected an object such as {{\"include_usage\": true}}",
-                  "stream_options")
-    return ChatJob(tuple(messages), image, _sampling(body, limits), str(body.get("model") or ""),
+    return ChatJob(tuple(messages), image, params, str(body.get("model") or ""),
                    _flag(body, "stream"), _flag(options or {}, "include_usage", "stream_options.include_usage"))
 
 
