@@ -172,18 +172,16 @@ class ConstraintState:
     def mask(self, logits: np.ndarray) -> None:
         """Set the logits of tokens the grammar does not allow next to -inf, in place."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        self._raise_if_error()
+        if self.matcher.is_error():  # the per-token work bounds (lexer fuel, Earley items) were met
+            raise LimitExceeded(f"{self.source} | the constraint stopped: {self.matcher.get_error()}; simplify "
+                                "the schema or grammar")
         allowed = np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little")
         logits[:self.n_vocab][allowed == 0] = -np.inf
 
     def accept(self, token: int) -> None:
-        self.matcher.consume_token(int(token))
-        self._raise_if_error()
-
-    def _raise_if_error(self) -> None:
-        if self.matcher.is_error():
-            raise LimitExceeded(f"{self.source} | the constraint stopped: {self.matcher.get_error()}; simplify "
-                                "the schema or grammar")
+        """Advance past ``token``; one the mask did not allow is an error."""
+        if not self.matcher.consume_token(int(token)):
+            raise MraError(f"{self.source} | token {token} refused: {self.matcher.get_error()}")
 
 
 class ConstraintCompiler:

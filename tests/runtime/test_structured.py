@@ -99,3 +99,41 @@ def test_mra_run_json_schema(tiny_bundle, photo_paths, tmp_path, capsys):
     assert run_main([*args, "--json-schema", str(tmp_path / "bad.json")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mra-run: error: --json-schema") and len(err.splitlines()) == 1
+
+
+def test_the_mask_allows_exactly_the_tokens_that_continue_the_grammar(pipe):
+    """The reference is the vocabulary itself: a token may come first iff its bytes are a non-empty
+    prefix of one of the grammar's answers; after "no", only EOS."""
+    import numpy as np
+
+    from mra.runtime.constraint import ConstraintCompiler, gbnf_grammar
+
+    llm = pipe.llm
+    state = ConstraintCompiler(llm.vocab).compile(gbnf_grammar('root ::= "yes" | "no"')).start()
+    logits = np.zeros(llm.n_vocab, np.float32)
+    state.mask(logits)
+    pieces = [llm.token_bytes(t) for t in range(llm.n_vocab)]
+    expected = {t for t, p in enumerate(pieces) if p and (b"yes".startswith(p) or b"no".startswith(p))}
+    assert set(np.flatnonzero(np.isfinite(logits))) == expected and expected
+    for t in [pieces.index(b"no")] if b"no" in pieces else [pieces.index(b"n"), pieces.index(b"o")]:
+        state.accept(t)
+    logits[:] = 0
+    state.mask(logits)
+    assert set(np.flatnonzero(np.isfinite(logits))) == {llm.eos}
+    yes = ConstraintCompiler(llm.vocab).compile(gbnf_grammar('root ::= "yes"')).start()
+    with pytest.raises(MraError, match="doesn't satisfy the grammar"):  # a token the mask would not allow
+        yes.accept(pieces.index(b"n") if b"n" in pieces else pieces.index(b"no"))
+
+
+def test_the_compile_limits_are_applied():
+    from mra.core.errors import LimitExceeded
+    from mra.runtime.constraint import ConstraintLimits, json_schema_grammar
+
+    schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(40)}}
+    json_schema_grammar(schema)
+    with pytest.raises(MraError, match="grammar size"):
+        json_schema_grammar(schema, ConstraintLimits(max_grammar_size=100))
+    with pytest.raises(LimitExceeded, match="bound is 100"):
+        json_schema_grammar(schema, ConstraintLimits(max_source_bytes=100))
+    with pytest.raises(LimitExceeded, match="nested 3 deep, the bound is 2"):
+        json_schema_grammar({"type": "array", "items": {"type": "array", "items": {}}}, ConstraintLimits(max_depth=2))
