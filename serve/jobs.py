@@ -13,7 +13,6 @@ import base64
 import binascii
 import hashlib
 import io
-import json
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
