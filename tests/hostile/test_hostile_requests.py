@@ -99,7 +99,7 @@ def test_a_30_mb_prompt_is_refused_fast_and_cheaply(served):
     e = error(post(served.url, {"messages": [{"role": "user", "content": "word " * (6 << 20)}], "max_tokens": 2}))
     took = time.perf_counter() - t0
     assert e["code"] == "context_length_exceeded" and "characters of text" in e["message"]
-    assert took < 5, took  # it took 14.6 s before, tokenizing all of it (measured: 0.6 s now)
+    assert took < 5, took  # it took 14.6 s before, tokenizing all of it (measured: 1.0 s now, on a loaded machine)
     assert served.peak_rss() - before < 600 << 20  # the body itself is 30 MB, its JSON string 30 MB more
     assert served.alive()
 
