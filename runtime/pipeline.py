@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from .prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PendingEmbeddings, PromptCache
 from .textstream import TextStream
 from .vision_select import VisionChoice, select_vision
+
+if TYPE_CHECKING:
+    from .watch import Watch
 
 log = logging.getLogger("mra.runtime")
 
@@ -368,6 +371,13 @@ class Pipeline:
         with self.lock:
             self._prefill(conv, [image] if image is not None else [])
             return self.llm.logits()
+
+    def watch(self, source, questions: str | Sequence[str], **options) -> "Watch":
+        """Events about a camera, stream or video file, asking ``questions`` only about frames
+        that changed; options: ``mra.runtime.watch.WatchOptions`` fields, the rest go to ``ask``."""
+        from .watch import watch_pipeline
+
+        return watch_pipeline(self, source, questions, **options)  # OpenCV is imported only here
 
     def chat(self, image: ImageLike | None = None) -> "ChatSession":
         """A conversation that keeps its history and KV cache between turns."""
