@@ -172,8 +172,11 @@ def open_capture(source: Source, read_timeout: float):
     elif isinstance(s, str) and "!" in s:  # a GStreamer pipeline (a Jetson CSI camera) ending in appsink
         cap = cv2.VideoCapture(s, cv2.CAP_GSTREAMER)
     elif isinstance(s, str) and "://" in s:
-        ms = int(read_timeout * 1000)  # ffmpeg's own deadlines: a read never blocks past them
-        cap = cv2.VideoCapture(s, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+        # FFmpeg's own deadlines: opening never blocks past read_timeout; a blocked read ends after
+        # twice that, so the watch's "stalled" (at read_timeout) comes first and the thread still ends.
+        ms = int(read_timeout * 1000)
+        cap = cv2.VideoCapture(s, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms,
+                                                   cv2.CAP_PROP_READ_TIMEOUT_MSEC, 2 * ms])
     elif isinstance(s, str):
         p = Path(s)
         if not p.is_file():
