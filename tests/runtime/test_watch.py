@@ -241,3 +241,36 @@ def test_live_stream_reconnects_with_back_off(pipe):
     assert [(a.frame, a.reason) for a in answers] == [(1, "first"), (7, "change")]  # numbering goes on
     s = events[-1]
     assert (s.frames_read, s.reconnects, s.ended) == (12, 1, "disconnected") and accounted(s)
+
+
+# --- mra-run --video -------------------------------------------------------------------------
+def test_mra_run_video_prints_one_json_line_per_event(pipe, tmp_path, capsys):
+    import json
+
+    from mra.runtime.cli import run_main
+
+    spec = write_video(tmp_path / "v.avi", seconds=4, fps=5)  # scenes at 0, 1, 2, 3 s
+    args = ["--bundle", str(pipe.bundle), "--video", str(spec.path), "--threads", "1", "--max-tokens", "3"]
+    rc = run_main([*args, "--question", Q, "--question", "Is it red?", "--every", "1.5", "--max-interval", "2.5"])
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and len(lines) == 20 + 3 + 2  # a decision per frame (3 asked: two lines each), status, summary
+    asked = [(d["t"], d["reason"]) for d in lines if d["kind"] == "answer"]
+    # 1 s: a change, too soon after 0 s, sent at 1.6 s; the changes at 2 s and 3 s: sent at 3.2 s.
+    assert asked == [(0.0, "first")] * 2 + [(1.6, "change")] * 2 + [(3.2, "change")] * 2
+    assert [d["question"] for d in lines[:2]] == [Q, "Is it red?"]
+    assert [d["t"] for d in lines if d.get("reason") == "too_soon"] == [1.0, 1.2, 1.4, 2.0, 2.2, 2.4, 2.6, 2.8, 3.0]
+    assert lines[-1]["kind"] == "summary" and lines[-1]["asked"] == 3 and lines[-1]["frames_read"] == 20
+    frames = decoded(spec.path)
+    with Pipeline.from_bundle(pipe.bundle, n_threads=1) as ref:
+        at_16 = next(d for d in lines if d["kind"] == "answer" and d["t"] == 1.6 and d["question"] == Q)
+        assert at_16["frame"] == 9 and at_16["answer"] == ref.ask(frames[8], Q, max_tokens=3)
+
+    rc = run_main([*args, "--prompt", Q, "--on-change-only", "--change-threshold", "0"])
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and {d["kind"] for d in lines} == {"answer", "status", "summary"}
+    assert lines[-1]["answers"] == 20 and lines[-1]["emitted"] == len(lines) - 2
+
+    assert run_main([*args]) == 1
+    assert "--video | no question" in capsys.readouterr().err
+    assert run_main(["--bundle", str(pipe.bundle), "--video", str(tmp_path / "none.avi"), "--prompt", Q]) == 1
+    assert "none.avi | no such file" in capsys.readouterr().err
