@@ -76,3 +76,70 @@ def write_video(path: str | Path, seconds: float = 60.0, fps: float = 10.0, size
         writer.release()
     changes = [round(int(np.ceil(k * per)) / fps, 6) for k in range(1, scenes)]
     return VideoSpec(path, fps, n, size, changes, moving_scene, noise)
+
+
+def jpeg_frames(k: int, size: tuple[int, int], count: int, noise: float = 8.0, seed: int = 0) -> list[bytes]:
+    """``count`` JPEG frames of scene ``k`` with fresh sensor noise each."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    base = scene(k, size).astype(np.float32)
+    return [cv2.imencode(".jpg", np.clip(base + rng.normal(0.0, noise, base.shape), 0, 255).astype(np.uint8))[1]
+            .tobytes() for _ in range(count)]
+
+
+class MjpegCamera:
+    """A live MJPEG camera over HTTP on 127.0.0.1 (what an IP camera's /video.mjpg serves).
+    Connection k follows ``plan[k] = (jpegs, count, after)``: ``count`` frames cycling through
+    ``jpegs`` at ``fps``, then ``after`` = "stall" (the connection stays open, silent) or
+    "close"; a connection beyond the plan gets 503."""
+
+    def __init__(self, plan: list[tuple[list[bytes], int, str]], fps: float = 20.0):
+        import http.server
+        import socketserver
+        import threading
+        import time
+
+        self.connections = 0
+        self.release = threading.Event()
+        camera = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                k = camera.connections
+                camera.connections += 1
+                if k >= len(plan):
+                    self.send_error(503)
+                    return
+                jpegs, count, after = plan[k]
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                start = time.monotonic()
+                try:
+                    for i in range(count):
+                        jpg = jpegs[i % len(jpegs)]
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(jpg) + jpg + b"\r\n")
+                        self.wfile.flush()
+                        time.sleep(max(0.0, start + (i + 1) / fps - time.monotonic()))  # no drift
+                    if after == "stall":
+                        camera.release.wait(60)
+                except OSError:  # the client went away
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/video.mjpg"
+        threading.Thread(target=self.server.serve_forever, name="mjpeg-camera", daemon=True).start()
+
+    def __enter__(self) -> "MjpegCamera":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -4,10 +4,7 @@ drops. The answers are checked against Pipeline.ask on the same frames decoded b
 
 from __future__ import annotations
 
-import http.server
-import socketserver
 import statistics
-import threading
 import time
 
 import numpy as np
@@ -18,9 +15,10 @@ from mra.runtime import Pipeline
 from mra.runtime.watch import DEFAULT_CHANGE_THRESHOLD, Answer, Skip, Status, Summary
 
 cv2 = pytest.importorskip("cv2")
-from mra.benchmarks.synthetic_video import scene, write_video  # noqa: E402  (needs cv2)
+from mra.benchmarks.synthetic_video import MjpegCamera, jpeg_frames, write_video  # noqa: E402  (needs cv2)
 
 Q = "What is it?"
+SIZE = (160, 120)
 
 
 @pytest.fixture(scope="module")
@@ -168,57 +166,8 @@ def test_truncated_file_ends_with_a_status(pipe, tmp_path):
     assert summary.ended == "ended" and summary.frames_read == status.frame
 
 
-class MjpegServer:
-    """A live MJPEG camera on 127.0.0.1: connection k (0-based) sends ``frames[k]`` frames of
-    scene k at ``fps``, then stalls (keeps the connection open) if ``stall[k]``, else closes; a
-    connection beyond the list gets 503."""
-
-    def __init__(self, frames: list[int], stall: list[bool], fps: float = 20.0):
-        self.connections = 0
-        self.release = threading.Event()
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                k = outer.connections
-                outer.connections += 1
-                if k >= len(frames):
-                    self.send_error(503)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                jpg = cv2.imencode(".jpg", scene(k, (160, 120)))[1].tobytes()
-                try:
-                    for _ in range(frames[k]):
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
-                                         % len(jpg) + jpg + b"\r\n")
-                        self.wfile.flush()
-                        time.sleep(1 / fps)
-                    if stall[k]:
-                        outer.release.wait(30)
-                except OSError:
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cam.mjpg"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_stalled_stream_ends_with_a_status(pipe):
-    with MjpegServer(frames=[10], stall=[True]) as cam:
+    with MjpegCamera([(jpeg_frames(0, SIZE, 10), 10, "stall")]) as cam:
         start = time.monotonic()
         events = list(pipe.watch(cam.url, Q, max_tokens=2, read_timeout=1.0))
         took = time.monotonic() - start
@@ -231,7 +180,7 @@ def test_stalled_stream_ends_with_a_status(pipe):
 
 def test_live_stream_reconnects_with_back_off(pipe):
     # Connection 0 stalls, 1 sends another scene and drops, then the camera is gone (503).
-    with MjpegServer(frames=[6, 6], stall=[True, False]) as cam:
+    with MjpegCamera([(jpeg_frames(0, SIZE, 6), 6, "stall"), (jpeg_frames(1, SIZE, 6), 6, "close")]) as cam:
         events = list(pipe.watch(cam.url, Q, max_tokens=2, read_timeout=1.0, reconnect=2))
     statuses = [(e.status, e.detail) for e in kinds(events, Status)]
     assert [s for s, _ in statuses] == ["stalled", "reconnecting", "reconnected", "disconnected", "reconnecting",
