@@ -18,6 +18,7 @@ Two measurements on one bundle:
 
   python -m mra.benchmarks.watch_bench --quick                  tiny bundle, 8 s of scenes, 15 s of fast source: a smoke test
   python -m mra.benchmarks.watch_bench --minutes 10             the issue's targets on the tiny bundle
+  python -m mra.benchmarks.watch_bench --minutes 3 --answer-tokens 512   answers ~10x slower (like a larger model)
   python -m mra.benchmarks.watch_bench --bundle B --minutes 10  a real bundle
 
 Writes watch_bench-MODE.json and .md into --out (default benchmarks/results).
@@ -58,11 +59,19 @@ class Options:
     minutes: float = 10.0
     fast_fps: float = 100.0
     size: tuple[int, int] = (320, 240)
+    answer_tokens: int | None = None  # answers of exactly this many tokens: a slower model on the same bundle
     quick: bool = False
 
     @property
     def mode(self) -> str:
-        return "quick" if self.quick else (self.bundle.name if self.bundle else "tiny")
+        name = "quick" if self.quick else (self.bundle.name if self.bundle else "tiny")
+        return name + (f"-{self.answer_tokens}tok" if self.answer_tokens else "")
+
+    @property
+    def ask(self) -> dict:
+        if self.answer_tokens:
+            return {"max_tokens": self.answer_tokens, "ignore_eos": True}
+        return {"max_tokens": self.max_tokens}
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -103,7 +112,7 @@ def measure_scenes(pipe, o: Options, work: Path) -> dict:
     from mra.runtime.watch import DEFAULT_CHANGE_THRESHOLD, Answer
 
     spec = write_video(work / "scenes.avi", seconds=o.scene_seconds, fps=o.scene_fps, size=o.size)
-    w = pipe.watch(spec.path, QUESTION, max_tokens=o.max_tokens, realtime=True, max_interval=o.max_interval)
+    w = pipe.watch(spec.path, QUESTION, realtime=True, max_interval=o.max_interval, **o.ask)
     answers = [e for e in w if isinstance(e, Answer)]
     s = w.summary
     answer_s = [a.timings["answer_s"] for a in answers]
@@ -139,7 +148,7 @@ def measure_fast(pipe, o: Options) -> dict:
     frames = int(o.minutes * 60 * o.fast_fps)
     jpegs = jpeg_frames(0, o.size, 50)
     with MjpegCamera([(jpegs, frames, "close")], fps=o.fast_fps) as cam, RssSampler() as rss:
-        w = pipe.watch(cam.url, QUESTION, max_tokens=o.max_tokens, change_threshold=0.0, read_timeout=10.0)
+        w = pipe.watch(cam.url, QUESTION, change_threshold=0.0, read_timeout=10.0, **o.ask)
         start = time.monotonic()
         rows = [(time.monotonic() - start, e.timings) for e in w if isinstance(e, Answer)]
         took = time.monotonic() - start
@@ -170,7 +179,7 @@ def measure_fast(pipe, o: Options) -> dict:
             "rss_first_window_mb": rss1 / 2**20, "rss_last_window_mb": rss_end / 2**20,
             "rss_growth": rss_end / rss1 - 1 if rss1 else float("nan"),
             "rss_within_target": bool(rss1) and rss_end / rss1 - 1 <= TARGETS["rss_growth"],
-            "rss_samples_mb": [[round(t, 1), round(b / 2**20, 1)] for t, b in rss.samples[::max(1, len(rss.samples) // 200)]]}
+            "rss_samples_mb": [[round(t, 1), round(b / 2**20, 1)] for t, b in rss.samples[::max(1, len(rss.samples) // 60)]]}
 
 
 def run(o: Options) -> dict:
@@ -185,7 +194,7 @@ def run(o: Options) -> dict:
     r = {"benchmark": "watch_bench", "mode": o.mode,
          "command": " ".join(["python -m mra.benchmarks.watch_bench", *sys.argv[1:]]),
          "machine": describe_machine(threads),
-         "settings": {"bundle": str(bundle), "threads": threads, "max_tokens": o.max_tokens, "question": QUESTION},
+         "settings": {"bundle": str(bundle), "threads": threads, **o.ask, "question": QUESTION},
          "targets": TARGETS}
     with Pipeline.from_bundle(bundle, n_threads=threads, verify_hash=False) as pipe, \
             tempfile.TemporaryDirectory() as work:
@@ -205,8 +214,8 @@ def to_markdown(r: dict) -> str:
     lines = [f"# The watch mode on a synthetic camera ({r['mode']})", "", f"`{r['command']}`", "",
              f"- Machine: {m['cpu']}, {m['usable_cores']} usable cores, {s['threads']} llama.cpp thread(s); "
              "the machine was shared with other jobs while this ran (timings are loaded ones)",
-             f"- `{s['gguf']}`, vision {s['vision']} ({s['image_tokens']} image rows), answers of at most "
-             f"{s['max_tokens']} tokens", "",
+             f"- `{s['gguf']}`, vision {s['vision']} ({s['image_tokens']} image rows), answers of "
+             + ("exactly" if s.get("ignore_eos") else "at most") + f" {s['max_tokens']} tokens", "",
              f"## Scenes: {v['seconds']:g} s at {v['fps']:g} fps ({v['size'][0]}x{v['size'][1]}), {v['scenes']} scenes, "
              f"an object moving in scene {v['moving_object_scene'] + 1}, noise sigma {v['noise_sigma']:g}, played in "
              "real time", "",
@@ -258,6 +267,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=d.work, help=f"where the tiny bundle is kept (default {d.work})")
     p.add_argument("--threads", type=int, help="llama.cpp threads (default 1)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--answer-tokens", type=int, help="answers of exactly N tokens (EOS ignored): the answer time "
+                   "of a slower model on the same bundle")
     p.add_argument("--minutes", type=float, default=d.minutes, help=f"the fast source's length (default {d.minutes:g})")
     p.add_argument("--fast-fps", type=float, default=d.fast_fps, help=f"the fast source's rate (default {d.fast_fps:g})")
     p.add_argument("--max-interval", type=float, default=d.max_interval)
@@ -270,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     o = Options(out=a.out, bundle=a.bundle, work=a.work, threads=a.threads, max_tokens=a.max_tokens,
-                minutes=a.minutes, fast_fps=a.fast_fps, max_interval=a.max_interval, quick=a.quick)
+                minutes=a.minutes, fast_fps=a.fast_fps, max_interval=a.max_interval, answer_tokens=a.answer_tokens,
+                quick=a.quick)
     r = run(o)
     js, md = write(r, o.out)
     print(to_markdown(r))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import sys
 import time
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                       structured=schema is not None)
         return show(watch)
     with Pipeline.from_bundle(a.bundle, n_threads=a.threads) as pipe:
-        kw = {f: getattr(options, f) for f in WatchOptions.__dataclass_fields__}
-        return show(pipe.watch(a.source, a.question, max_tokens=a.max_tokens, json_schema=schema, **kw))
+        return show(pipe.watch(a.source, a.question, max_tokens=a.max_tokens, json_schema=schema,
+                               **dataclasses.asdict(options)))
 
 
 def show(watch: Watch) -> int:

@@ -45,7 +45,7 @@ from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 
-from mra.core.errors import BadImage, MissingDependency, MraError
+from mra.core.errors import BadImage, Closed, MissingDependency, MraError
 
 CHANGE_SIZE = 64  # the longer side, in pixels, of the grey picture the change test compares
 DEFAULT_CHANGE_THRESHOLD = 6.0  # mean absolute grey-level difference (0-255) that counts as a change
@@ -68,11 +68,11 @@ class WatchOptions:
     reconnect: int = 0  # a live source that stalls or drops: this many reopen attempts in a row (0: end)
 
     def check(self) -> None:
-        for name in ("change_threshold", "every", "read_timeout"):
+        for name, low_open in (("change_threshold", False), ("every", False), ("read_timeout", True)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 \
-                    or (name == "read_timeout" and v == 0):
-                raise MraError(f"{name} | got {v!r}, expected a finite number >= 0" + (" (> 0)" * (name == "read_timeout")))
+                    or (low_open and v == 0):
+                raise MraError(f"{name} | got {v!r}, expected a finite number {'>' if low_open else '>='} 0")
         m = self.max_interval
         if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m)
                               or m <= 0 or m < self.every):
@@ -159,25 +159,29 @@ def _cv2():
 
 def is_live(source: Source) -> bool:
     """A camera index, a URL or a GStreamer pipeline (a live source); else a file."""
-    s = str(source)
-    return isinstance(source, int) or s.isdigit() or "://" in s or "!" in s
+    s = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if isinstance(s, int) or (isinstance(s, str) and (s.isdigit() or "://" in s)):
+        return True
+    return isinstance(s, str) and "!" in s and not os.path.exists(s)  # "!" links GStreamer elements
 
 
 def open_capture(source: Source, read_timeout: float):
     """An opened cv2.VideoCapture, or the error that says why not (BadImage for a file)."""
     cv2 = _cv2()
     s = os.fspath(source) if isinstance(source, os.PathLike) else source
-    if isinstance(s, int) or (isinstance(s, str) and s.isdigit()):
+    if isinstance(s, bool) or not isinstance(s, (int, str)):
+        raise MraError(f"video source | got {type(source).__name__}, expected a path, a camera index or a URL")
+    if isinstance(s, int) or s.isdigit():
         cap = cv2.VideoCapture(int(s))
-    elif isinstance(s, str) and "!" in s:  # a GStreamer pipeline (a Jetson CSI camera) ending in appsink
+    elif "://" not in s and is_live(s):  # a GStreamer pipeline (a Jetson CSI camera) ending in appsink
         cap = cv2.VideoCapture(s, cv2.CAP_GSTREAMER)
-    elif isinstance(s, str) and "://" in s:
+    elif "://" in s:
         # FFmpeg's own deadlines: opening never blocks past read_timeout; a blocked read ends after
         # twice that, so the watch's "stalled" (at read_timeout) comes first and the thread still ends.
         ms = int(read_timeout * 1000)
         cap = cv2.VideoCapture(s, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms,
                                                    cv2.CAP_PROP_READ_TIMEOUT_MSEC, 2 * ms])
-    elif isinstance(s, str):
+    else:
         p = Path(s)
         if not p.is_file():
             raise BadImage(f"video {p} | {'not a regular file' if p.exists() else 'no such file'}; "
@@ -187,8 +191,6 @@ def open_capture(source: Source, read_timeout: float):
             raise BadImage(f"video {p} | OpenCV cannot decode it (corrupt, or a format this build lacks); "
                            "expected a video file such as .mp4, .avi or .mkv")
         return cap
-    else:
-        raise MraError(f"video source | got {type(source).__name__}, expected a path, a camera index or a URL")
     if not cap.isOpened():
         cap.release()
         raise MraError(f"video source {s} | OpenCV cannot open it; expected a camera index, a stream URL that "
@@ -324,6 +326,8 @@ class Watch:
         self._past_read = self._past_dropped = 0  # counts of the readers before a reconnect
 
     def __iter__(self) -> Iterator[Event]:
+        if self._cap is None:
+            raise Closed("watch | already iterated or closed; a Watch reads its source once: call watch() again")
         s, o = self.summary, self.options
         ref: np.ndarray | None = None  # small_grey of the frame last sent to the model
         last_t = -math.inf  # its stream time

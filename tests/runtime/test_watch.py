@@ -223,3 +223,18 @@ def test_mra_run_video_prints_one_json_line_per_event(pipe, tmp_path, capsys):
     assert "--video | no question" in capsys.readouterr().err
     assert run_main(["--bundle", str(pipe.bundle), "--video", str(tmp_path / "none.avi"), "--prompt", Q]) == 1
     assert "none.avi | no such file" in capsys.readouterr().err
+
+
+def test_a_watch_reads_once_and_opencv_loads_lazily(pipe, tmp_path):
+    import subprocess
+    import sys
+
+    from mra.core.errors import Closed
+
+    spec = write_video(tmp_path / "v.avi", seconds=1, fps=5, scenes=1, moving_scene=-1)
+    w = pipe.watch(spec.path, Q, max_tokens=2)
+    assert kinds(list(w), Summary)[0].asked == 1
+    with pytest.raises(Closed):
+        list(w)
+    code = "import sys, mra.runtime; from mra.runtime.watch import Watch; assert 'cv2' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
