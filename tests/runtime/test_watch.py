@@ -241,3 +241,28 @@ def test_a_watch_reads_once_and_opencv_loads_lazily(pipe, tmp_path):
         list(w)
     code = "import sys, mra.runtime; from mra.runtime.watch import Watch; assert 'cv2' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_mra_run_video_ctrl_c_prints_the_summary(tiny_bundle):
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with MjpegCamera([(jpeg_frames(0, SIZE, 10), 100_000, "close")], fps=20) as cam:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "mra-run"), "--bundle", str(tiny_bundle),
+                                 "--video", cam.url, "--question", Q, "--threads", "1", "--max-tokens", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = json.loads(proc.stdout.readline())  # the first frame's answer: the camera is being watched
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    last = json.loads(out.splitlines()[-1])
+    assert first["kind"] == "answer" and first["reason"] == "first"
+    assert proc.returncode == 130 and "interrupted" in err
+    assert last["kind"] == "summary" and last["ended"] == "interrupted" and last["asked"] == 1
+    assert last["frames_read"] > 5 and last["frames_read"] == last["dropped"] + last["unchanged"] + last["asked"]
