@@ -266,3 +266,21 @@ def test_mra_run_video_ctrl_c_prints_the_summary(tiny_bundle):
     assert proc.returncode == 130 and "interrupted" in err
     assert last["kind"] == "summary" and last["ended"] == "interrupted" and last["asked"] == 1
     assert last["frames_read"] > 5 and last["frames_read"] == last["dropped"] + last["unchanged"] + last["asked"]
+
+
+def test_documented_video_commands_parse():
+    """Every `mra-run ... --video` command in docs/video.md and the Jetson guide is one mra-run accepts."""
+    import shlex
+    from pathlib import Path
+
+    from mra.runtime.cli import run_parser
+
+    root = Path(__file__).resolve().parents[2]
+    commands = []
+    for doc in (root / "docs" / "video.md", root / "examples" / "jetson" / "README.md"):
+        text = doc.read_text().replace("\\\n", " ")
+        commands += [line.split("#")[0] for line in text.splitlines() if line.startswith("mra-run") and "--video" in line]
+    assert len(commands) >= 5
+    for c in commands:
+        a = run_parser().parse_args(shlex.split(c)[1:])
+        assert a.video and a.question, c
