@@ -204,6 +204,9 @@ def _run(argv: list[str]) -> int:
 
 def _run_video(a: argparse.Namespace) -> int:
     """Exit 0 when a file ended, 1 when a live source stalled or dropped for good, 130 on Ctrl-C."""
+    if a.json or a.out is not None:
+        raise MraError(f"{'--json' if a.json else '--out'} | not used with --video: its output is already one JSON "
+                       "line per event on stdout; redirect it to a file")
     questions = [*([a.prompt] if a.prompt is not None else []), *a.question]
     if not questions:
         raise MraError("--video | no question; pass --question \"Is anyone at the door?\" (repeatable)")

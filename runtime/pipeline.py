@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -48,9 +48,6 @@ from .prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PendingEmbeddings, PromptCache
 from .textstream import TextStream
 from .vision_select import VisionChoice, select_vision
-
-if TYPE_CHECKING:
-    from .watch import Watch
 
 log = logging.getLogger("mra.runtime")
 
@@ -372,9 +369,10 @@ class Pipeline:
             self._prefill(conv, [image] if image is not None else [])
             return self.llm.logits()
 
-    def watch(self, source, questions: str | Sequence[str], **options) -> "Watch":
-        """Events about a camera, stream or video file, asking ``questions`` only about frames
-        that changed; options: ``mra.runtime.watch.WatchOptions`` fields, the rest go to ``ask``."""
+    def watch(self, source, questions: str | Sequence[str], **options):
+        """A ``mra.runtime.watch.Watch``: events about a camera, stream or video file, asking
+        ``questions`` only about frames that changed; options: ``WatchOptions`` fields, the rest
+        go to ``ask``."""
         from .watch import watch_pipeline
 
         return watch_pipeline(self, source, questions, **options)  # OpenCV is imported only here

@@ -224,6 +224,8 @@ def test_mra_run_video_prints_one_json_line_per_event(pipe, tmp_path, capsys):
 
     assert run_main([*args]) == 1
     assert "--video | no question" in capsys.readouterr().err
+    assert run_main([*args, "--prompt", Q, "--json"]) == 1
+    assert "--json | not used with --video" in capsys.readouterr().err
     assert run_main(["--bundle", str(pipe.bundle), "--video", str(tmp_path / "none.avi"), "--prompt", Q]) == 1
     assert "none.avi | no such file" in capsys.readouterr().err
 
