@@ -1,82 +1,102 @@
-"""Ask questions about a live camera or a video stream every N frames, with OpenCV.
+"""Watch a camera or a video and ask questions only when the picture changed (Pipeline.watch).
 
-    python examples/camera_qa.py --bundle BUNDLE --source 0 --question "Is anyone at the door?"
-    python examples/camera_qa.py --bundle BUNDLE --source clip.mp4 --every 30 --question "What happens?"
-    python examples/camera_qa.py --bundle BUNDLE --source rtsp://cam.local/stream --question ... --question ...
+    python examples/camera_qa.py --bundle BUNDLE --source 0 --question "Is anyone at the door?" --on-change-only
+    python examples/camera_qa.py --bundle BUNDLE --source clip.mp4 --question "What happens?" --max-interval 30
+    python examples/camera_qa.py --server http://jetson:8080/v1 --api-key KEY --source rtsp://cam/stream --question ...
 
---source: a camera index (0 = the first webcam), a video file or a stream URL (RTSP, HTTP).
-One JSON line per answer on stdout: the frame number, the question, the answer and where the
-time went. The Pipeline keeps llama.cpp's KV cache and matches each new prompt against it,
-so between frames the system prompt is not evaluated again, and a second question about the
-same frame re-uses the frame's image rows too ("reused" counts those positions).
-Needs OpenCV: `pip install opencv-python-headless` (the `examples` extra).
+--source: a camera index (0 = the first webcam), a video file, a stream URL (RTSP, HTTP) or a
+GStreamer pipeline ending in appsink (a Jetson CSI camera). One JSON line per event on stdout
+(an answer, a skipped frame, the source's status), the summary last; Ctrl-C ends a camera.
+
+The frames are read and compared here, by the camera: only a frame that changed (or a
+--max-interval refresh) costs the model anything. With --bundle the model runs in this
+process; with --server each such frame goes to mra-serve's /v1/chat/completions as one
+request (PNG, lossless: the server answers what a local Pipeline would). The server has no
+video endpoint on purpose: the change test belongs where the frames are (a skipped frame
+never crosses the network), and the server keeps decoding only the images it is sent,
+under its size limits, instead of opening cameras or decoding video for clients.
+Needs OpenCV (`pip install opencv-python-headless`, the `video` extra); --server needs `openai`.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
 import json
 import sys
+import time
 
 from mra.runtime import MraError, Pipeline
+from mra.runtime.watch import Watch, WatchOptions
 
 
-def open_source(source: str):
+def server_asker(base_url: str, api_key: str, max_tokens: int, schema: dict | None):
+    """(RGB frame, question) -> (answer, timings) through mra-serve with the openai client."""
     import cv2
+    from openai import OpenAI
 
-    cap = cv2.VideoCapture(int(source) if source.isdigit() else source)
-    if not cap.isOpened():
-        raise MraError(f"--source {source} | OpenCV cannot open it; expected a camera index, a video file or a "
-                       "stream URL that this OpenCV build reads")
-    if source.isdigit() or "://" in source:
-        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # live: keep the newest frame, not a backlog while the model thinks
-    return cap
+    client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    model = client.models.list().data[0].id
+    extra = {} if schema is None else {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
+    last: list = [None, ""]  # the last frame and its data URL: a second question re-uses the encoding
 
-
-def frames(cap, every: int, max_frames: int | None):
-    """(frame number, RGB array) of every ``every``-th frame, until the stream ends."""
-    import cv2
-
-    n = 0
-    while max_frames is None or n < max_frames:
-        if not cap.grab():  # grab() skips decoding the frames nobody asks about
-            return
-        n += 1
-        if n % every == 0:
-            ok, bgr = cap.retrieve()
-            if ok:
-                yield n, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # OpenCV decodes to BGR; the model wants RGB
+    def ask(rgb, question: str) -> tuple[str, dict]:
+        if last[0] is not rgb:
+            png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1]
+            last[:] = [rgb, "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()]
+        start = time.perf_counter()
+        r = client.chat.completions.create(
+            model=model, max_tokens=max_tokens, temperature=0, **extra,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": last[1]}},
+                                                   {"type": "text", "text": question}]}])
+        return r.choices[0].message.content, {"request_s": time.perf_counter() - start,
+                                              "prompt_tokens": r.usage.prompt_tokens}
+    return ask
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True, help="bundle folder written by mra-export")
-    p.add_argument("--source", default="0", help="camera index, video file or stream URL (default 0)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bundle", help="bundle folder written by mra-export: the model runs here")
+    where.add_argument("--server", metavar="URL", help="mra-serve's /v1 URL: the model runs there")
+    p.add_argument("--api-key", default="none", help="the key mra-serve was started with (--api-key)")
+    p.add_argument("--source", default="0", help="camera index, video file, stream URL or GStreamer pipeline")
     p.add_argument("--question", action="append", required=True, help="question about each frame (repeatable)")
-    p.add_argument("--every", type=int, default=30, help="ask about every N-th frame (default 30)")
-    p.add_argument("--max-frames", type=int, help="stop after this many frames read (default: the stream's end)")
+    p.add_argument("--change-threshold", type=float, default=WatchOptions.change_threshold,
+                   help="mean grey-level change (0-255) of the small blurred frame that counts (default %(default)g)")
+    p.add_argument("--every", type=float, default=0.0, help="seconds at least between two frames asked about")
+    p.add_argument("--max-interval", type=float, help="ask at least this often (seconds), changed or not")
+    p.add_argument("--on-change-only", action="store_true", help="print an answer only when it changed")
+    p.add_argument("--realtime", action="store_true", help="play a file at its frame rate, like a camera")
+    p.add_argument("--reconnect", type=int, default=3, help="reopen a live source that drops, N times (default 3)")
+    p.add_argument("--json-schema", help="a JSON schema (text): answers are JSON objects that follow it")
     p.add_argument("--max-tokens", type=int, default=32, help="longest answer, in tokens (default 32)")
     p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
     a = p.parse_args(argv)
-    if a.every < 1:
-        p.error("--every must be >= 1")
+    schema = json.loads(a.json_schema) if a.json_schema else None
+    options = WatchOptions(change_threshold=a.change_threshold, every=a.every, max_interval=a.max_interval,
+                           on_change_only=a.on_change_only, realtime=True if a.realtime else None,
+                           reconnect=a.reconnect)
+    if a.server:
+        watch = Watch(server_asker(a.server, a.api_key, a.max_tokens, schema), a.source, a.question, options,
+                      structured=schema is not None)
+        return show(watch)
+    with Pipeline.from_bundle(a.bundle, n_threads=a.threads) as pipe:
+        return show(pipe.watch(a.source, a.question, max_tokens=a.max_tokens, json_schema=schema,
+                               **dataclasses.asdict(options)))
 
-    cap = open_source(a.source)
+
+def show(watch: Watch) -> int:
     try:
-        with Pipeline.from_bundle(a.bundle, n_threads=a.threads) as pipe:
-            for n, rgb in frames(cap, a.every, a.max_frames):
-                for q in a.question:
-                    answer = pipe.ask(rgb, q, max_tokens=a.max_tokens)
-                    t = pipe.timings
-                    print(json.dumps({"frame": n, "question": q, "answer": answer,
-                                      "latency_s": round(t.total_s, 3), "vision_s": round(t.vision_s, 3),
-                                      "prefill_s": round(t.prefill_s, 3), "reused": t.reused,
-                                      "prefilled": t.prefilled}, ensure_ascii=False), flush=True)
-    except KeyboardInterrupt:  # Ctrl-C ends a live stream
-        pass
-    finally:
-        cap.release()
-    return 0
+        for event in watch:
+            print(json.dumps(event.as_dict(), ensure_ascii=False), flush=True)
+    except KeyboardInterrupt:  # Ctrl-C ends a live stream: the summary so far
+        watch.close()
+        watch.summary.ended = "interrupted"
+        print(json.dumps(watch.summary.as_dict()), flush=True)
+    return 0 if watch.summary.ended in ("ended", "interrupted") else 1
 
 
 if __name__ == "__main__":

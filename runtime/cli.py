@@ -4,6 +4,7 @@
   mra-run --bundle B --image IMG --prompt "..." --json   answer + timings as one JSON object
   mra-run --bundle B --images DIR --prompt "..." --out answers.jsonl   a folder, resumable
   mra-run --bundle B --image IMG --prompt "..." --json-schema schema.json   the answer as JSON
+  mra-run --bundle B --video clip.mp4 --question "..."   a camera/stream/file: JSON events, changed frames only
   mra-chat --bundle B [--image IMG]                      interactive: /image PATH, /reset, /quit
 """
 
@@ -130,22 +131,53 @@ def run_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", type=Path, help="one image")
     src.add_argument("--images", type=Path, help="a folder of images (needs --out)")
-    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--prompt", help="the question (required with --image and --images)")
     p.add_argument("--json", action="store_true", help="print {answer, timings} as JSON instead of streaming")
     p.add_argument("--out", type=Path, help="answers.jsonl for --images; a rerun skips images already in it")
     p.add_argument("--json-schema", type=Path, metavar="FILE",
                    help="a JSON schema file: the answer is JSON that follows it (enforced by llguidance)")
+    _add_video_args(p, src)
     _add_pipeline_args(p)
     return p
 
 
+def _add_video_args(p: argparse.ArgumentParser, src) -> None:
+    """mra-run --video: the watch mode (mra.runtime.watch), one JSON line per event."""
+    src.add_argument("--video", metavar="SOURCE", help="a video file, a camera index (0), an RTSP/HTTP URL or a "
+                     "GStreamer pipeline ending in appsink: one JSON line per decision, the summary last")
+    g = p.add_argument_group("video (--video)")
+    g.add_argument("--question", action="append", default=[], help="a question about each frame sent to the "
+                   "model (repeatable; --prompt counts as one)")
+    g.add_argument("--change-threshold", type=_number("--change-threshold", 0, False), default=None,
+                   help="mean grey-level difference (0-255) of the small blurred frame from the one last sent "
+                   "that counts as a change (default 6: sensor noise measures about 1)")
+    g.add_argument("--every", type=_number("--every", 0, False), default=0.0, metavar="SECONDS",
+                   help="send frames at most this often (stream seconds; default 0)")
+    g.add_argument("--max-interval", type=_number("--max-interval", 0, True), metavar="SECONDS",
+                   help="a fresh look at least this often, changed or not (default: only on change)")
+    g.add_argument("--on-change-only", action="store_true",
+                   help="print an answer only when it differs from that question's last one; no skip lines")
+    g.add_argument("--realtime", action="store_true",
+                   help="play a file at its frame rate like a camera (newest frame only; default: every frame)")
+    g.add_argument("--read-timeout", type=_number("--read-timeout", 0, True), default=None, metavar="SECONDS",
+                   help="no frame for this long: a 'stalled' event (default 10)")
+    g.add_argument("--reconnect", type=int, default=0, metavar="N",
+                   help="a live source that stalls or drops: reopen it up to N times in a row, after 0.5, 1, "
+                   "2, ... s (default 0: end)")
+
+
 def _run(argv: list[str]) -> int:
     a = run_parser().parse_args(argv)
-    check_text(a.prompt, "--prompt")
+    if a.video is None and a.prompt is None:
+        raise MraError("--prompt | missing; pass the question: --prompt \"What is in the image?\"")
+    if a.prompt is not None:
+        check_text(a.prompt, "--prompt")
     if a.images is not None and a.out is None:
         raise MraError("--images | needs --out answers.jsonl (the folder run writes one JSON line per image)")
     if a.json_schema is not None:  # issue 12: read and check it before loading anything
         a.json_schema = _read_schema(a.json_schema)
+    if a.video is not None:
+        return _run_video(a)
     if a.image is not None:
         check_image_file(a.image)
     if a.images is not None:
@@ -168,6 +200,35 @@ def _run(argv: list[str]) -> int:
             if a.timings:
                 print(f"[{pipe.timings.summary()}]", file=sys.stderr)
     return 0
+
+
+def _run_video(a: argparse.Namespace) -> int:
+    """Exit 0 when a file ended, 1 when a live source stalled or dropped for good, 130 on Ctrl-C."""
+    if a.json or a.out is not None:
+        raise MraError(f"{'--json' if a.json else '--out'} | not used with --video: its output is already one JSON "
+                       "line per event on stdout; redirect it to a file")
+    questions = [*([a.prompt] if a.prompt is not None else []), *a.question]
+    if not questions:
+        raise MraError("--video | no question; pass --question \"Is anyone at the door?\" (repeatable)")
+    for q in a.question:
+        check_text(q, "--question")
+    if a.reconnect < 0:
+        raise MraError(f"--reconnect | got {a.reconnect}, expected an integer >= 0")
+    options = {k: v for k, v in (("change_threshold", a.change_threshold), ("read_timeout", a.read_timeout))
+               if v is not None}
+    with _open_pipeline(a) as pipe:
+        w = pipe.watch(a.video, questions, every=a.every, max_interval=a.max_interval,
+                       on_change_only=a.on_change_only, realtime=True if a.realtime else None,
+                       reconnect=a.reconnect, **options, **_gen_kwargs(a))
+        try:
+            for event in w:
+                print(json.dumps(event.as_dict(), ensure_ascii=False), flush=True)
+        except KeyboardInterrupt:  # the normal end of a camera: the summary, then exit 130
+            w.close()
+            w.summary.ended = "interrupted"
+            print(json.dumps(w.summary.as_dict()), flush=True)
+            raise
+    return 0 if w.summary.ended == "ended" else 1
 
 
 def image_name(path: Path, folder: Path) -> str:

@@ -372,6 +372,14 @@ class Pipeline:
             self._prefill(conv, [image] if image is not None else [])
             return self.llm.logits()
 
+    def watch(self, source, questions: str | Sequence[str], **options):
+        """A ``mra.runtime.watch.Watch``: events about a camera, stream or video file, asking
+        ``questions`` only about frames that changed; options: ``WatchOptions`` fields, the rest
+        go to ``ask``."""
+        from .watch import watch_pipeline
+
+        return watch_pipeline(self, source, questions, **options)  # OpenCV is imported only here
+
     def chat(self, image: ImageLike | None = None) -> "ChatSession":
         """A conversation that keeps its history and KV cache between turns."""
         return ChatSession(self, image)

@@ -1,7 +1,7 @@
 """The apps in examples/, run as a user runs them (a separate process) against the tiny bundle.
 Their answers are checked against the Pipeline API called directly in the same order, the
 scores against logits picked with transformers' tokenizer (independent of llama.cpp's), and
-camera_qa reads a video file that the test writes with OpenCV."""
+camera_qa reads a video file that the test writes with OpenCV, locally and through mra-serve."""
 
 from __future__ import annotations
 
@@ -126,35 +126,74 @@ def test_yes_no_summary_pope_numbers():
 
 
 # --- camera_qa ----------------------------------------------------------------------------
-def test_camera_qa_on_a_video_file(tiny_bundle, photo_paths, tmp_path):
-    cv2 = pytest.importorskip("cv2")
-    clip = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (96, 96))
-    for i in range(7):  # frames 1-3 one photo, 4-6 another, 7 a third; --every 3 asks about frames 3 and 6
-        rgb = np.asarray(Image.open(photo_paths[i // 3]).convert("RGB").resize((96, 96)))
-        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    writer.release()
-    qs = ["What is it?", "Is it red?"]
-    r = run("camera_qa.py", "--bundle", tiny_bundle, "--source", clip, "--every", 3, "--question", qs[0],
-            "--question", qs[1], "--max-tokens", 3, "--threads", 1)
+def camera_rows(r: subprocess.CompletedProcess) -> list[dict]:
     assert r.returncode == 0, r.stderr
-    rows = [json.loads(ln) for ln in r.stdout.splitlines()]
-    assert [(d["frame"], d["question"]) for d in rows] == [(3, qs[0]), (3, qs[1]), (6, qs[0]), (6, qs[1])]
+    return [json.loads(ln) for ln in r.stdout.splitlines()]
 
-    cap = cv2.VideoCapture(str(clip))  # the same frames, decoded by the same OpenCV
-    decoded = [cv2.cvtColor(cap.read()[1], cv2.COLOR_BGR2RGB) for _ in range(6)]
+
+def test_camera_qa_asks_about_changed_frames(tiny_bundle, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    from mra.benchmarks.synthetic_video import write_video
+
+    spec = write_video(tmp_path / "clip.avi", seconds=4, fps=5)  # a new scene every second, sensor noise
+    qs = ["What is it?", "Is it red?"]
+    args = ["--source", spec.path, "--question", qs[0], "--question", qs[1], "--max-tokens", 3]
+    rows = camera_rows(run("camera_qa.py", "--bundle", tiny_bundle, "--threads", 1, *args))
+    asked = [d for d in rows if d["kind"] == "answer"]
+    assert [(d["frame"], d["question"]) for d in asked] == [(f, q) for f in (1, 6, 11, 16) for q in qs]
+    assert sum(d["kind"] == "skip" for d in rows) == 16 and rows[-1]["kind"] == "summary"
+
+    cap = cv2.VideoCapture(str(spec.path))  # the same frames, decoded by the same OpenCV
+    decoded = [cv2.cvtColor(cap.read()[1], cv2.COLOR_BGR2RGB) for _ in range(16)]
     cap.release()
-    want = answers(tiny_bundle, [(decoded[f - 1], d["question"]) for f, d in zip([3, 3, 6, 6], rows)], 3)
-    assert [d["answer"] for d in rows] == want
+    want = answers(tiny_bundle, [(decoded[d["frame"] - 1], d["question"]) for d in asked], 3)
+    assert [d["answer"] for d in asked] == want
     n_image = Manifest.load(tiny_bundle).num_image_tokens
     # The KV prefix: a new frame re-uses the system prompt; a second question re-uses the frame too.
-    assert rows[0]["reused"] == 0 and 0 < rows[2]["reused"] < n_image
-    assert rows[1]["reused"] > n_image and rows[3]["reused"] > n_image
-    assert all(d["latency_s"] >= d["vision_s"] + d["prefill_s"] > 0 for d in rows)
+    assert asked[0]["timings"]["reused"] == 0 and 0 < asked[2]["timings"]["reused"] < n_image
+    assert asked[1]["timings"]["reused"] > n_image and asked[3]["timings"]["reused"] > n_image
+
+
+def test_camera_qa_through_mra_serve(tiny_bundle, tmp_path):
+    pytest.importorskip("cv2")
+    httpx = pytest.importorskip("httpx")
+    import socket
+    import time
+
+    from mra.benchmarks.synthetic_video import write_video
+
+    spec = write_video(tmp_path / "clip.avi", seconds=2, fps=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mra-serve"), "--bundle", str(tiny_bundle), "--port",
+                             str(port), "--api-key", "k3y", "--threads", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        args = ["--source", spec.path, "--question", "What is it?", "--max-tokens", 3]
+        served = camera_rows(run("camera_qa.py", "--server", f"http://127.0.0.1:{port}/v1", "--api-key", "k3y", *args))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    local = camera_rows(run("camera_qa.py", "--bundle", tiny_bundle, "--threads", 1, *args))
+    pick = lambda rows: [(d["kind"], d.get("frame"), d.get("answer")) for d in rows[:-1]]  # noqa: E731
+    assert pick(served) == pick(local)  # the same decisions and answers; the model ran in the server
+    assert [d["frame"] for d in served if d["kind"] == "answer"] == [1, 4, 6, 9]  # a scene each 0.5 s
+    assert all(d["timings"]["request_s"] > 0 for d in served if d["kind"] == "answer")
 
 
 def test_camera_qa_source_that_does_not_open(tiny_bundle, tmp_path):
     pytest.importorskip("cv2")
     r = run("camera_qa.py", "--bundle", tiny_bundle, "--source", tmp_path / "missing.avi", "--question", "Hi?")
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(f"camera_qa: --source {tmp_path / 'missing.avi'} | "
-                                                             "OpenCV cannot open it")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"camera_qa: video {tmp_path / 'missing.avi'} | no such file; " \
+                                                "expected a video file, a camera index or a stream URL"
