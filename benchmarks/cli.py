@@ -9,11 +9,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
 from pathlib import Path
+
+from mra.core.errors import cli_main
 
 from .suite import LLM_QUANTS, SECTIONS, VISION_PRECISIONS, BenchOptions, run_suite
 
@@ -60,29 +61,26 @@ def _relative(path: Path, start: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    a = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    try:
-        opts = BenchOptions(
-            out=a.out, quick=a.quick, work=a.work, only=a.only, warmup=a.warmup, repeats=a.repeats,
-            backend=a.backend, gemm_n=a.gemm_n, llm_quants=a.llm_quant, prefill_quant=a.prefill_quant,
-            precisions=a.precision, calib_count=a.calib_count, batch=a.batch,
-            command=" ".join(["mra-bench", *map(shlex.quote, argv)]),
-            **({"threads": a.threads} if a.threads else {}))
-        results = run_suite(opts)
-        if a.readme:
-            from .report import update_readme
+    return cli_main("mra-bench", _bench, argv)
 
-            update_readme(a.readme, results, _relative(a.out, a.readme.parent))
+
+def _bench(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    opts = BenchOptions(
+        out=a.out, quick=a.quick, work=a.work, only=a.only, warmup=a.warmup, repeats=a.repeats,
+        backend=a.backend, gemm_n=a.gemm_n, llm_quants=a.llm_quant, prefill_quant=a.prefill_quant,
+        precisions=a.precision, calib_count=a.calib_count, batch=a.batch,
+        command=" ".join(["mra-bench", *map(shlex.quote, argv)]),
+        **({"threads": a.threads} if a.threads else {}))
+    try:
+        results = run_suite(opts)
     except KeyboardInterrupt:
-        print("mra-bench: interrupted; the sections finished so far are in --out", file=sys.stderr)
-        return 130
-    except Exception as e:  # one line for the user; -v shows where
-        if a.verbose:
-            raise
-        print(f"mra-bench: error: {e}", file=sys.stderr)
-        return 1
+        print("mra-bench: the sections finished so far are in --out", file=sys.stderr)
+        raise
+    if a.readme:
+        from .report import update_readme
+
+        update_readme(a.readme, results, _relative(a.out, a.readme.parent))
     concl = results.get("efficiency", {}).get("conclusion", {}).get("sentence")
     print(f"mra-bench: wrote {a.out / 'REPORT.md'}" + (f"\n{concl}" if concl else ""))
     return 0

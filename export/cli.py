@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mra.core.arg_types import fraction, positive_float, positive_int
+
 EPILOG = """examples:
   mra-export make-tiny demo/ckpt
   mra-export --model demo/ckpt --target onnx --out demo/bundle --precision fp32,int8
@@ -39,33 +41,6 @@ def _csv(kind, allowed=None):
     return parse
 
 
-def _number(name: str, cast: type, ok, expected: str, unparsable: str = "a number"):
-    """An argparse type: ``cast(text)`` that passes ``ok``; nan and inf fail every range here."""
-    def parse(text: str):
-        try:
-            v = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected {unparsable}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"{name} | got {v if cast is int else text}, expected {expected}")
-        return v
-    return parse
-
-
-def _positive_int(name: str):
-    return _number(name, int, lambda v: v >= 1, "a positive integer", unparsable="a positive integer")
-
-
-def _fraction(name: str, low_open: bool = True):
-    """A number in (0, 1] (or [0, 1]): thresholds, where nan or 5 would silently pass or fail everything."""
-    return _number(name, float, (lambda v: 0 < v <= 1) if low_open else (lambda v: 0 <= v <= 1),
-                   f"a number in {'(0' if low_open else '[0'}, 1]")
-
-
-def _positive_float(name: str):
-    return _number(name, float, lambda v: 0 < v < float("inf"), "a finite number > 0")
-
-
 def _llm_quants(text: str) -> list[str]:
     """GGUF types, or 'none' alone."""
     from mra.quantize.gguf_types import GGUF_TYPES
@@ -80,9 +55,9 @@ def _thresholds(text: str) -> dict[str, float]:
     """'0.995' (every reduced precision) or 'fp16=0.999,int8=0.98'."""
     try:
         if "=" not in text:
-            return {p: _fraction("--min-cosine")(text) for p in ("fp16", "int8")}
+            return {p: fraction("--min-cosine")(text) for p in ("fp16", "int8")}
         pairs = (t.split("=") for t in text.split(","))
-        out = {k.strip(): _fraction("--min-cosine")(v) for k, v in pairs}
+        out = {k.strip(): fraction("--min-cosine")(v) for k, v in pairs}
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"--min-cosine | got {text!r}, expected 0.995 or fp16=0.999,int8=0.98") from None
     if set(out) - set(PRECISIONS):
@@ -126,7 +101,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("onnx", "trt"), default=_default("target"),
                    help="onnx: ONNX graphs; trt: also TensorRT engines")
     p.add_argument("--out", type=Path, help="bundle directory to write (with --model)")
-    p.add_argument("--image-size", type=_positive_int("--image-size"), help="input side S (default: the checkpoint's input_image_size)")
+    p.add_argument("--image-size", type=positive_int("--image-size"), help="input side S (default: the checkpoint's input_image_size)")
     p.add_argument("--precision", type=_csv("--precision", PRECISIONS),
                    help=f"vision precisions, comma-separated (default: {','.join(_default('precisions'))} for onnx, "
                    f"{','.join(TRT_PRECISIONS)} for trt)")
@@ -134,7 +109,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default=_default("calib_method"),
                    help="INT8 activation ranges (default %(default)s; entropy and percentile keep every calibrated "
                    "activation of one image in memory: about 12 GB for the 7B tower at S=1024)")
-    p.add_argument("--calib-count", type=_positive_int("--calib-count"), default=_default("calib_count"),
+    p.add_argument("--calib-count", type=positive_int("--calib-count"), default=_default("calib_count"),
                    help="calibration images to use (default %(default)s)")
     p.add_argument("--smooth-alpha", type=float, default=_default("smooth_alpha"), help="INT8 SmoothQuant strength, "
                    "0 (off) to 1 (default %(default)s): moves the range of outlier activation channels into the "
@@ -145,22 +120,22 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-cosine", type=_thresholds, default={},
                    help=f"validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.9995,int8=0.99 "
                    f"(default {min_cosine})")
-    p.add_argument("--max-rel-err", type=_positive_float("--max-rel-err"), default=_default("max_rel_err"),
+    p.add_argument("--max-rel-err", type=positive_float("--max-rel-err"), default=_default("max_rel_err"),
                    help="FP32 validation threshold (default %(default)g)")
     quants = _default("llm_quants")
     p.add_argument("--llm-quant", type=_llm_quants, default=quants,
                    help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default {','.join(quants)})")
     p.add_argument("--llm-only", action="store_true", help="build only the LLM part of the bundle")
-    p.add_argument("--llm-max-kl", type=_positive_float("--llm-max-kl"), help="LLM validation of quantized GGUFs: highest mean "
+    p.add_argument("--llm-max-kl", type=positive_float("--llm-max-kl"), help="LLM validation of quantized GGUFs: highest mean "
                    "KL(transformers || llama.cpp) over the prompt positions (default per type, see README)")
-    p.add_argument("--llm-min-top1", type=_fraction("--llm-min-top1", low_open=False), help="LLM validation of quantized GGUFs: lowest top-1 agreement "
+    p.add_argument("--llm-min-top1", type=fraction("--llm-min-top1", low_open=False), help="LLM validation of quantized GGUFs: lowest top-1 agreement "
                    "with transformers (default per type)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     g = p.add_argument_group("TensorRT (--target trt)")
     batch = _default("trt_batch")
     g.add_argument("--batch", type=_batch, default=batch,
                    help=f"optimization profile MIN,OPT,MAX (default {','.join(map(str, batch))})")
-    g.add_argument("--workspace-mb", type=_positive_int("--workspace-mb"), help="builder workspace limit in MiB")
+    g.add_argument("--workspace-mb", type=positive_int("--workspace-mb"), help="builder workspace limit in MiB")
     g.add_argument("--timing-cache", type=Path, help="timing cache file to read and update")
     g.add_argument("--dla-core", type=int, help="Jetson DLA core (GPU fallback for unsupported layers)")
     g.add_argument("--builder-optimization-level", type=int, choices=range(0, 6), metavar="0-5")

@@ -15,67 +15,27 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mra.core.errors import MraError, cli_logging, run_cli
+from mra.core.arg_types import bounded, positive
+from mra.core.errors import MraError, cli_main
 
-from .llama_enums import KV_TYPES
+from .cli_options import add_pipeline_args, open_pipeline
 from .preprocess import IMAGE_SUFFIXES, check_image_file, image_files
 from .prompt import check_text
 
 
-def _positive(kind: type, name: str):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a number") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} | got {text}, expected > 0")
-        return v
-    return parse
-
-
-def _number(name: str, low: float, low_open: bool, high: float = math.inf):
-    """A finite float in [low, high] (or (low, high]): nan and inf are refused here, not later."""
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a number") from None
-        if not math.isfinite(v) or v < low or (low_open and v == low) or v > high:
-            raise argparse.ArgumentTypeError(f"{name} | got {text}, expected a finite number "
-                                             f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}"
-                                                                                         if high < math.inf else ""))
-        return v
-    return parse
-
-
-def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", type=Path, required=True, help="bundle directory (with mra.json)")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--vision", default="auto",
-                   help="vision backend/precision: auto (default), onnxruntime, int8, onnx:fp16, ...")
-    g.add_argument("--llm-quant", help="GGUF type to use when the bundle has several (default: Q4_K_M if present)")
-    g.add_argument("--n-ctx", type=_positive(int, "--n-ctx"), help="context length (default: the model's)")
-    g.add_argument("--threads", type=_positive(int, "--threads"), help="CPU threads (default: like llama-cpp-python)")
-    g.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers to offload to the GPU (-1: all)")
-    g.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16", help="KV cache type (default f16)")
-    g.add_argument("--no-hash", action="store_true",
-                   help="check artifact sizes only, skip sha256 (saves seconds on multi-GB files)")
-    g.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (camera photos)")
-    g.add_argument("--prompt-cache", type=Path, help="folder of saved image-prefix KV states: a later run on the "
-                   "same image skips its vision and prefill (issue 12)")
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The sampling options of mra-run and mra-chat, and their output switches."""
     s = p.add_argument_group("generation")
-    s.add_argument("--max-tokens", type=_positive(int, "--max-tokens"), default=256)
-    s.add_argument("--temperature", type=_number("--temperature", 0, False), default=0.0,
+    s.add_argument("--max-tokens", type=positive(int, "--max-tokens"), default=256)
+    s.add_argument("--temperature", type=bounded("--temperature", 0, False), default=0.0,
                    help="0 (default): greedy")
-    s.add_argument("--top-p", type=_number("--top-p", 0, True, 1), default=1.0, help="in (0, 1]; 1 (default): off")
+    s.add_argument("--top-p", type=bounded("--top-p", 0, True, 1), default=1.0, help="in (0, 1]; 1 (default): off")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable); </s> always stops")
     p.add_argument("--timings", action="store_true",
@@ -84,18 +44,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (llama.cpp too) and tracebacks")
 
 
-def _open_pipeline(a: argparse.Namespace):
-    from .pipeline import Pipeline
-
-    return Pipeline.from_bundle(a.bundle, vision=a.vision, llm_quant=a.llm_quant, n_ctx=a.n_ctx,
-                                n_threads=a.threads, n_gpu_layers=a.n_gpu_layers, kv_type=a.kv_type,
-                                verify_hash=not a.no_hash, exif_transpose=a.exif_transpose,
-                                prompt_cache=a.prompt_cache)
-
-
 def _gen_kwargs(a: argparse.Namespace) -> dict:
     kw = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=a.stop)
-    if getattr(a, "json_schema", None) is not None:  # issue 12: mra-run --json-schema FILE
+    if getattr(a, "json_schema", None) is not None:  # mra-run --json-schema FILE
         kw["json_schema"] = a.json_schema if isinstance(a.json_schema, dict) else _read_schema(a.json_schema)
     return kw
 
@@ -135,7 +86,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="answers.jsonl for --images; a rerun skips images already in it")
     p.add_argument("--json-schema", type=Path, metavar="FILE",
                    help="a JSON schema file: the answer is JSON that follows it (llama.cpp's grammar sampler)")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
+    add_generation_args(p)
     return p
 
 
@@ -144,7 +96,7 @@ def _run(argv: list[str]) -> int:
     check_text(a.prompt, "--prompt")
     if a.images is not None and a.out is None:
         raise MraError("--images | needs --out answers.jsonl (the folder run writes one JSON line per image)")
-    if a.json_schema is not None:  # issue 12: read and check it before loading anything
+    if a.json_schema is not None:  # read and check it before loading anything
         a.json_schema = _read_schema(a.json_schema)
     if a.image is not None:
         check_image_file(a.image)
@@ -156,9 +108,9 @@ def _run(argv: list[str]) -> int:
             raise MraError(f"--images {a.images} | no image files ({', '.join(IMAGE_SUFFIXES)})")
         with results_lock(a.out):  # one folder run per results file
             log = ResultLog.open(a.out)  # refuses a file mra-run did not write, before loading the model
-            with _open_pipeline(a) as pipe:
+            with open_pipeline(a) as pipe:
                 return _run_folder(pipe, a, images, log)
-    with _open_pipeline(a) as pipe:
+    with open_pipeline(a) as pipe:
         if a.json:
             answer = pipe.ask(a.image, a.prompt, **_gen_kwargs(a))
             print(json.dumps({"image": str(a.image), "prompt": a.prompt, "answer": answer,
@@ -300,14 +252,15 @@ def chat_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mra-chat", description="Chat about images with a LLaVA-HR bundle. "
                                 "Commands: " + CHAT_HELP.replace("\n", "; "))
     p.add_argument("--image", type=Path, help="the image the first question goes with")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
+    add_generation_args(p)
     return p
 
 
 def _chat(argv: list[str]) -> int:
     a = chat_parser().parse_args(argv)
     interactive = sys.stdin.isatty()
-    with _open_pipeline(a) as pipe:
+    with open_pipeline(a) as pipe:
         chat = pipe.chat()
         if a.image is not None:
             pipe.encode_image(a.image)  # fail now, not at the first question
@@ -379,12 +332,10 @@ def _command(line: str, chat, pipe) -> bool:
 
 # --- entry points -----------------------------------------------------------------------
 def _main(prog: str, body: Callable[[list[str]], int], argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    verbose = "-v" in argv or "--verbose" in argv
-    cli_logging(verbose)
-    if not verbose:
+    args = sys.argv[1:] if argv is None else argv
+    if "-v" not in args and "--verbose" not in args:
         _quiet_onnxruntime()
-    return run_cli(prog, body, argv, verbose)
+    return cli_main(prog, body, argv)
 
 
 def _quiet_onnxruntime() -> None:

@@ -9,7 +9,8 @@ import os
 import signal
 import threading
 
-from mra.core.errors import MraError
+from mra.core.errors import MissingDependency, MraError
+from mra.runtime.cli_options import pipeline_kwargs
 
 log = logging.getLogger("mra.serve")
 
@@ -47,19 +48,26 @@ def ray_options(a: argparse.Namespace):
     return opts
 
 
+def ray_pipeline_kwargs(a: argparse.Namespace) -> dict:
+    """The Pipeline keywords the Ray app takes: its replicas check the artifacts against the
+    driver's fingerprint (not by --no-hash), and its vision deployment does not apply EXIF."""
+    if a.exif_transpose:
+        raise MraError("--exif-transpose | not applied by the Ray vision deployment; turn photos upright before "
+                       "sending them, or serve without --ray")
+    return {k: v for k, v in pipeline_kwargs(a).items() if k not in ("verify_hash", "exif_transpose")}
+
+
 def serve_ray(a: argparse.Namespace, settings) -> int:
     """Deploy, serve until Ctrl-C or SIGTERM, then shut down; errors are MraError."""
     if a.address is None:  # a private instance: Ray binds its ports to 127.0.0.1 when not meant for a cluster
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported
     opts = ray_options(a)  # before importing Ray: a bad option fails at once
+    pipeline = ray_pipeline_kwargs(a)
     try:
         from .ray_app import RayServer, build_ray_app
     except ImportError as e:
-        raise MraError(f"--ray | Ray Serve is not installed ({e}); install it with `pip install 'mra-edge[ray]'`") \
-            from None
-    pipeline = {"vision": a.vision, "llm_quant": a.llm_quant, "n_ctx": a.n_ctx, "n_threads": a.threads,
-                "n_gpu_layers": a.n_gpu_layers, "kv_type": a.kv_type, "prompt_cache": a.prompt_cache,
-                "prompt_cache_bytes": int(a.prompt_cache_gb * (1 << 30))}
+        raise MissingDependency(f"--ray | Ray Serve is not installed ({e}); install it with "
+                                "`pip install 'mra-edge[ray]'`") from None
     app = build_ray_app(a.bundle, opts, settings, pipeline, queue=a.queue,
                         model_id=a.model_name or a.bundle.resolve().name)
     stop = threading.Event()
