@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from mra.core.errors import cli_main
+from mra.core.names import VISION_PRECISIONS
 
-from .suite import LLM_QUANTS, SECTIONS, VISION_PRECISIONS, BenchOptions, run_suite
+from .suite import LLM_QUANTS, SECTIONS, BenchOptions, run_suite
 
 
 def _csv(allowed):

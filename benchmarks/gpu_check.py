@@ -105,6 +105,7 @@ def artifacts_present(stage: str, work: Path) -> bool:
     from mra.benchmarks.gpu_latency import bundle_dir
     from mra.core.errors import MraError
     from mra.core.manifest import Manifest
+    from mra.core.names import VISION_PRECISIONS
 
     m = re.match(r"(prepare|engine)-(\d+)(?:-(\w+))?$", stage)
     if not m:
@@ -114,7 +115,7 @@ def artifacts_present(stage: str, work: Path) -> bool:
     except MraError:
         return False
     if m.group(1) == "prepare":
-        return {"fp32", "fp16", "int8"} <= {a.precision for a in manifest.find("vision", "onnx")}
+        return set(VISION_PRECISIONS) <= {a.precision for a in manifest.find("vision", "onnx")}
     return any((bundle_dir(work, int(m.group(2))) / a.file).is_file()
                for a in manifest.find("vision", "trt", m.group(3)) if a.passed)
 
@@ -220,7 +221,8 @@ def build_engine(work: Path, size: int, precision: str, out: Path) -> dict:
     and the inspector's full layer list (DIR/layers/S-P.json)."""
     from mra.benchmarks.gpu_latency import bundle_dir
     from mra.core.manifest import Manifest
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
     from mra.runtime.runners import open_runner
 
     bundle = bundle_dir(work, size)
@@ -312,11 +314,11 @@ def _tensorrt() -> dict:
 
 
 def _cuda_python() -> dict:
-    from mra.runtime.trt_backend import _check, cudart
+    from mra.runtime.trt_backend import cuda_check, cudart
 
     rt = cudart()
-    return {"runtime_version": _check(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"),
-            "driver_version": _check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion")}
+    return {"runtime_version": cuda_check(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"),
+            "driver_version": cuda_check(rt.cudaDriverGetVersion(), "cudaDriverGetVersion")}
 
 
 def _onnxruntime(work: Path) -> dict:

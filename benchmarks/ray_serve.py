@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from mra.serve.ray_cli import ray_pipeline_kwargs
+    from mra.serve.ray_options import ray_pipeline_kwargs
 
     a = parser().parse_args(argv)
     print(markdown(run(a.bundle, a.out, a.quick, ray_pipeline_kwargs(a))))

@@ -74,7 +74,8 @@ class Options:
 
 def tiny_bundle(work: Path) -> Path:
     """The tiny random checkpoint exported at S=384 (576 image rows, F32 GGUF); reused if present."""
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
     from mra.model.tiny import make_checkpoint
 
     bundle, ckpt = work / "bundle-tiny", work / "ckpt-tiny"

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from mra.runtime import MraError, Pipeline
-from mra.runtime.cli import answered  # the resume rule of `mra-run --images`: complete lines only
+from mra.runtime.result_log import answered  # the resume rule of `mra-run --images`: complete lines only
 from mra.runtime.preprocess import image_files
 
 PROMPT = "Describe this image in one sentence."

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from mra.core.arg_types import fraction, positive_float, positive_int
+from mra.core.names import VISION_PRECISIONS
 
 EPILOG = """examples:
   mra-export make-tiny demo/ckpt
@@ -27,7 +28,6 @@ EPILOG = """examples:
   mra-export --bundle BUNDLE --target trt --precision int8   # on a Jetson
 """
 
-PRECISIONS = ("fp32", "fp16", "int8")
 TRT_PRECISIONS = ("fp16",)  # --target trt without --precision
 
 
@@ -43,7 +43,7 @@ def _csv(kind, allowed=None):
 
 def _llm_quants(text: str) -> list[str]:
     """GGUF types, or 'none' alone."""
-    from mra.quantize.gguf_types import GGUF_TYPES
+    from mra.runtime.gguf_types import GGUF_TYPES
 
     items = _csv("--llm-quant", (*GGUF_TYPES, "none"))(text)
     if "none" in items and len(items) > 1:
@@ -60,7 +60,7 @@ def _thresholds(text: str) -> dict[str, float]:
         out = {k.strip(): fraction("--min-cosine")(v) for k, v in pairs}
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"--min-cosine | got {text!r}, expected 0.995 or fp16=0.999,int8=0.98") from None
-    if set(out) - set(PRECISIONS):
+    if set(out) - set(VISION_PRECISIONS):
         raise argparse.ArgumentTypeError(f"--min-cosine | unknown precision in {text!r}")
     return out
 
@@ -76,7 +76,7 @@ def _batch(text: str) -> tuple[int, int, int]:
 
 def _default(name: str):
     """ExportOptions' default for the field ``name``: the CLI states no default of its own."""
-    from mra.export.bundle import ExportOptions
+    from mra.export.options import ExportOptions
 
     f = ExportOptions.__dataclass_fields__[name]
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -84,7 +84,7 @@ def _default(name: str):
 
 def export_parser() -> argparse.ArgumentParser:
     from mra.export.thresholds import DEFAULT_BARS
-    from mra.quantize.gguf_types import GGUF_TYPES
+    from mra.runtime.gguf_types import GGUF_TYPES
 
     first = next(iter(SUBCOMMANDS))
     vision_bars = DEFAULT_BARS["vision"]
@@ -102,7 +102,7 @@ def export_parser() -> argparse.ArgumentParser:
                    help="onnx: ONNX graphs; trt: also TensorRT engines")
     p.add_argument("--out", type=Path, help="bundle directory to write (with --model)")
     p.add_argument("--image-size", type=positive_int("--image-size"), help="input side S (default: the checkpoint's input_image_size)")
-    p.add_argument("--precision", type=_csv("--precision", PRECISIONS),
+    p.add_argument("--precision", type=_csv("--precision", VISION_PRECISIONS),
                    help=f"vision precisions, comma-separated (default: {','.join(_default('precisions'))} for onnx, "
                    f"{','.join(TRT_PRECISIONS)} for trt)")
     p.add_argument("--calib-images", type=Path, help="folder of calibration photos for INT8 (default: built-in photos)")
@@ -145,7 +145,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def options_from(a: argparse.Namespace):
-    from mra.export.bundle import ExportOptions
+    from mra.export.options import ExportOptions
 
     if a.model and not a.out:
         from mra.core.errors import MraError
@@ -206,15 +206,15 @@ def run_make_tiny(a: argparse.Namespace) -> None:
 
 
 def plan_memory_parser(prog: str) -> argparse.ArgumentParser:
-    from mra.export.plan_memory import KV_BYTES
+    from mra.runtime.llama_enums import KV_TYPES
 
     p = argparse.ArgumentParser(prog=prog,
                                 description="Memory budget of a bundle on Jetson Orin modules (8/16/32/64 GB).")
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--vision-precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--vision-precision", choices=VISION_PRECISIONS, default="fp16")
     p.add_argument("--llm-quant", default="Q4_K_M", help="GGUF type (default %(default)s)")
     p.add_argument("--n-ctx", type=int, help="context length (default: the LLM's trained context, as mra-run)")
-    p.add_argument("--kv-type", choices=tuple(KV_BYTES), default="f16")
+    p.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16")
     p.add_argument("--batch", type=int, default=1, help="images per vision call (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the budget as JSON")
     return p

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
 from mra.core.errors import MraError
+from mra.core.files import check_free_space
 from mra.core.manifest import Artifact, Manifest, describe_file
 from mra.core.names import llm_gguf_file
 
@@ -29,7 +29,7 @@ def export_llm(model: Path | None, work: Path, manifest: Manifest, quants: Seque
     """Write, validate and register the GGUF LLM(s) of ``quants`` into ``work``; ``thresholds``:
     per GGUF type, the bars that replace the defaults."""
     from mra.quantize.gguf_quant import quant_report, quantize_gguf
-    from mra.quantize.gguf_types import GGUF_TYPES
+    from mra.runtime.gguf_types import GGUF_TYPES
 
     from .llm_validate import SpTokenizer, reference_run, validate_gguf
     from .thresholds import llm_bar
@@ -91,14 +91,11 @@ def export_llm(model: Path | None, work: Path, manifest: Manifest, quants: Seque
 
 def _check_disk(conv: LlamaGGUFConverter, base_type: str, quants: list[str], work: Path) -> None:
     """Before anything runs: room for the intermediate and every requested file at once."""
-    from mra.quantize.gguf_types import gguf_type
+    from mra.runtime.gguf_types import gguf_type
 
     plan = conv.plan(base_type)  # also checks every LLM key and shape
     n_weights = sum(math.prod(p.shape) for p in plan)
     # Upper bounds: each type's widest matrices (fallbacks included), so the check never passes short.
     need = conv.estimate_bytes(plan) + sum(int(n_weights * gguf_type(q).max_bits / 8) for q in quants if q != base_type)
-    free = shutil.disk_usage(work).free
-    if free < need:
-        raise MraError(f"{work.parent} | {free / 1e9:.2f} GB free, the LLM GGUFs ({', '.join(quants)}, with the "
-                       f"{base_type} intermediate) need up to {need / 1e9:.2f} GB: free disk space or write the "
-                       "bundle elsewhere")
+    check_free_space(work, need, f"the LLM GGUFs ({', '.join(quants)}, with the {base_type} intermediate) need up to",
+                     shown=work.parent)

@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Any
 
-from mra.core.errors import MraError
+from mra.core.errors import MissingDependency, MraError
 
 log = logging.getLogger("mra.runtime.grammar")
 
@@ -27,7 +27,7 @@ def _grammar_module():
     try:
         import llama_cpp.llama_grammar as g
     except ImportError as e:
-        raise MraError(f"grammar | cannot import llama_cpp.llama_grammar ({e}); install llama-cpp-python "
+        raise MissingDependency(f"grammar | cannot import llama_cpp.llama_grammar ({e}); install llama-cpp-python "
                        "(`pip install 'mra-edge[llm]'`)") from None
     return g
 

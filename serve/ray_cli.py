@@ -10,7 +10,8 @@ import signal
 import threading
 
 from mra.core.errors import MissingDependency, MraError
-from mra.runtime.cli_options import pipeline_kwargs
+
+from .ray_options import RayOptions, ray_pipeline_kwargs
 
 log = logging.getLogger("mra.serve")
 
@@ -32,8 +33,6 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def ray_options(a: argparse.Namespace):
-    from .ray_options import RayOptions
-
     autoscale = None
     if a.autoscale:
         try:
@@ -46,15 +45,6 @@ def ray_options(a: argparse.Namespace):
                       vision_gpus=a.vision_gpus)
     opts.check()
     return opts
-
-
-def ray_pipeline_kwargs(a: argparse.Namespace) -> dict:
-    """The Pipeline keywords the Ray app takes: its replicas check the artifacts against the
-    driver's fingerprint (not by --no-hash), and its vision deployment does not apply EXIF."""
-    if a.exif_transpose:
-        raise MraError("--exif-transpose | not applied by the Ray vision deployment; turn photos upright before "
-                       "sending them, or serve without --ray")
-    return {k: v for k, v in pipeline_kwargs(a).items() if k not in ("verify_hash", "exif_transpose")}
 
 
 def serve_ray(a: argparse.Namespace, settings) -> int:

@@ -66,7 +66,8 @@ TINY_IMAGE_SIZE = 384
 def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
     """A tiny bundle (FP32 ONNX vision at S=384, F32 GGUF), exported once per session: what the
     runtime and example tests run."""
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     return export(ExportOptions(out=out, model=tiny_ckpt, image_size=TINY_IMAGE_SIZE, precisions=["fp32"],

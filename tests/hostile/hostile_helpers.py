@@ -13,7 +13,7 @@ FAST = ["--n-ctx", "1024", "--threads", "1", "--max-tokens", "4"]
 
 def vision_only(out: Path, model: Path, force: bool = False):
     """Options of the cheapest real export: FP32 vision at S, no LLM."""
-    from mra.export.bundle import ExportOptions
+    from mra.export.options import ExportOptions
 
     return ExportOptions(out=out, model=model, image_size=S, precisions=["fp32"], llm_quants=[], force=force,
                          progress=False)

@@ -14,7 +14,8 @@ from onnx import TensorProto
 
 from mra.core.names import INT8_FLAVOURS
 from mra.export.thresholds import DEFAULT_BARS
-from mra.export.validate import VALIDATION_PHOTOS, validate_graph
+from mra.export.validate import validate_graph
+from mra.quantize.photos import VALIDATION_PHOTOS
 from mra.quantize.calibration import load_calibration_set
 from mra.quantize.int8 import QUANTIZED_OP_TYPES, float_nodes, quantized_nodes
 from mra.quantize.int8_build import build_int8

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from mra.runtime import Pipeline
-from mra.runtime.cli import answered, chat_main, run_main
+from mra.runtime.cli import chat_main, run_main
+from mra.runtime.result_log import answered
 
 FAST = ["--n-ctx", "1024", "--threads", "1", "--max-tokens", "6"]
 BIN = Path(sys.executable).parent
