@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mra.benchmarks.timing import time_call
+from mra.core.names import VISION_ONNX
 
 SIZES = (1024, 384)
 BACKENDS = ("torch-fp16", "ort-cuda-fp16", "trt-fp16", "trt-int8")
@@ -105,7 +106,8 @@ def reference(work: Path, size: int, pixels: np.ndarray) -> np.ndarray:
         return np.load(cache)
     from mra.runtime.runners import open_runner
 
-    with open_runner("onnxruntime", bundle_dir(work, size) / "vision.onnx", providers=["CPUExecutionProvider"]) as r:
+    graph = bundle_dir(work, size) / VISION_ONNX["fp32"]
+    with open_runner("onnxruntime", graph, providers=["CPUExecutionProvider"]) as r:
         ref = r.infer(pixels)
     np.save(cache, ref)
     return ref

@@ -28,6 +28,8 @@ import statistics
 import time
 from pathlib import Path
 
+from mra.core.names import VISION_ONNX
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LEGACY_FLOAT_PATTERNS = ("/gate/", "/slow/stem/", "/embeddings/patch_embedding/")
 LATENCY_TARGET = 1.10  # new cpu-flavour latency / previous
@@ -81,7 +83,7 @@ def run_case(ckpt: Path, work: Path, image_size: int, opts: argparse.Namespace) 
     work.mkdir(parents=True, exist_ok=True)
     tower = load_vision(ckpt, image_size)
     vs = torch_reference(tower, validation_set(image_size))
-    fp32 = work / "vision.onnx"
+    fp32 = work / VISION_ONNX["fp32"]
     if not fp32.is_file():
         export_onnx(tower, fp32)
     del tower

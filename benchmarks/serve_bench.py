@@ -42,6 +42,7 @@ from pathlib import Path
 
 from mra.core.errors import MraError, cli_main
 from mra.core.files import atomic_write_text
+from mra.core.names import MANIFEST_FILE
 from mra.runtime.cli_options import add_pipeline_args, pipeline_kwargs
 
 log = logging.getLogger("mra.benchmarks")
@@ -79,7 +80,7 @@ def tiny_bundle(work: Path) -> Path:
     from mra.model.tiny import make_checkpoint
 
     bundle, ckpt = work / "bundle-tiny", work / "ckpt-tiny"
-    if (bundle / "mra.json").is_file():
+    if (bundle / MANIFEST_FILE).is_file():
         return bundle
     if not (ckpt / "config.json").is_file():
         make_checkpoint(ckpt)

@@ -122,9 +122,10 @@ def export_parser() -> argparse.ArgumentParser:
                    f"(default {min_cosine})")
     p.add_argument("--max-rel-err", type=positive_float("--max-rel-err"), default=_default("max_rel_err"),
                    help="FP32 validation threshold (default %(default)g)")
-    quants = _default("llm_quants")
-    p.add_argument("--llm-quant", type=_llm_quants, default=quants,
-                   help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default {','.join(quants)})")
+    llm_quants = _default("llm_quants")
+    p.add_argument("--llm-quant", type=_llm_quants, default=llm_quants,
+                   help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none "
+                   f"(default {','.join(llm_quants)})")
     p.add_argument("--llm-only", action="store_true", help="build only the LLM part of the bundle")
     p.add_argument("--llm-max-kl", type=positive_float("--llm-max-kl"), help="LLM validation of quantized GGUFs: highest mean "
                    "KL(transformers || llama.cpp) over the prompt positions (default per type, see README)")
@@ -151,22 +152,22 @@ def options_from(a: argparse.Namespace):
         from mra.core.errors import MraError
 
         raise MraError("--out | missing: --out BUNDLE is required with --model")
-    quants = [] if a.llm_quant == ["none"] else a.llm_quant
+    llm_quants = [] if a.llm_quant == ["none"] else a.llm_quant
     return ExportOptions(
         out=a.out or a.bundle, model=a.model, target=a.target, image_size=a.image_size,
         precisions=a.precision or (list(TRT_PRECISIONS) if a.target == "trt" else _default("precisions")),
         calib_images=a.calib_images, calib_method=a.calib_method, calib_count=a.calib_count,
         smooth_alpha=a.smooth_alpha, int8_max_float_fraction=a.int8_max_float_fraction,
-        min_cosine=a.min_cosine, max_rel_err=a.max_rel_err, llm_quants=quants, llm_only=a.llm_only,
-        llm_thresholds=_llm_bars(a, quants),
+        min_cosine=a.min_cosine, max_rel_err=a.max_rel_err, llm_quants=llm_quants, llm_only=a.llm_only,
+        llm_thresholds=_llm_bars(a, llm_quants),
         force=a.force, progress=not a.quiet, trt_batch=a.batch, trt_workspace_mb=a.workspace_mb,
         trt_timing_cache=a.timing_cache, trt_dla_core=a.dla_core, trt_opt_level=a.builder_optimization_level)
 
 
-def _llm_bars(a: argparse.Namespace, quants: list[str]) -> dict[str, dict[str, float]]:
+def _llm_bars(a: argparse.Namespace, llm_quants: list[str]) -> dict[str, dict[str, float]]:
     """--llm-max-kl / --llm-min-top1 as per-type overrides for the quantized GGUF types."""
     bar = {k: v for k, v in (("kl_mean", a.llm_max_kl), ("top1", a.llm_min_top1)) if v is not None}
-    return {q: bar for q in quants if bar and q not in ("F32", "F16")}
+    return {q: bar for q in llm_quants if bar and q not in ("F32", "F16")}
 
 
 @dataclass(frozen=True)

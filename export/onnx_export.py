@@ -57,8 +57,8 @@ def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: 
              if "int8" in precisions else None)
     tower = load_vision(model, s)
     spec = VisionGraphSpec.of(tower)
-    if (spec.num_tokens, spec.embed_dim) != (manifest.num_image_tokens, manifest.embed_dim):
-        raise MraError(f"{model} | the tower gives {spec.num_tokens} x {spec.embed_dim} embeddings, the manifest "
+    if (spec.num_image_tokens, spec.embed_dim) != (manifest.num_image_tokens, manifest.embed_dim):
+        raise MraError(f"{model} | the tower gives {spec.num_image_tokens} x {spec.embed_dim} embeddings, the manifest "
                        f"expects {manifest.num_image_tokens} x {manifest.embed_dim}")
     vs = torch_reference(tower, validation_set(s), progress)
     fp32 = work / VISION_ONNX["fp32"]
@@ -67,7 +67,7 @@ def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: 
     built = time.perf_counter() - t0
     del tower
     gc.collect()
-    common = {"N": spec.num_tokens, "D": spec.embed_dim, "image_size": s, "exporter": exporter_name()}
+    common = {"N": spec.num_image_tokens, "D": spec.embed_dim, "image_size": s, "exporter": exporter_name()}
 
     def finish(precision: str, path: Path, info: dict, threshold: Threshold, seconds: float) -> None:
         t0 = time.perf_counter()

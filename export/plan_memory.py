@@ -175,17 +175,17 @@ def _largest_tensor_elems(path: Path) -> int | None:
     return best or None
 
 
-def _llm_weights(bundle: Path, m: Manifest, quant: str, llm: dict) -> Line:
-    found = m.find("llm", "gguf", quant)
+def _llm_weights(bundle: Path, m: Manifest, llm_quant: str, llm: dict) -> Line:
+    found = m.find("llm", "gguf", llm_quant)
     if found:
-        return Line(f"LLM weights ({quant})", _files_size(bundle, found[0]), f"{found[0].file} (file size)")
-    if quant not in GGUF_TYPES:
-        raise MraError(f"--llm-quant | got {quant!r}, expected one of {', '.join(GGUF_TYPES)}")
-    bits = gguf_type(quant).bits  # an estimate (the main type's bits), used only when the bundle lacks the file
+        return Line(f"LLM weights ({llm_quant})", _files_size(bundle, found[0]), f"{found[0].file} (file size)")
+    if llm_quant not in GGUF_TYPES:
+        raise MraError(f"--llm-quant | got {llm_quant!r}, expected one of {', '.join(GGUF_TYPES)}")
+    bits = gguf_type(llm_quant).bits  # an estimate (the main type's bits), used only when the bundle lacks the file
     params = LlamaShape.from_info(llm).n_params
-    return Line(f"LLM weights ({quant})", int(params * bits / 8),
+    return Line(f"LLM weights ({llm_quant})", int(params * bits / 8),
                 f"estimate: {params / 1e9:.2f} B params ({llm['_from']}) x {bits:g} bits; "
-                f"the bundle has no {quant} GGUF")
+                f"the bundle has no {llm_quant} GGUF")
 
 
 def max_n_ctx(b: Budget, d: Device) -> int:

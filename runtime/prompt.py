@@ -181,6 +181,6 @@ def tokenize_parts(parts: list[Part], encode: Callable[[str], list[int]], bos: i
     return units
 
 
-def count_positions(units: list[Unit], n_image_tokens: int) -> int:
+def count_positions(units: list[Unit], num_image_tokens: int) -> int:
     """KV-cache positions a prompt takes: one per token, N per image."""
-    return sum(n_image_tokens if isinstance(u, ImageSlot) else 1 for u in units)
+    return sum(num_image_tokens if isinstance(u, ImageSlot) else 1 for u in units)

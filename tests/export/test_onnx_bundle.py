@@ -51,7 +51,7 @@ def test_bundle_files_and_manifest(bundle, tiny_ckpt):
     assert m.source["config_sha256"] and Path(m.source["path"]) == Path(tiny_ckpt).resolve()
     assert m.prompt["image_marker"] == "<image>"
     tower = load_vision(tiny_ckpt, S)
-    n, d = tower.num_tokens, tower.cfg.llm_hidden_size
+    n, d = tower.num_image_tokens, tower.cfg.llm_hidden_size
     assert (m.num_image_tokens, m.embed_dim) == (n, d)
     arts = {a.file: a for a in m.find("vision", "onnx")}
     assert {f: a.precision for f, a in arts.items()} == {
