@@ -104,6 +104,25 @@ def photo_paths():
 
 
 @pytest.fixture(scope="session")
+def photo(photo_paths):
+    """``photo("chelsea.png")``: a built-in photo's path by its name."""
+    by_name = {p.name: p for p in photo_paths}
+    return lambda name: by_name[name]
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_bundle):
+    """One Pipeline on the tiny bundle with the fast settings, shared by a folder's tests (which
+    also checks that sharing is safe); tests that need other settings open their own."""
+    from fast_settings import FAST_PIPELINE
+
+    from mra.runtime import Pipeline
+
+    with Pipeline.from_bundle(tiny_bundle, **FAST_PIPELINE) as p:
+        yield p
+
+
+@pytest.fixture(scope="session")
 def photos():
     from mra.quantize.photos import builtin_photos
 

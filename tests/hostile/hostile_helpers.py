@@ -6,9 +6,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from fast_settings import FAST_ARGS
+
 S = 384
 BIN = Path(sys.executable).parent
-FAST = ["--n-ctx", "1024", "--threads", "1", "--max-tokens", "4"]
+FAST = [*FAST_ARGS, "--max-tokens", "4"]
 
 
 def vision_only(out: Path, model: Path, force: bool = False):
