@@ -3,7 +3,7 @@
   mra-bench --quick --out DIR              tiny shapes, every table, about a minute (CI)
   mra-bench --out benchmarks/results       the real LLaVA-HR-7B / -X shapes (about an hour on 2 cores)
   mra-bench --out DIR --only efficiency    one section; updates DIR/results.json
-  mra-bench --out benchmarks/results --only llm --readme README.md   (+ README's Performance section)
+  mra-bench --out benchmarks/results --only llm --readme docs/performance.md   (+ its generated section)
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-count", type=int, default=8, help="INT8 calibration photos (default 8)")
     p.add_argument("--batch", type=int, default=4, help="batch of the throughput column (default 4)")
     p.add_argument("--gemm-n", type=int, help="side of the GEMMs of the physical limit (default 1024 quick, 4096)")
-    p.add_argument("--readme", type=Path, help="also write the Performance section of this README from the results")
+    p.add_argument("--readme", type=Path, help="also write the generated section of this Markdown file "
+                   "(docs/performance.md) from the results")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return p
 

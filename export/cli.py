@@ -128,7 +128,7 @@ def export_parser() -> argparse.ArgumentParser:
                    f"(default {','.join(llm_quants)})")
     p.add_argument("--llm-only", action="store_true", help="build only the LLM part of the bundle")
     p.add_argument("--llm-max-kl", type=positive_float("--llm-max-kl"), help="LLM validation of quantized GGUFs: highest mean "
-                   "KL(transformers || llama.cpp) over the prompt positions (default per type, see README)")
+                   "KL(transformers || llama.cpp) over the prompt positions (default per type, see docs/llm.md)")
     p.add_argument("--llm-min-top1", type=fraction("--llm-min-top1", low_open=False), help="LLM validation of quantized GGUFs: lowest top-1 agreement "
                    "with transformers (default per type)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")

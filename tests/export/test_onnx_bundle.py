@@ -110,7 +110,7 @@ def test_existing_bundle_is_refused_then_replaced_with_force(bundle, tiny_ckpt, 
     assert len(err.splitlines()) == 1 and "exists" in err and "--force" in err
     assert (bundle / "mra.json").read_text() == before
     # --force replaces only a finished bundle (here with an fp32-only one); a folder holding
-    # anything else is refused and left as it is (issue 11).
+    # anything else is refused and left as it is.
     import shutil
 
     out = bundle.parent / "forced"

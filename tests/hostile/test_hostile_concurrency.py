@@ -1,4 +1,4 @@
-"""One Pipeline shared by threads: serialised, never corrupted (issue 11, case 7); llama.cpp's
+"""One Pipeline shared by threads: serialised, never corrupted; llama.cpp's
 own error text reaches the user, also after the quantizer captured its log (case 9)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Exports never delete what they did not write, hold their output location exclusively, and
-leave one complete bundle at every instant, whatever kills them (issue 11, cases 1-3, 11)."""
+leave one complete bundle at every instant, whatever kills them."""
 
 from __future__ import annotations
 

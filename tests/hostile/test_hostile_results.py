@@ -1,5 +1,5 @@
 """`mra-run --images DIR --out F`: resumes only its own JSON-lines file, drops only a trailing
-partial record, records a bad image and goes on, retries a failure once (issue 11, 4 and 10)."""
+partial record, records a bad image and goes on, retries a failure once."""
 
 from __future__ import annotations
 
