@@ -18,7 +18,8 @@ import argparse
 import json
 import sys
 
-from mra.runtime import MraError, Pipeline
+from mra.core.errors import MraError, cli_main
+from mra.runtime.cli_options import add_pipeline_args, open_pipeline
 
 
 def open_source(source: str):
@@ -50,20 +51,19 @@ def frames(cap, every: int, max_frames: int | None):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True, help="bundle folder written by mra-export")
+    add_pipeline_args(p)  # --bundle and every Pipeline option, as mra-run has them
     p.add_argument("--source", default="0", help="camera index, video file or stream URL (default 0)")
     p.add_argument("--question", action="append", required=True, help="question about each frame (repeatable)")
     p.add_argument("--every", type=int, default=30, help="ask about every N-th frame (default 30)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames read (default: the stream's end)")
     p.add_argument("--max-tokens", type=int, default=32, help="longest answer, in tokens (default 32)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
     a = p.parse_args(argv)
     if a.every < 1:
         p.error("--every must be >= 1")
 
     cap = open_source(a.source)
     try:
-        with Pipeline.from_bundle(a.bundle, n_threads=a.threads) as pipe:
+        with open_pipeline(a) as pipe:
             for n, rgb in frames(cap, a.every, a.max_frames):
                 for q in a.question:
                     answer = pipe.ask(rgb, q, max_tokens=a.max_tokens)
@@ -79,8 +79,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MraError as e:
-        sys.exit(f"camera_qa: {e}")
+if __name__ == "__main__":  # one line for a user error (no bundle, a missing folder), as mra-run
+    sys.exit(cli_main("camera_qa", main, None))

@@ -1,11 +1,13 @@
-"""Every command that opens a Pipeline lists the same options, from the one declaration in
-runtime/cli_options.py: its --help's "runtime" section is that declaration's, word for word,
+"""Every command that opens a Pipeline (the CLIs, the benchmarks, the example apps) lists the
+same options, from the one declaration in runtime/cli_options.py: its --help's "runtime" section is that declaration's, word for word,
 and the parsed options open the Pipeline with the same keywords."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -33,16 +35,28 @@ def _reference(n_ctx: int | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def _commands():
     from mra.benchmarks import ray_serve, serve_bench
     from mra.runtime.cli import chat_main, run_main
     from mra.serve.cli import main as serve_main
 
     return {"mra-run": (run_main, None), "mra-chat": (chat_main, None), "mra-serve": (serve_main, None),
-            "serve_bench": (serve_bench.main, serve_bench.N_CTX), "ray_serve": (ray_serve.main, ray_serve.N_CTX)}
+            "serve_bench": (serve_bench.main, serve_bench.N_CTX), "ray_serve": (ray_serve.main, ray_serve.N_CTX),
+            **{name: (_example(name), None) for name in EXAMPLE_APPS}}
 
 
-@pytest.mark.parametrize("name", ["mra-run", "mra-chat", "mra-serve", "serve_bench", "ray_serve"])
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLE_APPS = ("caption_folder", "yes_no_scoring", "camera_qa")
+
+
+@pytest.mark.parametrize("name", ["mra-run", "mra-chat", "mra-serve", "serve_bench", "ray_serve", *EXAMPLE_APPS])
 def test_help_lists_the_declared_pipeline_options(name, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # one width for both texts
     main, n_ctx = _commands()[name]
