@@ -142,8 +142,9 @@ def run(bundle: Path, out: Path, quick: bool, pipeline: dict) -> dict:
     from mra.serve.ray_options import RayOptions
 
     requests, max_tokens, repeats = (8, 16, 1) if quick else (32, 64, 3)
+    threads = pipeline.get("n_threads") or os.cpu_count() or 1
     res: dict = {"bundle": str(bundle), "quick": quick, "throughput": [], "vision": [],
-                 "machine": {**describe_machine(pipeline.get("n_threads") or os.cpu_count() or 1), "ray": ray.__version__}}
+                 "machine": {**describe_machine(threads), "ray": ray.__version__}}
 
     def measure(replicas: int) -> dict:
         return {"llm_replicas": replicas, **throughput(url, requests, max_tokens, 8)}

@@ -306,7 +306,8 @@ def run(o: Options) -> dict:
     r = {"benchmark": "serve_bench", "mode": o.mode,
          "command": " ".join(["python -m mra.benchmarks.serve_bench", *sys.argv[1:]]),
          "machine": describe_machine(threads),
-         "settings": {"bundle": str(bundle), "n_ctx": o.pipeline.get("n_ctx"), "threads": threads, "repeats": o.repeats}}
+         "settings": {"bundle": str(bundle), "n_ctx": o.pipeline.get("n_ctx"), "threads": threads,
+                      "repeats": o.repeats}}
     with open_pipeline() as pipe:
         r["settings"].update(gguf=pipe.llm_artifact.file, vision=pipe.vision.label, image_tokens=pipe.n_image_tokens)
         if {"overhead", "decode"} & set(o.sections):

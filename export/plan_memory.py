@@ -93,7 +93,8 @@ def plan_memory(bundle: str | Path, vision_precision: str = "fp16", llm_quant: s
     n_kv = llm["n_embd"] * llm["n_head_kv"] // llm["n_head"]
     kv = n_ctx * kv_bytes_per_position(llm["n_layer"], n_kv, kv_type)
     b.lines.append(Line(f"KV cache ({kv_type}, n_ctx {n_ctx})", int(kv),
-                        f"2 x n_layer {llm['n_layer']} x n_ctx {n_ctx} x n_embd_kv {n_kv} x {KV_TYPES[kv_type].bytes_per_element:g} B"))
+                        f"2 x n_layer {llm['n_layer']} x n_ctx {n_ctx} x n_embd_kv {n_kv} x "
+                        f"{KV_TYPES[kv_type].bytes_per_element:g} B"))
     ub = min(n_ubatch, n_ctx)
     compute = 4 * ub * (llm["n_head"] * n_ctx + 3 * llm["n_ff"] + llm["n_vocab"] // 8)
     b.lines.append(Line("llama.cpp compute buffers", int(compute),

@@ -1,6 +1,7 @@
 """Every command that opens a Pipeline (the CLIs, the benchmarks, the example apps) lists the
-same options, from the one declaration in runtime/cli_options.py: its --help's "runtime" section is that declaration's, word for word,
-and the parsed options open the Pipeline with the same keywords."""
+same options, from the one declaration in runtime/cli_options.py: its --help's "runtime"
+section is that declaration's, word for word, and the parsed options open the Pipeline with
+the same keywords."""
 
 from __future__ import annotations
 
