@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mra.core.names import VISION_PRECISIONS
 from mra.runtime.compare import compare
 
 from .llm_bench import QUESTION
@@ -39,7 +40,7 @@ def row_key(row: dict) -> str:
 
 def backend_specs(bundle: Path, ckpt: Path, manifest) -> list[dict]:
     specs = [{"backend": "torch", "precision": "fp32", "path": str(ckpt)}]
-    for a in sorted(manifest.find("vision", "onnx"), key=lambda a: ("fp32", "fp16", "int8").index(a.precision)):
+    for a in sorted(manifest.find("vision", "onnx"), key=lambda a: VISION_PRECISIONS.index(a.precision)):
         specs.append({"backend": "onnxruntime", "precision": a.precision, "path": str(bundle / a.file),
                       "flavour": a.info.int8_flavour, "providers": ["CPUExecutionProvider"]})
     for a in manifest.find("vision", "trt"):

@@ -26,7 +26,8 @@ def make_bench_bundle(ckpt: Path, out: Path, precisions: list[str], quants: list
                       calib_count: int) -> Path:
     """A bundle with every vision precision and GGUF type the tables compare."""
     from mra.core.names import MANIFEST_FILE
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
     from mra.export.thresholds import default_bar
 
     if (out / MANIFEST_FILE).is_file():

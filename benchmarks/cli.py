@@ -3,19 +3,21 @@
   mra-bench --quick --out DIR              tiny shapes, every table, about a minute (CI)
   mra-bench --out benchmarks/results       the real LLaVA-HR-7B / -X shapes (about an hour on 2 cores)
   mra-bench --out DIR --only efficiency    one section; updates DIR/results.json
-  mra-bench --out benchmarks/results --only llm --readme README.md   (+ README's Performance section)
+  mra-bench --out benchmarks/results --only llm --readme docs/performance.md   (+ its generated section)
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
 from pathlib import Path
 
-from .suite import LLM_QUANTS, SECTIONS, VISION_PRECISIONS, BenchOptions, run_suite
+from mra.core.errors import cli_main
+from mra.core.names import VISION_PRECISIONS
+
+from .suite import LLM_QUANTS, SECTIONS, BenchOptions, run_suite
 
 
 def _csv(allowed):
@@ -50,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-count", type=int, default=8, help="INT8 calibration photos (default 8)")
     p.add_argument("--batch", type=int, default=4, help="batch of the throughput column (default 4)")
     p.add_argument("--gemm-n", type=int, help="side of the GEMMs of the physical limit (default 1024 quick, 4096)")
-    p.add_argument("--readme", type=Path, help="also write the Performance section of this README from the results")
+    p.add_argument("--readme", type=Path, help="also write the generated section of this Markdown file "
+                   "(docs/performance.md) from the results")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return p
 
@@ -60,29 +63,26 @@ def _relative(path: Path, start: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    a = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    try:
-        opts = BenchOptions(
-            out=a.out, quick=a.quick, work=a.work, only=a.only, warmup=a.warmup, repeats=a.repeats,
-            backend=a.backend, gemm_n=a.gemm_n, llm_quants=a.llm_quant, prefill_quant=a.prefill_quant,
-            precisions=a.precision, calib_count=a.calib_count, batch=a.batch,
-            command=" ".join(["mra-bench", *map(shlex.quote, argv)]),
-            **({"threads": a.threads} if a.threads else {}))
-        results = run_suite(opts)
-        if a.readme:
-            from .report import update_readme
+    return cli_main("mra-bench", _bench, argv)
 
-            update_readme(a.readme, results, _relative(a.out, a.readme.parent))
+
+def _bench(argv: list[str]) -> int:
+    a = parser().parse_args(argv)
+    opts = BenchOptions(
+        out=a.out, quick=a.quick, work=a.work, only=a.only, warmup=a.warmup, repeats=a.repeats,
+        backend=a.backend, gemm_n=a.gemm_n, llm_quants=a.llm_quant, prefill_quant=a.prefill_quant,
+        precisions=a.precision, calib_count=a.calib_count, batch=a.batch,
+        command=" ".join(["mra-bench", *map(shlex.quote, argv)]),
+        **({"threads": a.threads} if a.threads else {}))
+    try:
+        results = run_suite(opts)
     except KeyboardInterrupt:
-        print("mra-bench: interrupted; the sections finished so far are in --out", file=sys.stderr)
-        return 130
-    except Exception as e:  # one line for the user; -v shows where
-        if a.verbose:
-            raise
-        print(f"mra-bench: error: {e}", file=sys.stderr)
-        return 1
+        print("mra-bench: the sections finished so far are in --out", file=sys.stderr)
+        raise
+    if a.readme:
+        from .report import update_readme
+
+        update_readme(a.readme, results, _relative(a.out, a.readme.parent))
     concl = results.get("efficiency", {}).get("conclusion", {}).get("sentence")
     print(f"mra-bench: wrote {a.out / 'REPORT.md'}" + (f"\n{concl}" if concl else ""))
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mra.core.names import VISION_ONNX
 from mra.llama_shape import LLAMA_7B, LLAMA_13B
 
 from .cases import CLAIM_PAIR, VisionCase
@@ -53,7 +54,7 @@ def time_case(case: VisionCase, backend: str, threads: int, warmup: int, repeats
         if backend == "onnxruntime":
             from mra.runtime.ort_backend import OrtRunner
 
-            path = export_fp32_onnx(module, case.image_size, tmp / "vision.onnx")
+            path = export_fp32_onnx(module, case.image_size, tmp / VISION_ONNX["fp32"])
             del module
             gc.collect()
             runner = OrtRunner(path, providers=["CPUExecutionProvider"], threads=threads)

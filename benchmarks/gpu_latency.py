@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mra.benchmarks.timing import time_call
+from mra.core.names import VISION_ONNX
 
 SIZES = (1024, 384)
 BACKENDS = ("torch-fp16", "ort-cuda-fp16", "trt-fp16", "trt-int8")
@@ -41,7 +42,9 @@ def prepare(work: Path, size: int, calib_count: int = 2, preset: str = "7b") -> 
     present (preset "tiny" smoke-tests this script in seconds, on any machine)."""
     from mra.core.errors import MraError
     from mra.core.manifest import Manifest
-    from mra.export.bundle import ExportOptions, export
+    from mra.core.names import VISION_PRECISIONS
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
     from mra.model.tiny import make_checkpoint
 
     ckpt, bundle, done = checkpoint_dir(work), bundle_dir(work, size), {}
@@ -53,7 +56,7 @@ def prepare(work: Path, size: int, calib_count: int = 2, preset: str = "7b") -> 
         Manifest.load(bundle)
     except MraError:
         t = time.perf_counter()
-        export(ExportOptions(out=bundle, model=ckpt, image_size=size, precisions=["fp32", "fp16", "int8"],
+        export(ExportOptions(out=bundle, model=ckpt, image_size=size, precisions=list(VISION_PRECISIONS),
                              calib_count=calib_count, llm_quants=[], force=True, progress=False))
         done["onnx_bundle_s"] = round(time.perf_counter() - t, 1)
     return done
@@ -103,7 +106,8 @@ def reference(work: Path, size: int, pixels: np.ndarray) -> np.ndarray:
         return np.load(cache)
     from mra.runtime.runners import open_runner
 
-    with open_runner("onnxruntime", bundle_dir(work, size) / "vision.onnx", providers=["CPUExecutionProvider"]) as r:
+    graph = bundle_dir(work, size) / VISION_ONNX["fp32"]
+    with open_runner("onnxruntime", graph, providers=["CPUExecutionProvider"]) as r:
         ref = r.infer(pixels)
     np.save(cache, ref)
     return ref

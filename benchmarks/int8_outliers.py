@@ -1,4 +1,4 @@
-"""INT8 before and after smoothing + sensitivity-guided mixed precision (issue 14), at the
+"""INT8 before and after smoothing + sensitivity-guided mixed precision, at the
 real LLaVA-HR-7B vision shape with random weights, plain and with outlier channels
 (`make-tiny --preset 7b --outliers 2,40`): onnxruntime-CPU latency of the ``cpu`` flavour
 (target: within 10% of the previous INT8 path) and the cosine of every flavour against
@@ -13,7 +13,7 @@ The latencies are measured last, in a fresh process holding every ``cpu``-flavou
 which takes turns image by image, so that a slower stretch of the machine (or memory the
 builds left fragmented) weighs on every graph alike; the ratio is what to read.
 
-"previous" is the INT8 path before issue 14: no smoothing, the image-facing convolutions
+"previous" is the INT8 path before them: no smoothing, the image-facing convolutions
 and the attention products fixed in float, the same calibration. ``medium`` is the size the
 first INT8 table was measured at (ViT 256 wide x 8 layers, ConvNeXt 64..512). Writes
 <results>/int8_outliers[-PRESET-S | -quick].{json,md} (no suffix: 7b at S = 1024)."""
@@ -28,6 +28,8 @@ import statistics
 import time
 from pathlib import Path
 
+from mra.core.names import VISION_ONNX
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LEGACY_FLOAT_PATTERNS = ("/gate/", "/slow/stem/", "/embeddings/patch_embedding/")
 LATENCY_TARGET = 1.10  # new cpu-flavour latency / previous
@@ -35,7 +37,7 @@ FILES = {"previous": "previous", "smoothed + mixed": "new"}  # INT8 path -> grap
 
 
 def legacy_float_nodes(fp32: Path) -> list[str]:
-    """The attention products (MatMuls of two activations), float before issue 14."""
+    """The attention products (MatMuls of two activations), float in the previous path."""
     import onnx
 
     g = onnx.load(str(fp32), load_external_data=False)
@@ -81,7 +83,7 @@ def run_case(ckpt: Path, work: Path, image_size: int, opts: argparse.Namespace) 
     work.mkdir(parents=True, exist_ok=True)
     tower = load_vision(ckpt, image_size)
     vs = torch_reference(tower, validation_set(image_size))
-    fp32 = work / "vision.onnx"
+    fp32 = work / VISION_ONNX["fp32"]
     if not fp32.is_file():
         export_onnx(tower, fp32)
     del tower

@@ -129,35 +129,35 @@ def bare_llama(path: Path, threads: int, n_ctx: int, n_batch: int = 512, kv_type
                                n_batch=n_batch, verbose=False, **kv)
 
 
-def v1_prompt(session, n_image_tokens: int, image_rows) -> list:
+def v1_prompt(session, num_image_tokens: int, image_rows) -> list:
     """The LLaVA v1 prompt (with QUESTION) as the Pipeline hands it to llama.cpp, the image
-    slot replaced by ``image_rows(n_image_tokens)``: an Embeddings item, or a list of ids."""
+    slot replaced by ``image_rows(num_image_tokens)``: an Embeddings item, or a list of ids."""
     from mra.runtime.prompt import Conversation, ImageSlot, tokenize_parts
 
     conv = Conversation()
     conv.add_user(QUESTION, with_image=True)
     out: list = []
     for u in tokenize_parts(conv.parts(), session.tokenize, session.bos, session.eos):
-        rows = image_rows(n_image_tokens) if isinstance(u, ImageSlot) else [u]
+        rows = image_rows(num_image_tokens) if isinstance(u, ImageSlot) else [u]
         out += rows if isinstance(rows, list) else [rows]
     return out
 
 
-def v1_prompt_items(session, n_image_tokens: int, seed: int = 0) -> list:
-    """The v1 prompt with one image of ``n_image_tokens`` random embedding rows."""
+def v1_prompt_items(session, num_image_tokens: int, seed: int = 0) -> list:
+    """The v1 prompt with one image of ``num_image_tokens`` random embedding rows."""
     from mra.runtime.llm import Embeddings
 
     def rows(n: int) -> Embeddings:
         emb = np.random.default_rng(seed).standard_normal((n, session.n_embd), dtype=np.float32) * 0.02
         return Embeddings(("bench", n, seed), emb)
 
-    return v1_prompt(session, n_image_tokens, rows)
+    return v1_prompt(session, num_image_tokens, rows)
 
 
-def v1_prompt_ids(session, n_image_tokens: int, seed: int = 0) -> list[int]:
+def v1_prompt_ids(session, num_image_tokens: int, seed: int = 0) -> list[int]:
     """The v1 prompt with random token ids in place of the image rows: the same KV depth, for
     engines that take no embeddings."""
-    return v1_prompt(session, n_image_tokens, lambda n: _random_tokens(n, session.n_vocab, seed))
+    return v1_prompt(session, num_image_tokens, lambda n: _random_tokens(n, session.n_vocab, seed))
 
 
 # --- decode overhead: the runtime against bare llama-cpp-python --------------------------

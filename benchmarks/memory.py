@@ -22,7 +22,8 @@ GGUF_BUDGET_GB = 24.0
 
 def _export_vision(ckpt: Path, out: Path, precisions: list[str], calib_count: int) -> None:
     """In the child: the library call behind `mra-export --target onnx --llm-quant none`."""
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
 
     export(ExportOptions(out=out, model=ckpt, target="onnx", precisions=precisions, llm_quants=[],
                          calib_count=calib_count, progress=False, force=True))

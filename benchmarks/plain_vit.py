@@ -35,7 +35,7 @@ class PlainViTConfig:
 
 class PlainViT(nn.Module):
     """pixel_values [B, 3, S, S] -> image embeddings [B, (S/14)^2, D_llm]. Exposes
-    ``image_size``, ``num_tokens`` and ``cfg.llm_hidden_size`` like MRAVisionTower, so the
+    ``image_size``, ``num_image_tokens`` and ``cfg.llm_hidden_size`` like MRAVisionTower, so the
     same ONNX exporter takes it."""
 
     def __init__(self, vit: ViTConfig, llm_hidden_size: int, image_size: int, select_layer: int = -2):
@@ -48,7 +48,7 @@ class PlainViT(nn.Module):
         self.projector = mlp2x_gelu(vit.hidden_size, llm_hidden_size)
 
     @property
-    def num_tokens(self) -> int:
+    def num_image_tokens(self) -> int:
         return self.grid * self.grid
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

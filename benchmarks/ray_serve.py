@@ -26,9 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+from mra.runtime.cli_options import add_pipeline_args
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported: 127.0.0.1 only
 
 NAME = "ray_serve"
+N_CTX = 4096
 
 
 def free_port() -> int:
@@ -50,11 +53,11 @@ def request_body(image: Path, question: str, max_tokens: int) -> dict:
                                                       {"type": "text", "text": question}]}]}
 
 
-def ray_app(bundle: Path, opts, threads: int | None, n_ctx: int):
+def ray_app(bundle: Path, opts, pipeline: dict):
     from mra.serve.app import ServerSettings
     from mra.serve.ray_app import build_ray_app
 
-    return build_ray_app(bundle, opts, ServerSettings(), {"n_ctx": n_ctx, "n_threads": threads}, queue=1024,
+    return build_ray_app(bundle, opts, ServerSettings(), pipeline, queue=1024,
                          model_id="bench")
 
 
@@ -129,7 +132,8 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(bundle: Path, out: Path, quick: bool, threads: int | None, n_ctx: int) -> dict:
+def run(bundle: Path, out: Path, quick: bool, pipeline: dict) -> dict:
+    """``pipeline``: the Ray app's Pipeline keywords (``ray_pipeline_kwargs``)."""
     import ray
     from ray import serve
 
@@ -138,8 +142,9 @@ def run(bundle: Path, out: Path, quick: bool, threads: int | None, n_ctx: int) -
     from mra.serve.ray_options import RayOptions
 
     requests, max_tokens, repeats = (8, 16, 1) if quick else (32, 64, 3)
+    threads = pipeline.get("n_threads") or os.cpu_count() or 1
     res: dict = {"bundle": str(bundle), "quick": quick, "throughput": [], "vision": [],
-                 "machine": {**describe_machine(threads or os.cpu_count() or 1), "ray": ray.__version__}}
+                 "machine": {**describe_machine(threads), "ray": ray.__version__}}
 
     def measure(replicas: int) -> dict:
         return {"llm_replicas": replicas, **throughput(url, requests, max_tokens, 8)}
@@ -149,9 +154,9 @@ def run(bundle: Path, out: Path, quick: bool, threads: int | None, n_ctx: int) -
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with RayServer(RayOptions(replicas=2), port=port) as server:
-        server.start(ray_app(bundle, RayOptions(replicas=1), threads, n_ctx))
+        server.start(ray_app(bundle, RayOptions(replicas=1), pipeline))
         res["throughput"].append(measure(1))
-        server.deploy(ray_app(bundle, RayOptions(replicas=2), threads, n_ctx))
+        server.deploy(ray_app(bundle, RayOptions(replicas=2), pipeline))
         res["throughput"].append(measure(2))
         vision = serve.get_deployment_handle("vision", APP_NAME)
         for k in (1, 4):
@@ -165,23 +170,26 @@ def run(bundle: Path, out: Path, quick: bool, threads: int | None, n_ctx: int) -
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mra.benchmarks.ray_serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, required=True)
+    add_pipeline_args(p, n_ctx=N_CTX)
     p.add_argument("--out", type=Path, required=True, help="folder for ray_serve.json and ray_serve.md")
     p.add_argument("--quick", action="store_true", help="few requests and tokens: checks the mechanism (CI)")
-    p.add_argument("--threads", type=int, help="llama.cpp / onnxruntime threads per replica")
-    p.add_argument("--n-ctx", type=int, default=4096)
-    a = p.parse_args(argv)
-    from mra.core.errors import MraError
+    return p
 
-    try:
-        res = run(a.bundle, a.out, a.quick, a.threads, a.n_ctx)
-    except MraError as e:
-        print(f"ray_serve: error: {e}", file=sys.stderr)
-        return 1
-    print(markdown(res))
+
+def main(argv: list[str] | None = None) -> int:
+    from mra.core.errors import cli_main
+
+    return cli_main("ray_serve", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from mra.serve.ray_options import ray_pipeline_kwargs
+
+    a = parser().parse_args(argv)
+    print(markdown(run(a.bundle, a.out, a.quick, ray_pipeline_kwargs(a))))
     return 0
 
 

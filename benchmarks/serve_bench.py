@@ -37,16 +37,20 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mra.core.errors import MraError, cli_main
 from mra.core.files import atomic_write_text
+from mra.core.names import MANIFEST_FILE
+from mra.runtime.cli_options import add_pipeline_args, pipeline_kwargs
 
 log = logging.getLogger("mra.benchmarks")
 
 QUESTIONS = ["What is in the image?", "Describe it.", "What colour is it?", "Is it indoors?"]
 TARGETS = {"ttft_overhead_s": 0.020, "decode_ratio": 0.97, "cached_ttft_ratio": 0.10}
 SECTIONS = ("overhead", "decode", "load", "prompt_cache")
+N_CTX = 2048
 
 
 @dataclass
@@ -54,9 +58,7 @@ class Options:
     out: Path = Path("benchmarks/results")
     bundle: Path | None = None  # None: the tiny bundle, built under ``work``
     work: Path = Path.home() / ".cache" / "mra-bench" / "serve_bench"
-    llm_quant: str | None = None
-    n_ctx: int = 2048
-    threads: int | None = None
+    pipeline: dict = field(default_factory=lambda: {"n_ctx": N_CTX})  # Pipeline.from_bundle keywords
     repeats: int = 5
     tokens: int = 128  # decode measurement
     requests: int = 32  # load test
@@ -73,11 +75,12 @@ class Options:
 
 def tiny_bundle(work: Path) -> Path:
     """The tiny random checkpoint exported at S=384 (576 image rows, F32 GGUF); reused if present."""
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
     from mra.model.tiny import make_checkpoint
 
     bundle, ckpt = work / "bundle-tiny", work / "ckpt-tiny"
-    if (bundle / "mra.json").is_file():
+    if (bundle / MANIFEST_FILE).is_file():
         return bundle
     if not (ckpt / "config.json").is_file():
         make_checkpoint(ckpt)
@@ -255,9 +258,8 @@ def measure_load(open_pipeline, reference, photos: list[Path], o: Options) -> di
 CHILD = """
 import json, sys
 from mra.runtime import Pipeline
-bundle, cache, image, quant, n_ctx, threads = sys.argv[1:7]
-with Pipeline.from_bundle(bundle, llm_quant=quant or None, n_ctx=int(n_ctx), n_threads=int(threads) or None,
-                          prompt_cache=cache, verify_hash=False) as p:
+bundle, image, kwargs = sys.argv[1:4]
+with Pipeline.from_bundle(bundle, **json.loads(kwargs)) as p:
     p.ask(image, "What is in the image?", max_tokens=2)
     print(json.dumps(p.timings.as_dict()))
 """
@@ -265,8 +267,9 @@ with Pipeline.from_bundle(bundle, llm_quant=quant or None, n_ctx=int(n_ctx), n_t
 
 def measure_prompt_cache(bundle: Path, image: Path, o: Options) -> dict:
     def child(cache: Path) -> dict:
-        r = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(cache), str(image), o.llm_quant or "",
-                            str(o.n_ctx), str(o.threads or 0)], capture_output=True, text=True, check=True)
+        kwargs = json.dumps({**o.pipeline, "prompt_cache": str(cache)})
+        r = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(image), kwargs], capture_output=True,
+                           text=True, check=True)
         return json.loads(r.stdout.splitlines()[-1])
 
     cold, warm = [], []
@@ -293,17 +296,18 @@ def run(o: Options) -> dict:
     if o.quick:
         o.repeats, o.tokens, o.requests, o.clients, o.load_tokens = 2, 512, 8, 4, 8
     bundle = o.bundle or tiny_bundle(o.work)
-    threads = o.threads or default_threads()[0]
+    threads = o.pipeline.get("n_threads") or default_threads()[0]
+    kwargs = {**o.pipeline, "n_threads": threads}
 
     def open_pipeline():
-        return Pipeline.from_bundle(bundle, llm_quant=o.llm_quant, n_ctx=o.n_ctx, n_threads=threads,
-                                    verify_hash=False)
+        return Pipeline.from_bundle(bundle, **kwargs)
 
     photos = photo_paths()[:4]
     r = {"benchmark": "serve_bench", "mode": o.mode,
          "command": " ".join(["python -m mra.benchmarks.serve_bench", *sys.argv[1:]]),
          "machine": describe_machine(threads),
-         "settings": {"bundle": str(bundle), "n_ctx": o.n_ctx, "threads": threads, "repeats": o.repeats}}
+         "settings": {"bundle": str(bundle), "n_ctx": o.pipeline.get("n_ctx"), "threads": threads,
+                      "repeats": o.repeats}}
     with open_pipeline() as pipe:
         r["settings"].update(gguf=pipe.llm_artifact.file, vision=pipe.vision.label, image_tokens=pipe.n_image_tokens)
         if {"overhead", "decode"} & set(o.sections):
@@ -373,11 +377,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Options()
     p.add_argument("--out", type=Path, default=d.out, help=f"results folder (default {d.out})")
-    p.add_argument("--bundle", type=Path, help="measure this bundle (default: the tiny one, built under --work)")
+    add_pipeline_args(p, bundle_required=False, bundle_help="measure this bundle (default: the tiny one, built "
+                      "under --work)", n_ctx=N_CTX)
     p.add_argument("--work", type=Path, default=d.work, help=f"where the tiny bundle is kept (default {d.work})")
-    p.add_argument("--llm-quant", help="GGUF type when the bundle has several")
-    p.add_argument("--n-ctx", type=int, default=d.n_ctx)
-    p.add_argument("--threads", type=int, help="threads per llama.cpp context (default: cores / 2)")
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--tokens", type=int, default=d.tokens, help="tokens of the decode measurement")
     p.add_argument("--requests", type=int, default=d.requests, help="load test requests")
@@ -391,16 +393,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli_main("serve_bench", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     a = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
-    o = Options(out=a.out, bundle=a.bundle, work=a.work, llm_quant=a.llm_quant, n_ctx=a.n_ctx, threads=a.threads,
+    o = Options(out=a.out, bundle=a.bundle, work=a.work, pipeline=pipeline_kwargs(a),
                 repeats=a.repeats, tokens=a.tokens, requests=a.requests, clients=a.clients, parallel=a.parallel,
                 quick=a.quick, sections=tuple(a.only.split(",")))
     unknown = set(o.sections) - set(SECTIONS)
     if unknown:
-        print(f"serve_bench: error: --only {a.only} | unknown {', '.join(sorted(unknown))}; expected some of "
-              f"{', '.join(SECTIONS)}", file=sys.stderr)
-        return 2
+        raise MraError(f"--only {a.only} | unknown {', '.join(sorted(unknown))}; expected some of "
+                       f"{', '.join(SECTIONS)}")
     r = run(o)
     js, md = write(r, o.out)
     print(to_markdown(r))

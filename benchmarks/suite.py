@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mra.core.files import atomic_write_text
+from mra.core.names import VISION_PRECISIONS
 from mra.runtime.gguf_types import least_quantized
 
 from .machine import usable_cores
@@ -24,7 +25,6 @@ log = logging.getLogger("mra.benchmarks")
 
 SECTIONS = tuple(SECTION_KEYS)  # in the order they run
 LLM_QUANTS = ("F16", "Q8_0", "Q4_K_M")
-VISION_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def bench_llm_name(quick: bool) -> str:

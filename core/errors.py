@@ -14,7 +14,19 @@ from typing import Callable
 
 
 class MraError(Exception):
-    """A problem the user can fix; the message says what, where and how."""
+    """A problem the user can fix; the message says what, where and how.
+
+    ``MraError(what, reason)`` reads "what | reason" and keeps both parts as data, so a caller
+    that reports the reason under another heading (a skipped file, a changed folder) takes
+    ``e.reason`` instead of cutting the text; ``MraError(message)`` has no parts (both None).
+    """
+
+    def __init__(self, what: str, reason: str | None = None):
+        self.what, self.reason = (what, reason) if reason is not None else (None, None)
+        super().__init__(what if reason is None else f"{what} | {reason}")
+
+    def __reduce__(self):  # pickled across processes (Ray, subprocess pools) with its parts
+        return type(self), (self.what, self.reason) if self.reason is not None else self.args
 
 
 # The kinds callers act on (an HTTP status, a retry, an install hint). Code branches on these
@@ -45,7 +57,8 @@ class Closed(MraError):
 
 
 def run_cli(prog: str, body: Callable[[list[str]], int], argv: list[str], verbose: bool) -> int:
-    """Run a CLI's ``body`` under the one error policy of mra-run, mra-chat and mra-export:
+    """Run a CLI's ``body`` under the one error policy of every CLI (mra-run, mra-chat, mra-serve,
+    mra-export):
     user errors (``MraError``) are one line and exit 1; Ctrl-C exits 130; a closed stdout
     pipe exits quietly; running out of memory says so; anything else is a bug: one line
     that says so, and the traceback with ``-v``."""
@@ -71,6 +84,15 @@ def run_cli(prog: str, body: Callable[[list[str]], int], argv: list[str], verbos
         print(f"{prog}: internal error: {type(e).__name__}: {e or 'no message'}"
               + ("" if verbose else " (rerun with -v for the traceback)"), file=sys.stderr)
         return 1
+
+
+def cli_main(prog: str, body: Callable[[list[str]], int], argv: list[str] | None,
+             default_level: int = logging.WARNING) -> int:
+    """A CLI's entry point: plain-message logging (``-v`` debug) and :func:`run_cli`."""
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in argv or "--verbose" in argv
+    cli_logging(verbose, default=default_level)
+    return run_cli(prog, body, argv, verbose)
 
 
 def cli_logging(verbose: bool, quiet: bool = False, default: int = logging.WARNING) -> None:

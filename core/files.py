@@ -8,8 +8,19 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
+
+from .errors import MraError
+
+
+def check_free_space(folder: Path, need: int, what: str, shown: Path | None = None) -> None:
+    """Refuse before writing what would not fit: ``what`` reads "the F16 GGUF needs (up to)"."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise MraError(f"{shown or folder} | {free / 1e9:.2f} GB free, {what} {need / 1e9:.2f} GB: free disk space "
+                       "or write the bundle elsewhere")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

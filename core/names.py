@@ -8,6 +8,7 @@ OUTPUT_NAME = "image_embeds"
 ONNX_OPSET = 17
 
 # --- bundle files ---------------------------------------------------------
+VISION_PRECISIONS = ("fp32", "fp16", "int8")  # of the vision graphs and engines, in export order
 MANIFEST_FILE = "mra.json"
 MANIFEST_FORMAT = 1
 VISION_ONNX = {"fp32": "vision.onnx", "fp16": "vision.fp16.onnx", "int8": "vision.int8.onnx"}

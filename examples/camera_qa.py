@@ -27,7 +27,8 @@ import json
 import sys
 import time
 
-from mra.runtime import MraError, Pipeline
+from mra.core.errors import cli_main
+from mra.runtime.cli_options import add_pipeline_args, open_pipeline
 from mra.runtime.watch import Watch, WatchOptions
 
 
@@ -58,9 +59,9 @@ def server_asker(base_url: str, api_key: str, max_tokens: int, schema: dict | No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--bundle", help="bundle folder written by mra-export: the model runs here")
-    where.add_argument("--server", metavar="URL", help="mra-serve's /v1 URL: the model runs there")
+    add_pipeline_args(p, bundle_required=False,  # --bundle and every Pipeline option, as mra-run has them
+                      bundle_help="bundle folder written by mra-export: the model runs here")
+    p.add_argument("--server", metavar="URL", help="mra-serve's /v1 URL: the model runs there (instead of --bundle)")
     p.add_argument("--api-key", default="none", help="the key mra-serve was started with (--api-key)")
     p.add_argument("--source", default="0", help="camera index, video file, stream URL or GStreamer pipeline")
     p.add_argument("--question", action="append", required=True, help="question about each frame (repeatable)")
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reconnect", type=int, default=3, help="reopen a live source that drops, N times (default 3)")
     p.add_argument("--json-schema", help="a JSON schema (text): answers are JSON objects that follow it")
     p.add_argument("--max-tokens", type=int, default=32, help="longest answer, in tokens (default 32)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
     a = p.parse_args(argv)
+    if (a.bundle is None) == (a.server is None):
+        p.error("pass one of --bundle (the model runs here) or --server URL (mra-serve runs it)")
     schema = json.loads(a.json_schema) if a.json_schema else None
     options = WatchOptions(change_threshold=a.change_threshold, every=a.every, max_interval=a.max_interval,
                            on_change_only=a.on_change_only, realtime=True if a.realtime else None,
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         watch = Watch(server_asker(a.server, a.api_key, a.max_tokens, schema), a.source, a.question, options,
                       structured=schema is not None)
         return show(watch)
-    with Pipeline.from_bundle(a.bundle, n_threads=a.threads) as pipe:
+    with open_pipeline(a) as pipe:
         return show(pipe.watch(a.source, a.question, max_tokens=a.max_tokens, json_schema=schema,
                                **dataclasses.asdict(options)))
 
@@ -99,8 +101,5 @@ def show(watch: Watch) -> int:
     return 0 if watch.summary.ended in ("ended", "interrupted") else 1
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MraError as e:
-        sys.exit(f"camera_qa: {e}")
+if __name__ == "__main__":  # one line for a user error (no bundle, a missing file), as mra-run
+    sys.exit(cli_main("camera_qa", main, None))

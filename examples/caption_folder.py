@@ -17,21 +17,21 @@ import sys
 import time
 from pathlib import Path
 
-from mra.runtime import MraError, Pipeline
-from mra.runtime.cli import answered  # the resume rule of `mra-run --images`: complete lines only
+from mra.core.errors import MraError, cli_main
+from mra.runtime.cli_options import add_pipeline_args, open_pipeline
 from mra.runtime.preprocess import image_files
+from mra.runtime.result_log import answered  # the resume rule of `mra-run --images`: complete lines only
 
 PROMPT = "Describe this image in one sentence."
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True, help="bundle folder written by mra-export")
+    add_pipeline_args(p)  # --bundle and every Pipeline option, as mra-run has them
     p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="JSONL file to append to (created if missing)")
     p.add_argument("--prompt", default=PROMPT, help=f"question asked of every image (default: {PROMPT!r})")
     p.add_argument("--max-tokens", type=int, default=64, help="longest caption, in tokens (default 64)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
     a = p.parse_args(argv)
 
     images = image_files(a.images)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a.out.parent.mkdir(parents=True, exist_ok=True)
     failed = 0
-    with Pipeline.from_bundle(a.bundle, n_threads=a.threads) as pipe, open(a.out, "a", encoding="utf-8") as f:
+    with open_pipeline(a) as pipe, open(a.out, "a", encoding="utf-8") as f:
         for n, path in enumerate(todo, 1):
             name = path.relative_to(a.images).as_posix()
             t0 = time.perf_counter()
@@ -62,8 +62,5 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MraError as e:  # no bundle, a folder that is not there: one line, no traceback
-        sys.exit(f"caption_folder: {e}")
+if __name__ == "__main__":  # one line for a user error (no bundle, a missing folder), as mra-run
+    sys.exit(cli_main("caption_folder", main, None))

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mra.runtime import MraError, Pipeline
+from mra.core.errors import cli_main
+from mra.runtime import Pipeline
+from mra.runtime.cli_options import add_pipeline_args, open_pipeline
 
 YES_NO = ["yes", "no"]
 
@@ -56,16 +58,15 @@ def summary(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True, help="bundle folder written by mra-export")
+    add_pipeline_args(p)  # --bundle and every Pipeline option, as mra-run has them
     p.add_argument("--questions", type=Path, required=True, help="JSONL of questions (see above)")
     p.add_argument("--out", type=Path, help="also write every question with its prediction to this JSONL")
-    p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
     a = p.parse_args(argv)
 
     lines = a.questions.read_text(encoding="utf-8").splitlines()
     questions = [json.loads(ln) for ln in lines if ln.strip()]
     rows = []
-    with Pipeline.from_bundle(a.bundle, n_threads=a.threads) as pipe:
+    with open_pipeline(a) as pipe:
         for q in questions:
             choices = [str(c) for c in q.get("choices", YES_NO)]
             row = {**q, "choices": choices, **score(pipe, a.questions.parent / q["image"], q["question"], choices)}
@@ -78,8 +79,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MraError as e:  # a missing image, a damaged bundle: one line, no traceback
-        sys.exit(f"yes_no_scoring: {e}")
+if __name__ == "__main__":  # one line for a user error (no bundle, a missing folder), as mra-run
+    sys.exit(cli_main("yes_no_scoring", main, None))

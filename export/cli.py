@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mra.core.arg_types import fraction, positive_float, positive_int
+from mra.core.names import VISION_PRECISIONS
+
 EPILOG = """examples:
   mra-export make-tiny demo/ckpt
   mra-export --model demo/ckpt --target onnx --out demo/bundle --precision fp32,int8
@@ -25,7 +28,6 @@ EPILOG = """examples:
   mra-export --bundle BUNDLE --target trt --precision int8   # on a Jetson
 """
 
-PRECISIONS = ("fp32", "fp16", "int8")
 TRT_PRECISIONS = ("fp16",)  # --target trt without --precision
 
 
@@ -39,36 +41,9 @@ def _csv(kind, allowed=None):
     return parse
 
 
-def _number(name: str, cast: type, ok, expected: str, unparsable: str = "a number"):
-    """An argparse type: ``cast(text)`` that passes ``ok``; nan and inf fail every range here."""
-    def parse(text: str):
-        try:
-            v = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected {unparsable}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"{name} | got {v if cast is int else text}, expected {expected}")
-        return v
-    return parse
-
-
-def _positive_int(name: str):
-    return _number(name, int, lambda v: v >= 1, "a positive integer", unparsable="a positive integer")
-
-
-def _fraction(name: str, low_open: bool = True):
-    """A number in (0, 1] (or [0, 1]): thresholds, where nan or 5 would silently pass or fail everything."""
-    return _number(name, float, (lambda v: 0 < v <= 1) if low_open else (lambda v: 0 <= v <= 1),
-                   f"a number in {'(0' if low_open else '[0'}, 1]")
-
-
-def _positive_float(name: str):
-    return _number(name, float, lambda v: 0 < v < float("inf"), "a finite number > 0")
-
-
 def _llm_quants(text: str) -> list[str]:
     """GGUF types, or 'none' alone."""
-    from mra.quantize.gguf_types import GGUF_TYPES
+    from mra.runtime.gguf_types import GGUF_TYPES
 
     items = _csv("--llm-quant", (*GGUF_TYPES, "none"))(text)
     if "none" in items and len(items) > 1:
@@ -80,12 +55,12 @@ def _thresholds(text: str) -> dict[str, float]:
     """'0.995' (every reduced precision) or 'fp16=0.999,int8=0.98'."""
     try:
         if "=" not in text:
-            return {p: _fraction("--min-cosine")(text) for p in ("fp16", "int8")}
+            return {p: fraction("--min-cosine")(text) for p in ("fp16", "int8")}
         pairs = (t.split("=") for t in text.split(","))
-        out = {k.strip(): _fraction("--min-cosine")(v) for k, v in pairs}
+        out = {k.strip(): fraction("--min-cosine")(v) for k, v in pairs}
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"--min-cosine | got {text!r}, expected 0.995 or fp16=0.999,int8=0.98") from None
-    if set(out) - set(PRECISIONS):
+    if set(out) - set(VISION_PRECISIONS):
         raise argparse.ArgumentTypeError(f"--min-cosine | unknown precision in {text!r}")
     return out
 
@@ -101,7 +76,7 @@ def _batch(text: str) -> tuple[int, int, int]:
 
 def _default(name: str):
     """ExportOptions' default for the field ``name``: the CLI states no default of its own."""
-    from mra.export.bundle import ExportOptions
+    from mra.export.options import ExportOptions
 
     f = ExportOptions.__dataclass_fields__[name]
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -109,7 +84,7 @@ def _default(name: str):
 
 def export_parser() -> argparse.ArgumentParser:
     from mra.export.thresholds import DEFAULT_BARS
-    from mra.quantize.gguf_types import GGUF_TYPES
+    from mra.runtime.gguf_types import GGUF_TYPES
 
     first = next(iter(SUBCOMMANDS))
     vision_bars = DEFAULT_BARS["vision"]
@@ -126,15 +101,15 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("onnx", "trt"), default=_default("target"),
                    help="onnx: ONNX graphs; trt: also TensorRT engines")
     p.add_argument("--out", type=Path, help="bundle directory to write (with --model)")
-    p.add_argument("--image-size", type=_positive_int("--image-size"), help="input side S (default: the checkpoint's input_image_size)")
-    p.add_argument("--precision", type=_csv("--precision", PRECISIONS),
+    p.add_argument("--image-size", type=positive_int("--image-size"), help="input side S (default: the checkpoint's input_image_size)")
+    p.add_argument("--precision", type=_csv("--precision", VISION_PRECISIONS),
                    help=f"vision precisions, comma-separated (default: {','.join(_default('precisions'))} for onnx, "
                    f"{','.join(TRT_PRECISIONS)} for trt)")
     p.add_argument("--calib-images", type=Path, help="folder of calibration photos for INT8 (default: built-in photos)")
     p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default=_default("calib_method"),
                    help="INT8 activation ranges (default %(default)s; entropy and percentile keep every calibrated "
                    "activation of one image in memory: about 12 GB for the 7B tower at S=1024)")
-    p.add_argument("--calib-count", type=_positive_int("--calib-count"), default=_default("calib_count"),
+    p.add_argument("--calib-count", type=positive_int("--calib-count"), default=_default("calib_count"),
                    help="calibration images to use (default %(default)s)")
     p.add_argument("--smooth-alpha", type=float, default=_default("smooth_alpha"), help="INT8 SmoothQuant strength, "
                    "0 (off) to 1 (default %(default)s): moves the range of outlier activation channels into the "
@@ -145,22 +120,23 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-cosine", type=_thresholds, default={},
                    help=f"validation threshold on the embeddings' mean cosine, e.g. 0.995 or fp16=0.9995,int8=0.99 "
                    f"(default {min_cosine})")
-    p.add_argument("--max-rel-err", type=_positive_float("--max-rel-err"), default=_default("max_rel_err"),
+    p.add_argument("--max-rel-err", type=positive_float("--max-rel-err"), default=_default("max_rel_err"),
                    help="FP32 validation threshold (default %(default)g)")
-    quants = _default("llm_quants")
-    p.add_argument("--llm-quant", type=_llm_quants, default=quants,
-                   help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none (default {','.join(quants)})")
+    llm_quants = _default("llm_quants")
+    p.add_argument("--llm-quant", type=_llm_quants, default=llm_quants,
+                   help=f"GGUF types, comma-separated, of {', '.join(GGUF_TYPES)}, or none "
+                   f"(default {','.join(llm_quants)})")
     p.add_argument("--llm-only", action="store_true", help="build only the LLM part of the bundle")
-    p.add_argument("--llm-max-kl", type=_positive_float("--llm-max-kl"), help="LLM validation of quantized GGUFs: highest mean "
-                   "KL(transformers || llama.cpp) over the prompt positions (default per type, see README)")
-    p.add_argument("--llm-min-top1", type=_fraction("--llm-min-top1", low_open=False), help="LLM validation of quantized GGUFs: lowest top-1 agreement "
+    p.add_argument("--llm-max-kl", type=positive_float("--llm-max-kl"), help="LLM validation of quantized GGUFs: highest mean "
+                   "KL(transformers || llama.cpp) over the prompt positions (default per type, see docs/llm.md)")
+    p.add_argument("--llm-min-top1", type=fraction("--llm-min-top1", low_open=False), help="LLM validation of quantized GGUFs: lowest top-1 agreement "
                    "with transformers (default per type)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     g = p.add_argument_group("TensorRT (--target trt)")
     batch = _default("trt_batch")
     g.add_argument("--batch", type=_batch, default=batch,
                    help=f"optimization profile MIN,OPT,MAX (default {','.join(map(str, batch))})")
-    g.add_argument("--workspace-mb", type=_positive_int("--workspace-mb"), help="builder workspace limit in MiB")
+    g.add_argument("--workspace-mb", type=positive_int("--workspace-mb"), help="builder workspace limit in MiB")
     g.add_argument("--timing-cache", type=Path, help="timing cache file to read and update")
     g.add_argument("--dla-core", type=int, help="Jetson DLA core (GPU fallback for unsupported layers)")
     g.add_argument("--builder-optimization-level", type=int, choices=range(0, 6), metavar="0-5")
@@ -170,28 +146,28 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def options_from(a: argparse.Namespace):
-    from mra.export.bundle import ExportOptions
+    from mra.export.options import ExportOptions
 
     if a.model and not a.out:
         from mra.core.errors import MraError
 
         raise MraError("--out | missing: --out BUNDLE is required with --model")
-    quants = [] if a.llm_quant == ["none"] else a.llm_quant
+    llm_quants = [] if a.llm_quant == ["none"] else a.llm_quant
     return ExportOptions(
         out=a.out or a.bundle, model=a.model, target=a.target, image_size=a.image_size,
         precisions=a.precision or (list(TRT_PRECISIONS) if a.target == "trt" else _default("precisions")),
         calib_images=a.calib_images, calib_method=a.calib_method, calib_count=a.calib_count,
         smooth_alpha=a.smooth_alpha, int8_max_float_fraction=a.int8_max_float_fraction,
-        min_cosine=a.min_cosine, max_rel_err=a.max_rel_err, llm_quants=quants, llm_only=a.llm_only,
-        llm_thresholds=_llm_bars(a, quants),
+        min_cosine=a.min_cosine, max_rel_err=a.max_rel_err, llm_quants=llm_quants, llm_only=a.llm_only,
+        llm_thresholds=_llm_bars(a, llm_quants),
         force=a.force, progress=not a.quiet, trt_batch=a.batch, trt_workspace_mb=a.workspace_mb,
         trt_timing_cache=a.timing_cache, trt_dla_core=a.dla_core, trt_opt_level=a.builder_optimization_level)
 
 
-def _llm_bars(a: argparse.Namespace, quants: list[str]) -> dict[str, dict[str, float]]:
+def _llm_bars(a: argparse.Namespace, llm_quants: list[str]) -> dict[str, dict[str, float]]:
     """--llm-max-kl / --llm-min-top1 as per-type overrides for the quantized GGUF types."""
     bar = {k: v for k, v in (("kl_mean", a.llm_max_kl), ("top1", a.llm_min_top1)) if v is not None}
-    return {q: bar for q in quants if bar and q not in ("F32", "F16")}
+    return {q: bar for q in llm_quants if bar and q not in ("F32", "F16")}
 
 
 @dataclass(frozen=True)
@@ -231,15 +207,15 @@ def run_make_tiny(a: argparse.Namespace) -> None:
 
 
 def plan_memory_parser(prog: str) -> argparse.ArgumentParser:
-    from mra.export.plan_memory import KV_BYTES
+    from mra.runtime.llama_enums import KV_TYPES
 
     p = argparse.ArgumentParser(prog=prog,
                                 description="Memory budget of a bundle on Jetson Orin modules (8/16/32/64 GB).")
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--vision-precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--vision-precision", choices=VISION_PRECISIONS, default="fp16")
     p.add_argument("--llm-quant", default="Q4_K_M", help="GGUF type (default %(default)s)")
     p.add_argument("--n-ctx", type=int, help="context length (default: the LLM's trained context, as mra-run)")
-    p.add_argument("--kv-type", choices=tuple(KV_BYTES), default="f16")
+    p.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16")
     p.add_argument("--batch", type=int, default=1, help="images per vision call (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the budget as JSON")
     return p

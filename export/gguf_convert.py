@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from mra.core.errors import MraError
-from mra.core.files import atomic_path
+from mra.core.files import atomic_path, check_free_space
 from mra.core.names import ROLES, SEP, SEP2, SYSTEM_PROMPT
 from mra.llama_shape import LlamaShape
 from mra.runtime.gguf_types import gguf_type
@@ -243,10 +242,7 @@ class LlamaGGUFConverter:
         plan = self.plan(out_type)
         need = self.estimate_bytes(plan)
         out.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(out.parent).free
-        if free < need:
-            raise MraError(f"{out.parent} | {free / 1e9:.2f} GB free, the {out_type} GGUF needs {need / 1e9:.2f} GB: "
-                           "free disk space or write the bundle elsewhere")
+        check_free_space(out.parent, need, f"the {out_type} GGUF needs")
         with atomic_path(out) as tmp:
             w = gguf.GGUFWriter(tmp, self.arch_name)
             try:

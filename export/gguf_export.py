@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
 from mra.core.errors import MraError
+from mra.core.files import check_free_space
 from mra.core.manifest import Artifact, Manifest, describe_file
 from mra.core.names import llm_gguf_file
 
@@ -24,21 +24,21 @@ from .gguf_convert import LlamaGGUFConverter
 log = logging.getLogger("mra.export")
 
 
-def export_llm(model: Path | None, work: Path, manifest: Manifest, quants: Sequence[str],
+def export_llm(model: Path | None, work: Path, manifest: Manifest, llm_quants: Sequence[str],
                thresholds: dict[str, dict[str, float]]) -> None:
-    """Write, validate and register the GGUF LLM(s) of ``quants`` into ``work``; ``thresholds``:
+    """Write, validate and register the GGUF LLM(s) of ``llm_quants`` into ``work``; ``thresholds``:
     per GGUF type, the bars that replace the defaults."""
     from mra.quantize.gguf_quant import quant_report, quantize_gguf
-    from mra.quantize.gguf_types import GGUF_TYPES
+    from mra.runtime.gguf_types import GGUF_TYPES
 
     from .llm_validate import SpTokenizer, reference_run, validate_gguf
     from .thresholds import llm_bar
 
-    quants = list(dict.fromkeys(quants))
-    bad = [q for q in quants if q not in GGUF_TYPES]
+    llm_quants = list(dict.fromkeys(llm_quants))
+    bad = [q for q in llm_quants if q not in GGUF_TYPES]
     if bad:
         raise MraError(f"--llm-quant | got {', '.join(bad)}, expected one or more of {', '.join(GGUF_TYPES)}")
-    if not quants:
+    if not llm_quants:
         return
     if model is None:
         raise MraError("--llm-quant | the LLM is converted from a checkpoint: pass --model CKPT")
@@ -47,19 +47,19 @@ def export_llm(model: Path | None, work: Path, manifest: Manifest, quants: Seque
     for w in warnings:
         log.warning("warning: %s", w)
 
-    base_type = "F32" if "F32" in quants else "F16"
-    base = work / (llm_gguf_file(base_type) if base_type in quants else f".llm.{base_type}.intermediate.gguf")
-    _check_disk(conv, base_type, quants, work)
+    base_type = "F32" if "F32" in llm_quants else "F16"
+    base = work / (llm_gguf_file(base_type) if base_type in llm_quants else f".llm.{base_type}.intermediate.gguf")
+    _check_disk(conv, base_type, llm_quants, work)
     tok = SpTokenizer(conv.vocab)
     t0 = time.perf_counter()
     ref = reference_run(Path(model), tok)
     log.info("LLM reference logits: %d prompts, %.1f s", len(ref.ids), time.perf_counter() - t0)
-    bars = {q: llm_bar(thresholds, q) for q in quants}
+    bars = {q: llm_bar(thresholds, q) for q in llm_quants}
     try:
         t0 = time.perf_counter()
         conv.write(base, base_type)
         log.info("converted the LLM to %s GGUF in %.1f s", base_type, time.perf_counter() - t0)
-        for q in quants:
+        for q in llm_quants:
             path = base if q == base_type else work / llm_gguf_file(q)
             if path != base:
                 t0 = time.perf_counter()
@@ -85,20 +85,18 @@ def export_llm(model: Path | None, work: Path, manifest: Manifest, quants: Seque
                 raise MraError(f"{path.name} | validation against transformers failed: {'; '.join(val['failures'])}"
                                f" (bars {bars[q].to_dict()}); see the numbers with -v, or pick a higher precision")
     finally:
-        if base_type not in quants:
+        if base_type not in llm_quants:
             base.unlink(missing_ok=True)
 
 
-def _check_disk(conv: LlamaGGUFConverter, base_type: str, quants: list[str], work: Path) -> None:
+def _check_disk(conv: LlamaGGUFConverter, base_type: str, llm_quants: list[str], work: Path) -> None:
     """Before anything runs: room for the intermediate and every requested file at once."""
-    from mra.quantize.gguf_types import gguf_type
+    from mra.runtime.gguf_types import gguf_type
 
     plan = conv.plan(base_type)  # also checks every LLM key and shape
     n_weights = sum(math.prod(p.shape) for p in plan)
     # Upper bounds: each type's widest matrices (fallbacks included), so the check never passes short.
-    need = conv.estimate_bytes(plan) + sum(int(n_weights * gguf_type(q).max_bits / 8) for q in quants if q != base_type)
-    free = shutil.disk_usage(work).free
-    if free < need:
-        raise MraError(f"{work.parent} | {free / 1e9:.2f} GB free, the LLM GGUFs ({', '.join(quants)}, with the "
-                       f"{base_type} intermediate) need up to {need / 1e9:.2f} GB: free disk space or write the "
-                       "bundle elsewhere")
+    need = conv.estimate_bytes(plan) + sum(int(n_weights * gguf_type(q).max_bits / 8)
+                                           for q in llm_quants if q != base_type)
+    check_free_space(work, need, f"the LLM GGUFs ({', '.join(llm_quants)}, with the {base_type} intermediate) "
+                     "need up to", shown=work.parent)

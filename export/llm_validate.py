@@ -157,11 +157,11 @@ def reference_run(ckpt_dir: Path, tok: SpTokenizer, prompts=LOGIT_PROMPTS) -> Ll
     return LlmReferenceRun(list(usable), ids, LlamaReference(ckpt_dir).logits(ids))
 
 
-def validate_gguf(path: Path, quant: str, ref: LlmReferenceRun, tok: SpTokenizer,
+def validate_gguf(path: Path, llm_quant: str, ref: LlmReferenceRun, tok: SpTokenizer,
                   threshold: Threshold | None = None) -> dict:
     """Run the GGUF in llama.cpp on the reference prompts and texts; the manifest's validation
     (``threshold``: the type's default bar unless given)."""
-    threshold = default_bar("llm", quant) if threshold is None else threshold
+    threshold = default_bar("llm", llm_quant) if threshold is None else threshold
     n_ctx = max(64, max(len(i) for i in ref.ids))
     with LlamaCppModel(Path(path), n_ctx=n_ctx) as m:
         got = [m.logits(ids) for ids in ref.ids]

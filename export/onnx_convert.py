@@ -39,13 +39,13 @@ PRODUCER = "mra-edge"
 class VisionGraphSpec:
     """The export contract of the vision graph: names, shapes and opset."""
     image_size: int
-    num_tokens: int
+    num_image_tokens: int
     embed_dim: int
     opset: int = ONNX_OPSET
 
     @classmethod
     def of(cls, tower, opset: int = ONNX_OPSET) -> "VisionGraphSpec":
-        return cls(tower.image_size, tower.num_tokens, tower.cfg.llm_hidden_size, opset)
+        return cls(tower.image_size, tower.num_image_tokens, tower.cfg.llm_hidden_size, opset)
 
     @property
     def input_shape(self) -> list:
@@ -53,7 +53,7 @@ class VisionGraphSpec:
 
     @property
     def output_shape(self) -> list:
-        return [BATCH_AXIS, self.num_tokens, self.embed_dim]
+        return [BATCH_AXIS, self.num_image_tokens, self.embed_dim]
 
 
 def export_onnx(tower, path: str | os.PathLike, image_size: int | None = None, *, opset: int = ONNX_OPSET,
@@ -137,7 +137,7 @@ def _stamp(model, spec: VisionGraphSpec) -> None:
 
     model.producer_version = __version__
     onnx.helper.set_model_props(model, {"mra.image_size": str(spec.image_size),
-                                        "mra.num_tokens": str(spec.num_tokens),
+                                        "mra.num_tokens": str(spec.num_image_tokens),
                                         "mra.embed_dim": str(spec.embed_dim)})
 
 

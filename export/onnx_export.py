@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from mra.core.errors import MraError
-from mra.core.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16
+from mra.core.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, VISION_PRECISIONS
 
 from .onnx_convert import VisionGraphSpec, describe_onnx, export_onnx, exporter_name
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from mra.core.manifest import Manifest
     from mra.quantize.int8_options import Int8Options
 
-    from .bundle import VisionBars
+    from .options import VisionBars
 
 log = logging.getLogger("mra.export")
 
@@ -27,7 +27,6 @@ log = logging.getLogger("mra.export")
 # graph TensorRT 8.6-10 builds from (and any onnxruntime runs), the one onnxruntime's CPU
 # provider runs fastest (1.19x at the LLaVA-HR-7B size), and TensorRT 11's float16 one.
 BUNDLE_INT8_FLAVOURS = (INT8_FLAVOUR_TRT, INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT_FP16)
-PRECISION_ORDER = ("fp32", "fp16", "int8")
 
 
 def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: Sequence[str], *, bars: VisionBars,
@@ -41,14 +40,15 @@ def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: 
     from mra.core.names import VISION_ONNX
     from mra.model import load_vision
     from mra.quantize.calibration import load_calibration_set
+    from mra.quantize.photos import VALIDATION_PHOTOS
 
     from .trt_check import tensorrt_check_info
     from .thresholds import Threshold, vision_bar
-    from .validate import VALIDATION_PHOTOS, require_passed, torch_reference, validate_graph, validation_set
+    from .validate import require_passed, torch_reference, validate_graph, validation_set
 
-    unknown = [p for p in precisions if p not in PRECISION_ORDER]
+    unknown = [p for p in precisions if p not in VISION_PRECISIONS]
     if unknown:
-        raise MraError(f"--precision | got {unknown}, expected some of {', '.join(PRECISION_ORDER)}")
+        raise MraError(f"--precision | got {unknown}, expected some of {', '.join(VISION_PRECISIONS)}")
     s = manifest.image_size
     # Bad INT8 options and calibration folders fail before minutes of tracing, not after.
     if "int8" in precisions:
@@ -57,8 +57,8 @@ def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: 
              if "int8" in precisions else None)
     tower = load_vision(model, s)
     spec = VisionGraphSpec.of(tower)
-    if (spec.num_tokens, spec.embed_dim) != (manifest.num_image_tokens, manifest.embed_dim):
-        raise MraError(f"{model} | the tower gives {spec.num_tokens} x {spec.embed_dim} embeddings, the manifest "
+    if (spec.num_image_tokens, spec.embed_dim) != (manifest.num_image_tokens, manifest.embed_dim):
+        raise MraError(f"{model} | the tower gives {spec.num_image_tokens} x {spec.embed_dim} embeddings, the manifest "
                        f"expects {manifest.num_image_tokens} x {manifest.embed_dim}")
     vs = torch_reference(tower, validation_set(s), progress)
     fp32 = work / VISION_ONNX["fp32"]
@@ -67,7 +67,7 @@ def export_vision_onnx(model: Path, work: Path, manifest: Manifest, precisions: 
     built = time.perf_counter() - t0
     del tower
     gc.collect()
-    common = {"N": spec.num_tokens, "D": spec.embed_dim, "image_size": s, "exporter": exporter_name()}
+    common = {"N": spec.num_image_tokens, "D": spec.embed_dim, "image_size": s, "exporter": exporter_name()}
 
     def finish(precision: str, path: Path, info: dict, threshold: Threshold, seconds: float) -> None:
         t0 = time.perf_counter()

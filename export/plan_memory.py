@@ -19,7 +19,7 @@ from mra.core.manifest import Artifact, Manifest
 from mra.core.names import INT8_FLAVOUR_TRT
 from mra.llama_shape import LLAMA_7B, LlamaShape
 from mra.runtime.gguf_types import GGUF_TYPES, gguf_type
-from mra.runtime.llama_enums import KV_TYPES
+from mra.runtime.llama_enums import KV_TYPES, kv_bytes_per_position
 
 log = logging.getLogger("mra.export")
 
@@ -47,8 +47,6 @@ SYSTEM = (
     ("CUDA context + TensorRT/cuBLAS/cuDNN kernels (lazy loading on)", 0.8),
     ("Python process (numpy, pillow, llama-cpp-python)", 0.25),
 )
-# Bytes per KV-cache element of llama.cpp's cache types: the runtime's one table.
-KV_BYTES = {name: t.bytes_per_element for name, t in KV_TYPES.items()}
 
 
 @dataclass
@@ -82,8 +80,8 @@ def plan_memory(bundle: str | Path, vision_precision: str = "fp16", llm_quant: s
                 n_ctx: int | None = None, kv_type: str = "f16", batch: int = 1, n_ubatch: int = 512) -> Budget:
     bundle = Path(bundle)
     m = Manifest.load(bundle)
-    if kv_type not in KV_BYTES:
-        raise MraError(f"--kv-type | got {kv_type!r}, expected one of {', '.join(KV_BYTES)}")
+    if kv_type not in KV_TYPES:
+        raise MraError(f"--kv-type | got {kv_type!r}, expected one of {', '.join(KV_TYPES)}")
     llm = _llm_shape(m)
     n_ctx = n_ctx or llm["n_ctx_train"]
     if n_ctx <= m.num_image_tokens:
@@ -93,9 +91,10 @@ def plan_memory(bundle: str | Path, vision_precision: str = "fp16", llm_quant: s
     b.lines += _vision_lines(bundle, m, vision_precision, batch)
     b.lines.append(_llm_weights(bundle, m, llm_quant, llm))
     n_kv = llm["n_embd"] * llm["n_head_kv"] // llm["n_head"]
-    kv = 2 * llm["n_layer"] * n_ctx * n_kv * KV_BYTES[kv_type]
+    kv = n_ctx * kv_bytes_per_position(llm["n_layer"], n_kv, kv_type)
     b.lines.append(Line(f"KV cache ({kv_type}, n_ctx {n_ctx})", int(kv),
-                        f"2 x n_layer {llm['n_layer']} x n_ctx {n_ctx} x n_embd_kv {n_kv} x {KV_BYTES[kv_type]:g} B"))
+                        f"2 x n_layer {llm['n_layer']} x n_ctx {n_ctx} x n_embd_kv {n_kv} x "
+                        f"{KV_TYPES[kv_type].bytes_per_element:g} B"))
     ub = min(n_ubatch, n_ctx)
     compute = 4 * ub * (llm["n_head"] * n_ctx + 3 * llm["n_ff"] + llm["n_vocab"] // 8)
     b.lines.append(Line("llama.cpp compute buffers", int(compute),
@@ -177,17 +176,17 @@ def _largest_tensor_elems(path: Path) -> int | None:
     return best or None
 
 
-def _llm_weights(bundle: Path, m: Manifest, quant: str, llm: dict) -> Line:
-    found = m.find("llm", "gguf", quant)
+def _llm_weights(bundle: Path, m: Manifest, llm_quant: str, llm: dict) -> Line:
+    found = m.find("llm", "gguf", llm_quant)
     if found:
-        return Line(f"LLM weights ({quant})", _files_size(bundle, found[0]), f"{found[0].file} (file size)")
-    if quant not in GGUF_TYPES:
-        raise MraError(f"--llm-quant | got {quant!r}, expected one of {', '.join(GGUF_TYPES)}")
-    bits = gguf_type(quant).bits  # an estimate (the main type's bits), used only when the bundle lacks the file
+        return Line(f"LLM weights ({llm_quant})", _files_size(bundle, found[0]), f"{found[0].file} (file size)")
+    if llm_quant not in GGUF_TYPES:
+        raise MraError(f"--llm-quant | got {llm_quant!r}, expected one of {', '.join(GGUF_TYPES)}")
+    bits = gguf_type(llm_quant).bits  # an estimate (the main type's bits), used only when the bundle lacks the file
     params = LlamaShape.from_info(llm).n_params
-    return Line(f"LLM weights ({quant})", int(params * bits / 8),
+    return Line(f"LLM weights ({llm_quant})", int(params * bits / 8),
                 f"estimate: {params / 1e9:.2f} B params ({llm['_from']}) x {bits:g} bits; "
-                f"the bundle has no {quant} GGUF")
+                f"the bundle has no {llm_quant} GGUF")
 
 
 def max_n_ctx(b: Budget, d: Device) -> int:
@@ -197,7 +196,7 @@ def max_n_ctx(b: Budget, d: Device) -> int:
     fixed = b.total - sum(x.bytes for x in b.lines if x.what.startswith(("KV cache", "llama.cpp compute")))
     room = (d.dram_gib - CARVEOUT_GIB) * GiB - fixed - 4 * 512 * (3 * llm["n_ff"] + llm["n_vocab"] // 8)
     n_kv = llm["n_embd"] * llm["n_head_kv"] // llm["n_head"]
-    per_pos = 2 * llm["n_layer"] * n_kv * KV_BYTES[b.kv_type] + 4 * 512 * llm["n_head"]
+    per_pos = kv_bytes_per_position(llm["n_layer"], n_kv, b.kv_type) + 4 * 512 * llm["n_head"]
     return max(0, min(int(room // per_pos) // 256 * 256, llm["n_ctx_train"]))
 
 

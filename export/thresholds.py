@@ -164,7 +164,7 @@ def vision_bar(opts, precision: str) -> Threshold:
     return default_bar("vision", precision).with_bars(**given)
 
 
-def llm_bar(overrides: dict[str, dict[str, float]], quant: str) -> Threshold:
-    """The bar an export applies to a GGUF type: the default with ``overrides[quant]``
+def llm_bar(overrides: dict[str, dict[str, float]], llm_quant: str) -> Threshold:
+    """The bar an export applies to a GGUF type: the default with ``overrides[llm_quant]``
     (``ExportOptions.llm_thresholds``)."""
-    return default_bar("llm", quant).with_bars(**overrides.get(quant, {}))
+    return default_bar("llm", llm_quant).with_bars(**overrides.get(llm_quant, {}))

@@ -29,10 +29,11 @@ from mra.core.files import atomic_path
 from mra.core.manifest import Artifact, Manifest
 from mra.core.names import INPUT_NAME, INT8_FLAVOUR_TRT, INT8_FLAVOUR_TRT_FP16, VISION_ONNX
 from mra.runtime.gpu_stack import require_supported_tensorrt
-from mra.runtime.trt_backend import INSTALL_HINT, GpuInfo, gpu_info, missing_for_tensorrt
+from mra.runtime.gpu_stack import TENSORRT_INSTALL
+from mra.runtime.trt_backend import GpuInfo, gpu_info, missing_for_tensorrt
 
 if TYPE_CHECKING:
-    from .bundle import ExportOptions
+    from .options import ExportOptions
 
 
 log = logging.getLogger("mra.export")
@@ -87,7 +88,7 @@ def require_tensorrt(device: int = 0) -> TrtEnv:
     missing = missing_for_tensorrt()
     if missing:
         raise MraError(f"--target trt | TensorRT engines cannot be built here, missing {'; '.join(missing)}; "
-                       f"{INSTALL_HINT}; nothing was written")
+                       f"{TENSORRT_INSTALL}; nothing was written")
     import tensorrt as trt
 
     require_supported_tensorrt(trt.__version__)

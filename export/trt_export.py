@@ -30,7 +30,7 @@ from .trt_build import (EngineOptions, EnginePlan, TrtEnv, build_serialized, bun
                         require_tensorrt, tensorrt_verdict)
 
 if TYPE_CHECKING:
-    from .bundle import VisionBars
+    from .options import VisionBars
 
 log = logging.getLogger("mra.export")
 
@@ -77,7 +77,7 @@ def validation_pixels(calib_images: Path | None, image_size: int,
     from mra.runtime.preprocess import image_files, preprocess_batch
 
     try:
-        from mra.export.validate import VALIDATION_PHOTOS  # the ONNX graphs' photos, held out from calibration
+        from mra.quantize.photos import VALIDATION_PHOTOS  # the ONNX graphs' photos, held out from calibration
         from mra.quantize.photos import photo_paths
 
         paths = photo_paths(list(VALIDATION_PHOTOS))[:count]

@@ -13,16 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from mra.core.errors import MraError
-from mra.quantize.photos import PHOTOS, photo_paths
+from mra.quantize.photos import VALIDATION_PHOTOS, photo_paths
 from mra.runtime.compare import compare, image_cosines
 from mra.runtime.ort_backend import OrtRunner
 from mra.runtime.preprocess import preprocess_batch
 
 from .thresholds import Threshold
 
-# Held out from the built-in calibration set, so INT8 is judged on photos it was not
-# calibrated on: a person, a cat, a still life, an outdoor scene.
-VALIDATION_PHOTOS = tuple(PHOTOS[:4])
 VALIDATION_BATCHES = (1, 3)
 
 

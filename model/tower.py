@@ -63,7 +63,7 @@ class MRAVisionTower(nn.Module):
         self.quarter = cfg.vit.num_hidden_layers // 4
 
     @property
-    def num_tokens(self) -> int:
+    def num_image_tokens(self) -> int:
         return num_image_tokens(self.cfg.vit, self.image_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

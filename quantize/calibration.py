@@ -78,7 +78,7 @@ def load_calibration_set(folder: str | os.PathLike | None, count: int, image_siz
             names.append(os.fsencode(p.relative_to(folder)).decode("utf-8", "backslashreplace"))
         except MraError as e:
             name = os.fsencode(p.relative_to(folder)).decode("utf-8", "backslashreplace")
-            skipped.append(f"{name}: {str(e).split(' | ', 1)[-1]}")
+            skipped.append(f"{name}: {e.reason or e}")
     if skipped:
         listed = "; ".join(skipped[:MAX_LISTED]) + (f"; and {len(skipped) - MAX_LISTED} more"
                                                     if len(skipped) > MAX_LISTED else "")

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import shutil
 from collections import Counter
 from pathlib import Path
 
 from mra.core.errors import MraError
-from mra.core.files import atomic_path
+from mra.core.files import atomic_path, check_free_space
 from mra.runtime.llm import capture_llama_log
 
-from .gguf_types import GGUF_TYPES, K_GGML_TYPES, gguf_type
+from mra.runtime.gguf_types import GGUF_TYPES, K_GGML_TYPES, gguf_type
 
 log = logging.getLogger("mra.quantize")
 
@@ -37,10 +36,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int = 0) -> Path:
         raise MraError(f"{src} | not a readable GGUF file ({e}); convert it again with write_gguf") from None
     need = int(n_weights * gtype.max_bits / 8) + (16 << 20)  # an upper bound: the widest type it may write
     dst.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dst.parent).free
-    if free < need:
-        raise MraError(f"{dst.parent} | {free / 1e9:.2f} GB free, the {quant} GGUF needs up to {need / 1e9:.2f} GB: "
-                       "free disk space or write the bundle elsewhere")
+    check_free_space(dst.parent, need, f"the {quant} GGUF needs up to")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = gtype.ftype
     params.nthread = nthread

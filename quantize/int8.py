@@ -41,7 +41,7 @@ both, so the bundle has two (+0.56 GB at the 7B size).
 Random weights make INT8 look worse than trained ones in one way (a random network
 amplifies small perturbations layer after layer) and better in another (no outlier
 channels: model/tiny.py's ``--outliers`` checkpoint adds them, and smoothing is what
-removes their effect; README "INT8 and activation outliers"). The default threshold
+removes their effect; docs/int8.md). The default threshold
 (0.98, ``mra.export.thresholds.DEFAULT_BARS``) is a guard against gross failures, not a
 quality bar; the sensitivity search aims higher on the calibration images
 (quantize/sensitivity.py). Read the recorded cosine, and raise --min-cosine int8=... for a

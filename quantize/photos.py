@@ -10,6 +10,9 @@ from PIL import Image
 # Colour photos of varied content and aspect ratio (square, landscape, portrait).
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "retina.jpg", "ihc.png"]  # immunohistochemistry
+# Held out from the built-in calibration set, so INT8 is judged on photos it was not
+# calibrated on: a person, a cat, a still life, an outdoor scene.
+VALIDATION_PHOTOS = tuple(PHOTOS[:4])
 
 
 def photo_dir() -> Path:

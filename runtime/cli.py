@@ -4,79 +4,33 @@
   mra-run --bundle B --image IMG --prompt "..." --json   answer + timings as one JSON object
   mra-run --bundle B --images DIR --prompt "..." --out answers.jsonl   a folder, resumable
   mra-run --bundle B --image IMG --prompt "..." --json-schema schema.json   the answer as JSON
-  mra-run --bundle B --video clip.mp4 --question "..."   a camera/stream/file: JSON events, changed frames only
   mra-chat --bundle B [--image IMG]                      interactive: /image PATH, /reset, /quit
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
-import fcntl
 import json
-import logging
-import math
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mra.core.errors import MraError, cli_logging, run_cli
+from mra.core.arg_types import bounded, positive
+from mra.core.errors import MraError, cli_main
 
-from .llama_enums import KV_TYPES
+from .cli_options import add_pipeline_args, open_pipeline
 from .preprocess import IMAGE_SUFFIXES, check_image_file, image_files
 from .prompt import check_text
+from .result_log import MAX_ATTEMPTS, ResultLog, image_name, results_lock
 
 
-def _positive(kind: type, name: str):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a number") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} | got {text}, expected > 0")
-        return v
-    return parse
-
-
-def _number(name: str, low: float, low_open: bool, high: float = math.inf):
-    """A finite float in [low, high] (or (low, high]): nan and inf are refused here, not later."""
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} | got {text!r}, expected a number") from None
-        if not math.isfinite(v) or v < low or (low_open and v == low) or v > high:
-            raise argparse.ArgumentTypeError(f"{name} | got {text}, expected a finite number "
-                                             f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}"
-                                                                                         if high < math.inf else ""))
-        return v
-    return parse
-
-
-def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", type=Path, required=True, help="bundle directory (with mra.json)")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--vision", default="auto",
-                   help="vision backend/precision: auto (default), onnxruntime, int8, onnx:fp16, ...")
-    g.add_argument("--llm-quant", help="GGUF type to use when the bundle has several (default: Q4_K_M if present)")
-    g.add_argument("--n-ctx", type=_positive(int, "--n-ctx"), help="context length (default: the model's)")
-    g.add_argument("--threads", type=_positive(int, "--threads"), help="CPU threads (default: like llama-cpp-python)")
-    g.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers to offload to the GPU (-1: all)")
-    g.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16", help="KV cache type (default f16)")
-    g.add_argument("--no-hash", action="store_true",
-                   help="check artifact sizes only, skip sha256 (saves seconds on multi-GB files)")
-    g.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (camera photos)")
-    g.add_argument("--prompt-cache", type=Path, help="folder of saved image-prefix KV states: a later run on the "
-                   "same image skips its vision and prefill (issue 12)")
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The sampling options of mra-run and mra-chat, and their output switches."""
     s = p.add_argument_group("generation")
-    s.add_argument("--max-tokens", type=_positive(int, "--max-tokens"), default=256)
-    s.add_argument("--temperature", type=_number("--temperature", 0, False), default=0.0,
+    s.add_argument("--max-tokens", type=positive(int, "--max-tokens"), default=256)
+    s.add_argument("--temperature", type=bounded("--temperature", 0, False), default=0.0,
                    help="0 (default): greedy")
-    s.add_argument("--top-p", type=_number("--top-p", 0, True, 1), default=1.0, help="in (0, 1]; 1 (default): off")
+    s.add_argument("--top-p", type=bounded("--top-p", 0, True, 1), default=1.0, help="in (0, 1]; 1 (default): off")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable); </s> always stops")
     p.add_argument("--timings", action="store_true",
@@ -85,18 +39,9 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (llama.cpp too) and tracebacks")
 
 
-def _open_pipeline(a: argparse.Namespace):
-    from .pipeline import Pipeline
-
-    return Pipeline.from_bundle(a.bundle, vision=a.vision, llm_quant=a.llm_quant, n_ctx=a.n_ctx,
-                                n_threads=a.threads, n_gpu_layers=a.n_gpu_layers, kv_type=a.kv_type,
-                                verify_hash=not a.no_hash, exif_transpose=a.exif_transpose,
-                                prompt_cache=a.prompt_cache)
-
-
 def _gen_kwargs(a: argparse.Namespace) -> dict:
     kw = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=a.stop)
-    if getattr(a, "json_schema", None) is not None:  # issue 12: mra-run --json-schema FILE
+    if getattr(a, "json_schema", None) is not None:  # mra-run --json-schema FILE
         kw["json_schema"] = a.json_schema if isinstance(a.json_schema, dict) else _read_schema(a.json_schema)
     return kw
 
@@ -131,13 +76,14 @@ def run_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", type=Path, help="one image")
     src.add_argument("--images", type=Path, help="a folder of images (needs --out)")
-    p.add_argument("--prompt", help="the question (required with --image and --images)")
+    p.add_argument("--prompt", help="the question (with --video: one more --question)")
     p.add_argument("--json", action="store_true", help="print {answer, timings} as JSON instead of streaming")
     p.add_argument("--out", type=Path, help="answers.jsonl for --images; a rerun skips images already in it")
     p.add_argument("--json-schema", type=Path, metavar="FILE",
                    help="a JSON schema file: the answer is JSON that follows it (enforced by llguidance)")
     _add_video_args(p, src)
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
+    add_generation_args(p)
     return p
 
 
@@ -148,18 +94,18 @@ def _add_video_args(p: argparse.ArgumentParser, src) -> None:
     g = p.add_argument_group("video (--video)")
     g.add_argument("--question", action="append", default=[], help="a question about each frame sent to the "
                    "model (repeatable; --prompt counts as one)")
-    g.add_argument("--change-threshold", type=_number("--change-threshold", 0, False), default=None,
+    g.add_argument("--change-threshold", type=bounded("--change-threshold", 0, False), default=None,
                    help="mean grey-level difference (0-255) of the small blurred frame from the one last sent "
                    "that counts as a change (default 6: sensor noise measures about 1)")
-    g.add_argument("--every", type=_number("--every", 0, False), default=0.0, metavar="SECONDS",
+    g.add_argument("--every", type=bounded("--every", 0, False), default=0.0, metavar="SECONDS",
                    help="send frames at most this often (stream seconds; default 0)")
-    g.add_argument("--max-interval", type=_number("--max-interval", 0, True), metavar="SECONDS",
+    g.add_argument("--max-interval", type=bounded("--max-interval", 0, True), metavar="SECONDS",
                    help="a fresh look at least this often, changed or not (default: only on change)")
     g.add_argument("--on-change-only", action="store_true",
                    help="print an answer only when it differs from that question's last one; no skip lines")
     g.add_argument("--realtime", action="store_true",
                    help="play a file at its frame rate like a camera (newest frame only; default: every frame)")
-    g.add_argument("--read-timeout", type=_number("--read-timeout", 0, True), default=None, metavar="SECONDS",
+    g.add_argument("--read-timeout", type=bounded("--read-timeout", 0, True), default=None, metavar="SECONDS",
                    help="no frame for this long: a 'stalled' event (default 10)")
     g.add_argument("--reconnect", type=int, default=0, metavar="N",
                    help="a live source that stalls or drops: reopen it up to N times in a row, after 0.5, 1, "
@@ -174,7 +120,7 @@ def _run(argv: list[str]) -> int:
         check_text(a.prompt, "--prompt")
     if a.images is not None and a.out is None:
         raise MraError("--images | needs --out answers.jsonl (the folder run writes one JSON line per image)")
-    if a.json_schema is not None:  # issue 12: read and check it before loading anything
+    if a.json_schema is not None:  # read and check it before loading anything
         a.json_schema = _read_schema(a.json_schema)
     if a.video is not None:
         return _run_video(a)
@@ -188,9 +134,9 @@ def _run(argv: list[str]) -> int:
             raise MraError(f"--images {a.images} | no image files ({', '.join(IMAGE_SUFFIXES)})")
         with results_lock(a.out):  # one folder run per results file
             log = ResultLog.open(a.out)  # refuses a file mra-run did not write, before loading the model
-            with _open_pipeline(a) as pipe:
+            with open_pipeline(a) as pipe:
                 return _run_folder(pipe, a, images, log)
-    with _open_pipeline(a) as pipe:
+    with open_pipeline(a) as pipe:
         if a.json:
             answer = pipe.ask(a.image, a.prompt, **_gen_kwargs(a))
             print(json.dumps({"image": str(a.image), "prompt": a.prompt, "answer": answer,
@@ -216,7 +162,7 @@ def _run_video(a: argparse.Namespace) -> int:
         raise MraError(f"--reconnect | got {a.reconnect}, expected an integer >= 0")
     options = {k: v for k, v in (("change_threshold", a.change_threshold), ("read_timeout", a.read_timeout))
                if v is not None}
-    with _open_pipeline(a) as pipe:
+    with open_pipeline(a) as pipe:
         w = pipe.watch(a.video, questions, every=a.every, max_interval=a.max_interval,
                        on_change_only=a.on_change_only, realtime=True if a.realtime else None,
                        reconnect=a.reconnect, **options, **_gen_kwargs(a))
@@ -229,99 +175,6 @@ def _run_video(a: argparse.Namespace) -> int:
             print(json.dumps(w.summary.as_dict()), flush=True)
             raise
     return 0 if w.summary.ended == "ended" else 1
-
-
-def image_name(path: Path, folder: Path) -> str:
-    """The image's name in the results: its path under the folder; bytes that are not UTF-8 (a
-    file name from another system) are written as \\xNN escapes, the same on every run."""
-    return os.fsencode(path.relative_to(folder)).decode("utf-8", "backslashreplace").replace(os.sep, "/")
-
-
-MAX_ATTEMPTS = 2  # an image that failed is retried by one rerun, not forever
-
-
-def is_record(d: object) -> bool:
-    """Whether ``d`` is a line mra-run writes (or an app on its resume rule, e.g.
-    examples/caption_folder.py, which adds fields): image, prompt, and an answer or an error."""
-    return (isinstance(d, dict) and isinstance(d.get("image"), str)
-            and isinstance(d.get("prompt"), str)
-            and (isinstance(d.get("answer"), str) or isinstance(d.get("error"), str)))
-
-
-@dataclass
-class ResultLog:
-    """The JSON-lines results of a folder run, resumable: only a file whose every complete line
-    is an mra-run record is appended to; a trailing partial record (an interrupted write) is
-    cut; anything else is refused, so a notes file or a photo passed as --out stays untouched."""
-    path: Path
-    answered: set[tuple[str, str]]
-    failures: collections.Counter
-
-    @classmethod
-    def open(cls, path: Path) -> "ResultLog":
-        answered: set[tuple[str, str]] = set()
-        failures: collections.Counter = collections.Counter()
-        if not path.exists() and not path.is_symlink():
-            return cls(path, answered, failures)
-        if not path.is_file():
-            raise MraError(f"--out {path} | exists and is not a regular file; pass a .jsonl file name")
-        keep = 0
-        with open(path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                complete = line.endswith(b"\n")
-                try:
-                    d = json.loads(line.decode("utf-8"))
-                    ok = is_record(d)
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    ok = False
-                if not complete and not ok and line.startswith(b'{"image": '):
-                    break  # the last write was interrupted: drop this partial record
-                if not ok or not complete:
-                    raise MraError(f"--out {path} | line {n} is not a record written by mra-run: refusing to "
-                                   "append to (or cut) a file this tool did not write; pass another --out")
-                key = (d["image"], d["prompt"])
-                if "answer" in d:
-                    answered.add(key)
-                else:
-                    failures[key] += 1
-                keep += len(line)
-        if keep != path.stat().st_size:
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-            logging.getLogger("mra.runtime").warning("mra-run: dropped a partial last record of %s", path)
-        return cls(path, answered, failures)
-
-    def todo(self, key: tuple[str, str]) -> bool:
-        return key not in self.answered and self.failures[key] < MAX_ATTEMPTS
-
-
-@contextlib.contextmanager
-def results_lock(out: Path) -> Iterator[None]:
-    """An exclusive flock on the results file while a folder run reads and appends to it: a
-    second run on the same file fails at once instead of interleaving or cutting its lines.
-    (The kernel drops the lock with the process.)"""
-    if (out.exists() or out.is_symlink()) and not out.is_file():
-        raise MraError(f"--out {out} | exists and is not a regular file; pass a .jsonl file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    created = not out.exists()
-    try:
-        with open(out, "ab") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                created = False
-                raise MraError(f"--out {out} | another mra-run is writing it; wait for it or pass another "
-                               "--out") from None
-            yield
-    except BaseException:
-        if created and out.is_file() and out.stat().st_size == 0:
-            out.unlink()  # made by this run, and nothing in it: no trace of a failed start
-        raise
-
-
-def answered(out: Path) -> set[tuple[str, str]]:
-    """(image, prompt) pairs already answered in ``out``."""
-    return ResultLog.open(out).answered
 
 
 def _run_folder(pipe, a: argparse.Namespace, images: list[Path], results: ResultLog) -> int:
@@ -361,14 +214,15 @@ def chat_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mra-chat", description="Chat about images with a LLaVA-HR bundle. "
                                 "Commands: " + CHAT_HELP.replace("\n", "; "))
     p.add_argument("--image", type=Path, help="the image the first question goes with")
-    _add_pipeline_args(p)
+    add_pipeline_args(p)
+    add_generation_args(p)
     return p
 
 
 def _chat(argv: list[str]) -> int:
     a = chat_parser().parse_args(argv)
     interactive = sys.stdin.isatty()
-    with _open_pipeline(a) as pipe:
+    with open_pipeline(a) as pipe:
         chat = pipe.chat()
         if a.image is not None:
             pipe.encode_image(a.image)  # fail now, not at the first question
@@ -440,12 +294,10 @@ def _command(line: str, chat, pipe) -> bool:
 
 # --- entry points -----------------------------------------------------------------------
 def _main(prog: str, body: Callable[[list[str]], int], argv: list[str] | None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    verbose = "-v" in argv or "--verbose" in argv
-    cli_logging(verbose)
-    if not verbose:
+    args = sys.argv[1:] if argv is None else argv
+    if "-v" not in args and "--verbose" not in args:
         _quiet_onnxruntime()
-    return run_cli(prog, body, argv, verbose)
+    return cli_main(prog, body, argv)
 
 
 def _quiet_onnxruntime() -> None:

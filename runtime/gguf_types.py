@@ -1,8 +1,8 @@
 """The GGUF types a bundle offers: one registry of what each one is.
 
 Torch-free and gguf-free, so that the runtime (which picks a bundle's LLM by
-``LLM_QUANT_ORDER``) can import it; ``mra.quantize.gguf_types`` re-exports it for the
-export side. ``tests/quantize/test_gguf_types.py`` checks every number here against gguf-py
+``LLM_QUANT_ORDER``) and the export side import the same one.
+``tests/quantize/test_gguf_types.py`` checks every number here against gguf-py
 (``GGML_QUANT_SIZES``, ``LlamaFileType``) and llama-cpp-python's ``LLAMA_FTYPE_*``.
 """
 

@@ -1,6 +1,6 @@
 """The GPU software stack, as data: which TensorRT versions this project supports, which
 pip packages match an NVIDIA driver, and which onnxruntime-gpu release was built against
-which TensorRT. The one place these facts are stated; docstrings and the README point here.
+which TensorRT. The one place these facts are stated; docstrings and docs/tensorrt.md point here.
 
 Torch-free and import-light (no tensorrt, no cuda): the GPU check reads it before any GPU
 package is installed, and the tests check it on machines without a GPU.

@@ -21,7 +21,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mra.core.errors import MraError
+from mra.core.errors import BadImage, LimitExceeded, MraError
 from mra.core.names import CLIP_MEAN, CLIP_STD, PAD_COLOR
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
@@ -72,25 +72,25 @@ def load_image(image: ImageLike, exif_transpose: bool = False) -> Image.Image:
         try:
             image.load()  # a lazily opened image decodes here: a truncated file fails with our error
         except (OSError, SyntaxError, ValueError) as e:
-            raise MraError(f"image {getattr(image, 'filename', '') or '(PIL image)'} | cannot decode: {e} "
+            raise BadImage(f"image {getattr(image, 'filename', '') or '(PIL image)'}", f"cannot decode: {e} "
                            "(truncated or corrupt file?)") from None
     else:
-        raise MraError(f"image | got {type(image).__name__}, expected a path, a PIL image or a numpy array")
+        raise BadImage("image", f"got {type(image).__name__}, expected a path, a PIL image or a numpy array")
     _check_size(image)
     if exif_transpose:
         try:
             image = ImageOps.exif_transpose(image)
         except (OSError, SyntaxError, ValueError, KeyError, TypeError) as e:  # a damaged EXIF block
-            raise MraError(f"image | cannot apply its EXIF orientation ({e}); pass exif_transpose=False") from None
+            raise BadImage("image", f"cannot apply its EXIF orientation ({e}); pass exif_transpose=False") from None
     return to_rgb(image)
 
 
 def _check_size(image: Image.Image, where: str = "image") -> None:
     w, h = image.size
     if w < 1 or h < 1:
-        raise MraError(f"{where} | {w}x{h} pixels: the image is empty")
+        raise BadImage(where, f"{w}x{h} pixels: the image is empty")
     if w * h > MAX_PIXELS:
-        raise MraError(f"{where} | {w}x{h} pixels is over the limit of {MAX_PIXELS}: refusing a possible "
+        raise LimitExceeded(where, f"{w}x{h} pixels is over the limit of {MAX_PIXELS}: refusing a possible "
                        "decompression bomb; downscale it first")
 
 
@@ -101,15 +101,15 @@ def check_image_file(path: Path) -> None:
         st = path.stat()
     except FileNotFoundError:
         broken = path.is_symlink()
-        raise MraError(f"image {path} | {'a broken symbolic link' if broken else 'file not found'}") from None
+        raise BadImage(f"image {path}", f"{'a broken symbolic link' if broken else 'file not found'}") from None
     except OSError as e:
-        raise MraError(f"image {path} | cannot read it: {e.strerror or e}") from None
+        raise BadImage(f"image {path}", f"cannot read it: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise MraError(f"image {path} | is a folder, expected an image file")
+        raise BadImage(f"image {path}", "is a folder, expected an image file")
     if not stat.S_ISREG(st.st_mode):
-        raise MraError(f"image {path} | not a regular file (a FIFO, socket or device); expected an image file")
+        raise BadImage(f"image {path}", "not a regular file (a FIFO, socket or device); expected an image file")
     if st.st_size == 0:
-        raise MraError(f"image {path} | the file is empty")
+        raise BadImage(f"image {path}", "the file is empty")
 
 
 def _open(path: Path) -> Image.Image:
@@ -124,14 +124,14 @@ def _open(path: Path) -> Image.Image:
     except MraError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise MraError(f"image {path} | refusing a possible decompression bomb: {e}") from None
+        raise LimitExceeded(f"image {path}", f"refusing a possible decompression bomb: {e}") from None
     except UnidentifiedImageError:
-        raise MraError(f"image {path} | not an image file PIL can read (accepted: {', '.join(IMAGE_FORMATS)})") \
+        raise BadImage(f"image {path}", f"not an image file PIL can read (accepted: {', '.join(IMAGE_FORMATS)})") \
             from None
     except MemoryError:
-        raise MraError(f"image {path} | out of memory decoding it") from None
+        raise BadImage(f"image {path}", "out of memory decoding it") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise MraError(f"image {path} | cannot decode: {e} (truncated or corrupt file?)") from None
+        raise BadImage(f"image {path}", f"cannot decode: {e} (truncated or corrupt file?)") from None
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
@@ -139,12 +139,12 @@ def _from_array(a: np.ndarray) -> Image.Image:
         a = (a.astype(np.uint32) * 255 + 32767) // 65535
         a = a.astype(np.uint8)
     if a.dtype != np.uint8:
-        raise MraError(f"image array | got dtype {a.dtype}, expected uint8 (or uint16)")
+        raise BadImage("image array", f"got dtype {a.dtype}, expected uint8 (or uint16)")
     if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)):
         if 0 in a.shape[:2]:
-            raise MraError(f"image array | shape {a.shape}: the image is empty")
+            raise BadImage("image array", f"shape {a.shape}: the image is empty")
         return Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
-    raise MraError(f"image array | got shape {a.shape}, expected HxW, HxWx3 or HxWx4")
+    raise BadImage("image array", f"got shape {a.shape}, expected HxW, HxWx3 or HxWx4")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -152,14 +152,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         a = np.asarray(image, dtype=np.uint32 if image.mode != "I" else np.int64)
         image = Image.fromarray(((np.clip(a, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
     if image.mode == "F":  # floats in an unknown range: any guess would give a wrong picture silently
-        raise MraError("image | PIL mode 'F' (32-bit float pixels) has no defined 8-bit range; convert it to "
+        raise BadImage("image", "PIL mode 'F' (32-bit float pixels) has no defined 8-bit range; convert it to "
                        "8-bit RGB ('L' or 'RGB') with the scaling your data needs first")
     if image.mode == "RGB":
         return image
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as e:
-        raise MraError(f"image | PIL cannot convert mode {image.mode!r} to RGB ({e}); convert it to RGB first") from None
+        raise BadImage("image", f"PIL cannot convert mode {image.mode!r} to RGB ({e}); convert it to RGB first") from None
 
 
 def expand_to_square(image: Image.Image, color=PAD_COLOR) -> Image.Image:
@@ -189,11 +189,11 @@ def pad_resize(image: Image.Image, size: int, color=PAD_COLOR) -> Image.Image:
         return image.resize((size, size), resample=Image.Resampling.BICUBIC)
     need = side * size * 3
     if need > MAX_INTERMEDIATE_BYTES:
-        raise MraError(f"image | {w}x{h} pixels: padding to a {side}-pixel square and resizing to {size} needs "
+        raise LimitExceeded("image", f"{w}x{h} pixels: padding to a {side}-pixel square and resizing to {size} needs "
                        f"{need / 2**20:.0f} MiB, over the bound of {MAX_INTERMEDIATE_BYTES >> 20} MiB (longest side "
                        f"at most {MAX_INTERMEDIATE_BYTES // (3 * size)} pixels at S={size}); crop or downscale it first")
     if h > w and h > MAX_TALL_SIDE:
-        raise MraError(f"image | {w}x{h} pixels: a portrait image is padded to a {h}-pixel square, over the bound "
+        raise LimitExceeded("image", f"{w}x{h} pixels: a portrait image is padded to a {h}-pixel square, over the bound "
                        f"of {MAX_TALL_SIDE} pixels for its height; crop or downscale it first")
     bicubic = Image.Resampling.BICUBIC
     rows = Image.new("RGB", (size, side))  # the horizontal pass of every canvas row

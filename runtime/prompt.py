@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
-from mra.core.errors import MraError
+from mra.core.errors import BadBundle, MraError
 from mra.core.names import IMAGE_MARKER, ROLES, SEP, SEP2, SYSTEM_PROMPT
 
 
@@ -55,9 +55,9 @@ class Template:
     @classmethod
     def from_manifest(cls, prompt: dict[str, Any]) -> "Template":
         if not isinstance(prompt, dict):
-            raise MraError(f"manifest prompt | got {type(prompt).__name__}, expected an object; re-export the bundle")
+            raise BadBundle(f"manifest prompt | got {type(prompt).__name__}, expected an object; re-export the bundle")
         if prompt.get("template", "v1") != "v1":
-            raise MraError(f"manifest prompt | template {prompt.get('template')!r}, expected 'v1'; "
+            raise BadBundle(f"manifest prompt | template {prompt.get('template')!r}, expected 'v1'; "
                            "this runtime knows the LLaVA v1 conversation only")
         d = cls()
         t = cls(system=prompt.get("system", d.system), roles=prompt.get("roles", d.roles),
@@ -70,7 +70,7 @@ class Template:
         if not isinstance(t.add_bos, bool):
             bad.append("add_bos")
         if bad:
-            raise MraError(f"manifest prompt | malformed field(s) {', '.join(bad)}: expected strings, roles as two "
+            raise BadBundle(f"manifest prompt | malformed field(s) {', '.join(bad)}: expected strings, roles as two "
                            "strings and add_bos a boolean; re-export the bundle")
         t.roles = tuple(t.roles)
         return t
@@ -181,6 +181,6 @@ def tokenize_parts(parts: list[Part], encode: Callable[[str], list[int]], bos: i
     return units
 
 
-def count_positions(units: list[Unit], n_image_tokens: int) -> int:
+def count_positions(units: list[Unit], num_image_tokens: int) -> int:
     """KV-cache positions a prompt takes: one per token, N per image."""
-    return sum(n_image_tokens if isinstance(u, ImageSlot) else 1 for u in units)
+    return sum(num_image_tokens if isinstance(u, ImageSlot) else 1 for u in units)

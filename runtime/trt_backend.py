@@ -26,15 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from mra.core.errors import MraError
+from mra.core.errors import MissingDependency, MraError
 from mra.core.manifest import Artifact, ArtifactInfo, Manifest
-from mra.core.names import INPUT_NAME, OUTPUT_NAME
+from mra.core.names import INPUT_NAME, OUTPUT_NAME, VISION_PRECISIONS
 
 from .gpu_stack import SUPPORTED_TENSORRT, TENSORRT_INSTALL, require_supported_tensorrt, unsupported_tensorrt
 
 log = logging.getLogger("mra.runtime")
 
-INSTALL_HINT = TENSORRT_INSTALL
 
 
 # --- what this machine has --------------------------------------------------------------
@@ -68,10 +67,10 @@ def cudart() -> Any:
         from cuda import cudart as runtime  # cuda-python < 12.6
         return runtime
     except ImportError:
-        raise MraError(f"TensorRT backend | cuda-python is not installed; {INSTALL_HINT}") from None
+        raise MissingDependency(f"TensorRT backend | cuda-python is not installed; {TENSORRT_INSTALL}") from None
 
 
-def _check(result: tuple, call: str) -> Any:
+def cuda_check(result: tuple, call: str) -> Any:
     """cuda-python returns (error, *values): raise on error, else the value(s)."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
@@ -100,7 +99,7 @@ def driver_gpu_count() -> tuple[int, str]:
 
 def gpu_info(device: int = 0) -> GpuInfo:
     rt = cudart()
-    prop = _check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    prop = cuda_check(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return GpuInfo(device, name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem))
 
@@ -168,7 +167,7 @@ class _PinnedBuffer:
 
     def __init__(self, rt, nbytes: int, dtype: np.dtype):
         self.rt, self.nbytes = rt, nbytes
-        self.ptr = _check(rt.cudaMallocHost(nbytes), "cudaMallocHost")
+        self.ptr = cuda_check(rt.cudaMallocHost(nbytes), "cudaMallocHost")
         raw = (ctypes.c_byte * nbytes).from_address(int(self.ptr))
         self.array = np.frombuffer(raw, dtype=dtype)
 
@@ -195,12 +194,12 @@ class TrtRunner:
         missing = missing_for_tensorrt()
         if missing:
             raise MraError(f"{self.path.name} | cannot run a TensorRT engine here, missing {'; '.join(missing)}; "
-                           f"{INSTALL_HINT}")
+                           f"{TENSORRT_INSTALL}")
         import tensorrt as trt
 
         require_supported_tensorrt(trt.__version__)
         self.rt = rt = cudart()
-        _check(rt.cudaSetDevice(device), "cudaSetDevice")
+        cuda_check(rt.cudaSetDevice(device), "cudaSetDevice")
         self.gpu = gpu_info(device)
         precision = artifact.precision if artifact else _precision_from_name(self.path.name)
         rebuild = (f"rebuild it on this machine with: {rebuild_command(self.path.parent, precision)}")
@@ -247,10 +246,10 @@ class TrtRunner:
         rt = self.rt
         in_bytes = int(np.prod(mx)) * self.in_dtype.itemsize
         out_bytes = int(np.prod(out_shape)) * self.out_dtype.itemsize
-        self.stream = _check(rt.cudaStreamCreate(), "cudaStreamCreate")
-        self.d_in = _check(rt.cudaMalloc(in_bytes), "cudaMalloc")
+        self.stream = cuda_check(rt.cudaStreamCreate(), "cudaStreamCreate")
+        self.d_in = cuda_check(rt.cudaMalloc(in_bytes), "cudaMalloc")
         self._device.append(self.d_in)
-        self.d_out = _check(rt.cudaMalloc(out_bytes), "cudaMalloc")
+        self.d_out = cuda_check(rt.cudaMalloc(out_bytes), "cudaMalloc")
         self._device.append(self.d_out)
         self.h_in = _PinnedBuffer(rt, in_bytes, self.in_dtype)
         self._buffers.append(self.h_in)
@@ -277,13 +276,13 @@ class TrtRunner:
             raise MraError(f"{self.path.name} | TensorRT refused input shape {tuple(x.shape)}")
         out_shape = tuple(self.context.get_tensor_shape(OUTPUT_NAME))
         n_out = int(np.prod(out_shape))
-        _check(rt.cudaMemcpyAsync(self.d_in, self.h_in.ptr, x.size * self.in_dtype.itemsize,
+        cuda_check(rt.cudaMemcpyAsync(self.d_in, self.h_in.ptr, x.size * self.in_dtype.itemsize,
                                   kind.cudaMemcpyHostToDevice, self.stream), "cudaMemcpyAsync")
         if not self.context.execute_async_v3(int(self.stream)):
             raise MraError(f"{self.path.name} | TensorRT execution failed (see the TensorRT log above)")
-        _check(rt.cudaMemcpyAsync(self.h_out.ptr, self.d_out, n_out * self.out_dtype.itemsize,
+        cuda_check(rt.cudaMemcpyAsync(self.h_out.ptr, self.d_out, n_out * self.out_dtype.itemsize,
                                   kind.cudaMemcpyDeviceToHost, self.stream), "cudaMemcpyAsync")
-        _check(rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        cuda_check(rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         # a copy: the pinned buffer is reused by the next call
         return self.h_out.array[:n_out].reshape(out_shape).astype(np.float32, copy=True)
 
@@ -321,4 +320,4 @@ class TrtRunner:
 def _precision_from_name(file: str) -> str:
     """'vision.fp16.<gpu>.plan' -> 'fp16' (for the rebuild hint when no manifest entry is given)."""
     parts = file.split(".")
-    return parts[1] if len(parts) > 2 and parts[1] in ("fp32", "fp16", "int8") else "fp16"
+    return parts[1] if len(parts) > 2 and parts[1] in VISION_PRECISIONS else "fp16"

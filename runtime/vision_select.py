@@ -11,9 +11,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.core.errors import MraError
+from mra.core.errors import BadBundle, MissingDependency, MraError
 from mra.core.manifest import Artifact, Manifest
-from mra.core.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT
+from mra.core.names import INT8_FLAVOUR_CPU, INT8_FLAVOUR_TRT, VISION_PRECISIONS
 
 from .runners import VisionRunner, open_runner
 
@@ -21,7 +21,6 @@ log = logging.getLogger("mra.runtime")
 
 BACKEND_ALIASES = {"onnxruntime": "onnxruntime", "onnx": "onnxruntime", "ort": "onnxruntime",
                    "tensorrt": "tensorrt", "trt": "tensorrt"}
-PRECISIONS = ("fp32", "fp16", "int8")
 # Fastest first, per execution provider: INT8 (QDQ) pays off on CPU, FP16 on CUDA.
 ORT_PRECISION_ORDER = {"CPUExecutionProvider": ("int8", "fp32", "fp16"),
                        "CUDAExecutionProvider": ("fp16", "fp32", "int8"),
@@ -53,9 +52,9 @@ def parse_vision(vision: str) -> tuple[str | None, str | None]:
         backend, precision = v.split(":", 1)
     else:
         backend, precision = (v, "") if v in BACKEND_ALIASES else ("", v)
-    if (backend and backend not in BACKEND_ALIASES) or (precision and precision not in PRECISIONS):
+    if (backend and backend not in BACKEND_ALIASES) or (precision and precision not in VISION_PRECISIONS):
         raise MraError(f"vision | got {vision!r}, expected auto, a backend ({', '.join(sorted(set(BACKEND_ALIASES)))}), "
-                       f"a precision ({', '.join(PRECISIONS)}) or backend:precision such as onnx:int8")
+                       f"a precision ({', '.join(VISION_PRECISIONS)}) or backend:precision such as onnx:int8")
     return BACKEND_ALIASES.get(backend), precision or None
 
 
@@ -91,7 +90,8 @@ def rank_engines(engines: list[Artifact]) -> list[Artifact]:
 
 def _select_engine(manifest: Manifest, bundle: str | Path, precision: str | None,
                    required: bool) -> VisionChoice | None:
-    from .trt_backend import INSTALL_HINT, missing_for_tensorrt, rebuild_command, usable_engines
+    from .gpu_stack import TENSORRT_INSTALL
+    from .trt_backend import missing_for_tensorrt, rebuild_command, usable_engines
 
     usable = [a for a in usable_engines(manifest) if precision in (None, a.precision)]
     if usable:
@@ -100,11 +100,11 @@ def _select_engine(manifest: Manifest, bundle: str | Path, precision: str | None
         return None
     engines = [a for a in manifest.find("vision", "trt") if precision in (None, a.precision)]
     if missing := missing_for_tensorrt():
-        raise MraError(f"vision | TensorRT cannot run here, missing {'; '.join(missing)}; {INSTALL_HINT}")
+        raise MissingDependency(f"vision | TensorRT cannot run here, missing {'; '.join(missing)}; {TENSORRT_INSTALL}")
     if not engines:
-        raise MraError(f"bundle {bundle} | has no {precision or ''} TensorRT engine; build one on this machine "
+        raise BadBundle(f"bundle {bundle} | has no {precision or ''} TensorRT engine; build one on this machine "
                        f"with: {rebuild_command(bundle, precision or 'fp16')}")
-    raise MraError(f"bundle {bundle} | its TensorRT engines ({', '.join(a.file for a in engines)}) were built for "
+    raise BadBundle(f"bundle {bundle} | its TensorRT engines ({', '.join(a.file for a in engines)}) were built for "
                    f"another GPU or TensorRT version, or did not pass validation; rebuild on this machine with: "
                    f"{rebuild_command(bundle, precision or engines[0].precision)}")
 
@@ -113,7 +113,7 @@ def _select_onnx(manifest: Manifest, bundle: str | Path, precision: str | None,
                  providers: list[str] | None) -> VisionChoice:
     graphs = manifest.find("vision", "onnx")
     if not graphs:
-        raise MraError(f"bundle {bundle} | has no vision ONNX graph; export one with "
+        raise BadBundle(f"bundle {bundle} | has no vision ONNX graph; export one with "
                        "`mra-export --model CKPT --target onnx`")
     from .ort_backend import best_providers, provider_names
 
@@ -121,7 +121,7 @@ def _select_onnx(manifest: Manifest, bundle: str | Path, precision: str | None,
     if precision is not None:
         found = sorted((a for a in graphs if a.precision == precision), key=lambda a: _flavour_rank(a, first))
         if not found:
-            raise MraError(f"vision | no {precision} ONNX graph in {bundle}, it has "
+            raise BadBundle(f"vision | no {precision} ONNX graph in {bundle}, it has "
                            f"{', '.join(a.precision for a in graphs)}")
         if not found[0].passed:
             log.warning("vision %s: its export validation did not pass (%s); using it because it was asked for",
@@ -130,7 +130,7 @@ def _select_onnx(manifest: Manifest, bundle: str | Path, precision: str | None,
     order = ORT_PRECISION_ORDER.get(first, ORT_PRECISION_ORDER["CPUExecutionProvider"])
     passed = sorted((a for a in graphs if a.passed and a.precision in order), key=lambda a: (order.index(a.precision), _flavour_rank(a, first)))
     if not passed:
-        raise MraError(f"bundle {bundle} | no vision ONNX graph passed its export validation "
+        raise BadBundle(f"bundle {bundle} | no vision ONNX graph passed its export validation "
                        f"({', '.join(f'{a.precision}: {a.validation}' for a in graphs)}); "
                        "re-export, or name one explicitly with vision='onnx:PRECISION'")
     return VisionChoice(passed[0], "onnxruntime", providers)

@@ -1,6 +1,6 @@
 """mra-serve: an OpenAI-compatible HTTP server for LLaVA-HR bundles (no torch).
 
-The seam, for other ways of running the model (Ray Serve, issue 16):
+The seam, for other ways of running the model (Ray Serve):
 
 1. :func:`mra.serve.jobs.parse_chat_request` checks an OpenAI chat-completions body and
    returns a :class:`~mra.serve.jobs.ChatJob` (messages, the one image's bytes and sha256 key,

@@ -12,9 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from mra.core.errors import MraError
-from mra.runtime.cli import _positive
-from mra.runtime.llama_enums import KV_TYPES
+from mra.core.arg_types import positive
+from mra.core.errors import BadBundle, MissingDependency, MraError, cli_main
+from mra.core.names import MANIFEST_FILE
+from mra.runtime.cli_options import add_pipeline_args, open_pipeline
 
 from .app import ServerSettings, build_app
 from .connections import ConnectionLimits, protocol
@@ -26,7 +27,7 @@ from .ray_cli import add_ray_arguments, serve_ray
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mra-serve", description="Serve a LLaVA-HR bundle over an OpenAI-compatible "
                                 "HTTP API (/v1/chat/completions with images, /v1/models, /health, /metrics).")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle directory (with mra.json)")
+    add_pipeline_args(p)
     h = p.add_argument_group("http")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     h.add_argument("--port", type=int, default=8080)
@@ -34,51 +35,32 @@ def parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $MRA_API_KEY, else none)")
     h.add_argument("--model-name", default=None, help="model id in /v1/models and answers (default: the bundle's "
                    "folder name)")
-    h.add_argument("--parallel", type=_positive(int, "--parallel"), default=1,
+    h.add_argument("--parallel", type=positive(int, "--parallel"), default=1,
                    help="independent llama.cpp contexts (each loads the model once; default 1)")
     h.add_argument("--queue", type=int, default=8, help="requests that may wait for a slot; more get 429 (default 8)")
-    h.add_argument("--timeout", type=_positive(float, "--timeout"), default=600.0,
+    h.add_argument("--timeout", type=positive(float, "--timeout"), default=600.0,
                    help="seconds per request, queue wait included (default 600)")
-    h.add_argument("--max-body-mb", type=_positive(float, "--max-body-mb"), default=32.0,
+    h.add_argument("--max-body-mb", type=positive(float, "--max-body-mb"), default=32.0,
                    help="largest request body (default 32 MB)")
-    h.add_argument("--read-timeout", type=_positive(float, "--read-timeout"), default=ConnectionLimits.read_timeout_s,
+    h.add_argument("--read-timeout", type=positive(float, "--read-timeout"), default=ConnectionLimits.read_timeout_s,
                    help="seconds a client has to send a whole request, headers and body; then 408 (default "
                    f"{ConnectionLimits.read_timeout_s:g})")
-    h.add_argument("--max-connections", type=_positive(int, "--max-connections"),
+    h.add_argument("--max-connections", type=positive(int, "--max-connections"),
                    default=ConnectionLimits.max_connections, help="open connections at once; more get 503 "
                    f"(default {ConnectionLimits.max_connections})")
-    h.add_argument("--max-prompt-chars", type=_positive(int, "--max-prompt-chars"),
+    h.add_argument("--max-prompt-chars", type=positive(int, "--max-prompt-chars"),
                    default=RequestLimits.max_text_chars, help="characters of message text per request, checked "
                    f"before tokenizing (default {RequestLimits.max_text_chars})")
     h.add_argument("--allow-files", type=Path, help="accept image_url file paths inside this folder")
     h.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (size-capped, 10 s timeout)")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--vision", default="auto", help="vision backend/precision: auto (default), onnx:fp16, int8, ...")
-    g.add_argument("--llm-quant", help="GGUF type to use when the bundle has several (default: Q4_K_M if present)")
-    g.add_argument("--n-ctx", type=_positive(int, "--n-ctx"), help="context length per slot (default: the model's)")
-    g.add_argument("--threads", type=_positive(int, "--threads"), help="CPU threads per slot")
-    g.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers to offload to the GPU (-1: all)")
-    g.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16", help="KV cache type (default f16)")
-    g.add_argument("--no-hash", action="store_true", help="check artifact sizes only, skip sha256")
-    g.add_argument("--prompt-cache", type=Path, help="folder of saved image-prefix KV states, shared across runs")
-    g.add_argument("--prompt-cache-gb", type=_positive(float, "--prompt-cache-gb"), default=8.0,
-                   help="size bound of --prompt-cache (default 8 GB, least recently used evicted)")
-    add_ray_arguments(p)  # issue 16: mra-serve --ray
+    add_ray_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
-def open_pipeline(a: argparse.Namespace):
-    from mra.runtime import Pipeline
-
-    return Pipeline.from_bundle(a.bundle, vision=a.vision, llm_quant=a.llm_quant, n_ctx=a.n_ctx, n_threads=a.threads,
-                                n_gpu_layers=a.n_gpu_layers, kv_type=a.kv_type, verify_hash=not a.no_hash,
-                                prompt_cache=a.prompt_cache, prompt_cache_bytes=int(a.prompt_cache_gb * (1 << 30)))
-
-
 def app_from_args(a: argparse.Namespace, on_failure=None):
-    if not (a.bundle / "mra.json").is_file():
-        raise MraError(f"--bundle {a.bundle} | no mra.json there; pass a bundle made by mra-export")
+    if not (a.bundle / MANIFEST_FILE).is_file():
+        raise BadBundle(f"--bundle {a.bundle} | no {MANIFEST_FILE} there; pass a bundle made by mra-export")
     if a.queue < 0:
         raise MraError(f"--queue | got {a.queue}, expected >= 0")
     if a.allow_files is not None and not a.allow_files.is_dir():
@@ -99,7 +81,10 @@ def serve_local(a: argparse.Namespace) -> int:
     """uvicorn with the connection bounds until Ctrl-C or SIGTERM (0), or until the model fails to
     load: then 1 and the reason on stderr, so that a supervisor sees it (instead of a server that
     answers 503 forever)."""
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise MissingDependency(f"{e}; install the server with `pip install 'mra-edge[serve]'`") from None
 
     failed: list[str] = []
     server: uvicorn.Server | None = None
@@ -111,7 +96,7 @@ def serve_local(a: argparse.Namespace) -> int:
     app = app_from_args(a, on_failure)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         logging.warning("mra-serve: listening on %s without --api-key: anyone who can reach this port can use "
-                        "the model (see the README: exposing mra-serve safely)", a.host)
+                        "the model (see docs/serving.md: exposing mra-serve safely)", a.host)
     limits = ConnectionLimits(read_timeout_s=a.read_timeout, max_connections=a.max_connections)
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, http=protocol(limits),
                                            timeout_keep_alive=limits.keep_alive_s,
@@ -127,21 +112,15 @@ def serve_local(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli_main("mra-serve", _serve, argv, default_level=logging.INFO)
+
+
+def _serve(argv: list[str]) -> int:
     a = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s")
-    try:
-        if a.ray:  # issue 16: the same app on Ray Serve
-            app_from_args(a)  # the same checks; the local backend it builds is never started
-            return serve_ray(a, settings_from_args(a))
-        return serve_local(a)
-    except MraError as e:
-        print(f"mra-serve: error: {e}", file=sys.stderr)
-        return 1
-    except ImportError as e:
-        print(f"mra-serve: error: {e}; install the server with `pip install 'mra-edge[serve]'`", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    if a.ray:  # the same app on Ray Serve
+        app_from_args(a)  # the same checks; the local backend it builds is never started
+        return serve_ray(a, settings_from_args(a))
+    return serve_local(a)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import os
 import signal
 import threading
 
-from mra.core.errors import MraError
+from mra.core.errors import MissingDependency, MraError
+
+from .ray_options import RayOptions, ray_pipeline_kwargs
 
 log = logging.getLogger("mra.serve")
 
@@ -31,8 +33,6 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def ray_options(a: argparse.Namespace):
-    from .ray_options import RayOptions
-
     autoscale = None
     if a.autoscale:
         try:
@@ -52,14 +52,12 @@ def serve_ray(a: argparse.Namespace, settings) -> int:
     if a.address is None:  # a private instance: Ray binds its ports to 127.0.0.1 when not meant for a cluster
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported
     opts = ray_options(a)  # before importing Ray: a bad option fails at once
+    pipeline = ray_pipeline_kwargs(a)
     try:
         from .ray_app import RayServer, build_ray_app
     except ImportError as e:
-        raise MraError(f"--ray | Ray Serve is not installed ({e}); install it with `pip install 'mra-edge[ray]'`") \
-            from None
-    pipeline = {"vision": a.vision, "llm_quant": a.llm_quant, "n_ctx": a.n_ctx, "n_threads": a.threads,
-                "n_gpu_layers": a.n_gpu_layers, "kv_type": a.kv_type, "prompt_cache": a.prompt_cache,
-                "prompt_cache_bytes": int(a.prompt_cache_gb * (1 << 30))}
+        raise MissingDependency(f"--ray | Ray Serve is not installed ({e}); install it with "
+                                "`pip install 'mra-edge[ray]'`") from None
     app = build_ray_app(a.bundle, opts, settings, pipeline, queue=a.queue,
                         model_id=a.model_name or a.bundle.resolve().name)
     stop = threading.Event()

@@ -3,9 +3,11 @@ a bad option fails in a moment, not after Ray's start-up."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from mra.core.errors import MraError
+from mra.runtime.cli_options import pipeline_kwargs
 
 
 @dataclass(frozen=True)
@@ -28,3 +30,12 @@ class RayOptions:
             raise MraError(f"ray options | replicas {lo}..{hi}, vision replicas {self.vision_replicas}, max batch "
                            f"{self.max_batch}, batch wait {self.batch_wait_ms} ms; expected 1 <= min <= max, >= 1, "
                            ">= 1 and >= 0")
+
+
+def ray_pipeline_kwargs(a: argparse.Namespace) -> dict:
+    """The Pipeline keywords the Ray app takes: its replicas check the artifacts against the
+    driver's fingerprint (not by --no-hash), and its vision deployment does not apply EXIF."""
+    if a.exif_transpose:
+        raise MraError("--exif-transpose | not applied by the Ray vision deployment; turn photos upright before "
+                       "sending them, or serve without --ray")
+    return {k: v for k, v in pipeline_kwargs(a).items() if k not in ("verify_hash", "exif_transpose")}

@@ -66,7 +66,8 @@ TINY_IMAGE_SIZE = 384
 def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
     """A tiny bundle (FP32 ONNX vision at S=384, F32 GGUF), exported once per session: what the
     runtime and example tests run."""
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     return export(ExportOptions(out=out, model=tiny_ckpt, image_size=TINY_IMAGE_SIZE, precisions=["fp32"],
@@ -100,6 +101,25 @@ def photo_paths():
     from mra.quantize.photos import photo_paths
 
     return photo_paths()
+
+
+@pytest.fixture(scope="session")
+def photo(photo_paths):
+    """``photo("chelsea.png")``: a built-in photo's path by its name."""
+    by_name = {p.name: p for p in photo_paths}
+    return lambda name: by_name[name]
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_bundle):
+    """One Pipeline on the tiny bundle with the fast settings, shared by a folder's tests (which
+    also checks that sharing is safe); tests that need other settings open their own."""
+    from fast_settings import FAST_PIPELINE
+
+    from mra.runtime import Pipeline
+
+    with Pipeline.from_bundle(tiny_bundle, **FAST_PIPELINE) as p:
+        yield p
 
 
 @pytest.fixture(scope="session")

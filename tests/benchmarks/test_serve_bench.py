@@ -1,11 +1,11 @@
 """benchmarks/serve_bench.py in quick mode: every measurement is there, the load test's answers
-all equal the Pipeline's and the second processes hit the prompt cache. Speeds are reported,
-not asserted (a benchmark, not a timed test)."""
+all equal the Pipeline's and the second processes hit the prompt cache. Speeds are the
+benchmark's business; here only bounds that hold on a loaded machine and that a measurement
+of the wrong thing breaks (an HTTP request on 127.0.0.1 does not add half a second)."""
 
 from __future__ import annotations
 
 import json
-import math
 
 from mra.benchmarks.serve_bench import main
 
@@ -18,7 +18,7 @@ def test_quick_run(tiny_bundle, tmp_path):
     ov, de, lo, pc = r["overhead"], r["decode"], r["load"], r["prompt_cache"]
     assert len(ov["runs"]["http"]) == len(ov["runs"]["pipeline"]) == r["settings"]["repeats"]
     assert all(x > 0 for x in ov["runs"]["http"] + ov["runs"]["pipeline"])
-    assert math.isclose(ov["overhead_s"], ov["http_ttft_s"] - ov["pipeline_ttft_s"])
+    assert -0.1 < ov["overhead_s"] < 0.5 and ov["http_ttft_s"] < 2 * ov["pipeline_ttft_s"] + 0.5
     short, long = de["tokens"]
     for side in ("http", "pipeline"):  # rates come from these whole-answer times (nan if noise swamps them)
         times = {int(k): v for k, v in de["runs_total_s"][side].items()}

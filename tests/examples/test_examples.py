@@ -73,8 +73,8 @@ def test_caption_folder_resumes(tiny_bundle, photo_paths, tmp_path):
 
 def test_caption_folder_errors_in_one_line(tiny_bundle, tmp_path):
     r = run("caption_folder.py", "--bundle", tiny_bundle, "--images", tmp_path / "none", "--out", tmp_path / "o")
-    assert r.returncode == 1 and r.stderr.strip() == f"caption_folder: --images {tmp_path / 'none'} | no image " \
-                                                      "files; expected a folder of photos"
+    assert r.returncode == 1 and r.stderr.strip() == f"caption_folder: error: --images {tmp_path / 'none'} | no " \
+                                                      "image files; expected a folder of photos"
     assert not (tmp_path / "o").exists()
 
 
@@ -195,5 +195,5 @@ def test_camera_qa_source_that_does_not_open(tiny_bundle, tmp_path):
     pytest.importorskip("cv2")
     r = run("camera_qa.py", "--bundle", tiny_bundle, "--source", tmp_path / "missing.avi", "--question", "Hi?")
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == f"camera_qa: video {tmp_path / 'missing.avi'} | no such file; " \
-                                                "expected a video file, a camera index or a stream URL"
+    assert r.stderr.strip().splitlines()[-1] == f"camera_qa: error: video {tmp_path / 'missing.avi'} | no such " \
+                                                "file; expected a video file, a camera index or a stream URL"

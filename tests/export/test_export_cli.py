@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from mra.export import cli
-from mra.export.bundle import ExportOptions
+from mra.export.options import ExportOptions
 from mra.quantize.int8_options import Int8Options
 
 

@@ -192,11 +192,11 @@ def test_missing_and_misshaped_keys(tiny_ckpt, tmp_path):
 
 
 def test_insufficient_disk(tiny_ckpt, tmp_path, monkeypatch):
-    import mra.export.gguf_convert as gc
+    import shutil
 
     need = LlamaGGUFConverter(tiny_ckpt).estimate_bytes(LlamaGGUFConverter(tiny_ckpt).plan("F32"))
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(gc.shutil, "disk_usage", lambda p: usage(10 * need, 9 * need, need // 2))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * need, 9 * need, need // 2))
     with pytest.raises(MraError, match=r"GB free, the F32 GGUF needs .* free disk space"):
         write_gguf(tiny_ckpt, tmp_path / "llm.gguf")
     _nothing_left(tmp_path)

@@ -13,7 +13,8 @@ from gguf_helpers import copy_ckpt, edit_config
 from mra.core.errors import MraError
 from mra.core.manifest import Manifest, verify_artifact
 from mra.core.names import MANIFEST_FILE, llm_gguf_file
-from mra.export.bundle import ExportOptions, export
+from mra.export.bundle import export
+from mra.export.options import ExportOptions
 from mra.export.cli import main
 
 

@@ -51,7 +51,7 @@ def test_bundle_files_and_manifest(bundle, tiny_ckpt):
     assert m.source["config_sha256"] and Path(m.source["path"]) == Path(tiny_ckpt).resolve()
     assert m.prompt["image_marker"] == "<image>"
     tower = load_vision(tiny_ckpt, S)
-    n, d = tower.num_tokens, tower.cfg.llm_hidden_size
+    n, d = tower.num_image_tokens, tower.cfg.llm_hidden_size
     assert (m.num_image_tokens, m.embed_dim) == (n, d)
     arts = {a.file: a for a in m.find("vision", "onnx")}
     assert {f: a.precision for f, a in arts.items()} == {
@@ -110,7 +110,7 @@ def test_existing_bundle_is_refused_then_replaced_with_force(bundle, tiny_ckpt, 
     assert len(err.splitlines()) == 1 and "exists" in err and "--force" in err
     assert (bundle / "mra.json").read_text() == before
     # --force replaces only a finished bundle (here with an fp32-only one); a folder holding
-    # anything else is refused and left as it is (issue 11).
+    # anything else is refused and left as it is.
     import shutil
 
     out = bundle.parent / "forced"

@@ -37,7 +37,7 @@ def test_matches_torch_on_photos_batch_1_and_3(exported, photo_paths):
     with OrtRunner(path, providers=["CPUExecutionProvider"]) as r:
         got = [r.infer(x[:1]), r.infer(x[1:])]
     for g, e in zip(got, ref):
-        assert g.shape == e.shape == (len(g), tower.num_tokens, tower.cfg.llm_hidden_size)
+        assert g.shape == e.shape == (len(g), tower.num_image_tokens, tower.cfg.llm_hidden_size)
         assert compare(g, e)["rel_err"] <= 1e-4
     # Batching does not change an image's embeddings: image 1 alone vs inside the batch of 3.
     with OrtRunner(path, providers=["CPUExecutionProvider"]) as r:
@@ -48,11 +48,11 @@ def test_matches_torch_on_photos_batch_1_and_3(exported, photo_paths):
 def test_graph_is_static_except_batch_and_folded(exported):
     s, tower, path, spec = exported
     d = describe_onnx(path)
-    n, dim = tower.num_tokens, tower.cfg.llm_hidden_size
+    n, dim = tower.num_image_tokens, tower.cfg.llm_hidden_size
     assert d["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, s, s]}]
     assert d["outputs"] == [{"name": "image_embeds", "dtype": "float32", "shape": ["batch", n, dim]}]
     assert d["opset"] >= 17 and d["external_data"] == []
-    assert (spec.num_tokens, spec.embed_dim) == (n, dim)
+    assert (spec.num_image_tokens, spec.embed_dim) == (n, dim)
     model = onnx.load(str(path))
     ops = {node.op_type for node in model.graph.node}
     assert not ops & TRAINING_OPS

@@ -1,5 +1,5 @@
 """Hostile bundles and checkpoints: malformed manifest and config fields, artifact paths out
-of the bundle, corrupt files found by `mra-export verify` (issue 11, cases 9 and 12)."""
+of the bundle, corrupt files found by `mra-export verify`."""
 
 from __future__ import annotations
 

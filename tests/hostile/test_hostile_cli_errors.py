@@ -1,5 +1,5 @@
 """One error policy for mra-run, mra-chat and mra-export: user errors one line and exit 1,
-bugs one line (traceback with -v), MemoryError with a real message (issue 15, item 4)."""
+bugs one line (traceback with -v), MemoryError with a real message."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Exports never delete what they did not write, hold their output location exclusively, and
-leave one complete bundle at every instant, whatever kills them (issue 11, cases 1-3, 11)."""
+leave one complete bundle at every instant, whatever kills them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from hostile_helpers import BIN, S, vision_only
 from mra.core.errors import MraError
 from mra.core.manifest import Manifest
 from mra.export import bundle as bundle_mod
-from mra.export.bundle import export, output_lock, recover
+from mra.export.bundle import export
+from mra.export.out_folder import output_lock, recover
 
 
 def mra_export(args: list[str], capsys) -> tuple[int, str]:
@@ -106,7 +107,7 @@ def test_a_second_export_fails_at_once_naming_the_first(tiny_ckpt, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from mra.export.bundle import output_lock
+        from mra.export.out_folder import output_lock
         with output_lock(Path({str(out)!r})):
             print("locked", flush=True)
             time.sleep(60)
@@ -190,7 +191,8 @@ def test_sigkill_during_an_export_leaves_a_partial_the_next_export_removes(tiny_
         import os, signal
         from pathlib import Path
         import mra.export.bundle as b
-        from mra.export.bundle import ExportOptions, export
+        from mra.export.bundle import export
+        from mra.export.options import ExportOptions
         b._build = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-export
         export(ExportOptions(out=Path({str(out)!r}), model=Path({str(tiny_ckpt)!r}), image_size={S},
                              precisions=["fp32"], llm_quants=[], progress=False))
@@ -234,7 +236,7 @@ def test_missing_tokenizer_fails_before_the_vision_export(tiny_ckpt, tmp_path, m
     import shutil
 
     from mra.export import onnx_export
-    from mra.export.bundle import ExportOptions
+    from mra.export.options import ExportOptions
 
     model = shutil.copytree(tiny_ckpt, tmp_path / "ckpt")
     (model / "tokenizer.model").unlink()

@@ -1,5 +1,5 @@
 """Hostile images: thin shapes whose padded square would not fit in memory, special files,
-huge non-images, empty and float images, lazily opened truncated files (issue 11, 5, 6, 8, 9)."""
+huge non-images, empty and float images, lazily opened truncated files."""
 
 from __future__ import annotations
 

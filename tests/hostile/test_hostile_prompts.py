@@ -1,5 +1,5 @@
 """Hostile prompts and generation settings: each is answered correctly or refused with one
-clear MraError, never silently wrong and never a bare exception (issue 11, cases 8 and 9)."""
+clear MraError, never silently wrong and never a bare exception."""
 
 from __future__ import annotations
 

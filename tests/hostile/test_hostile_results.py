@@ -1,5 +1,5 @@
 """`mra-run --images DIR --out F`: resumes only its own JSON-lines file, drops only a trailing
-partial record, records a bad image and goes on, retries a failure once (issue 11, 4 and 10)."""
+partial record, records a bad image and goes on, retries a failure once."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_a_special_file_as_out_is_refused(tiny_bundle, folder, tmp_path):
 
 
 def test_a_second_run_on_the_same_results_fails_at_once(tiny_bundle, folder, tmp_path, capsys):
-    from mra.runtime.cli import results_lock
+    from mra.runtime.result_log import results_lock
 
     out = tmp_path / "answers.jsonl"
     with results_lock(out):
@@ -88,7 +88,7 @@ def test_a_second_run_on_the_same_results_fails_at_once(tiny_bundle, folder, tmp
 def test_a_failed_start_removes_only_the_empty_file_it_created(tmp_path):
     """results_lock deletes the results file on an error only if this run created it and wrote
     nothing; a file that was there before (empty or not) is left as it was."""
-    from mra.runtime.cli import results_lock
+    from mra.runtime.result_log import results_lock
 
     new, empty, kept = tmp_path / "new.jsonl", tmp_path / "empty.jsonl", tmp_path / "kept.jsonl"
     empty.touch()

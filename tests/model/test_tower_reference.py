@@ -204,7 +204,7 @@ def test_default_size_is_input_image_size(tiny_ckpt):
     model = load_vision(tiny_ckpt)
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     assert model.image_size == cfg["input_image_size"]
-    assert model.num_tokens == (cfg["input_image_size"] // 32) ** 2
+    assert model.num_image_tokens == (cfg["input_image_size"] // 32) ** 2
 
 
 def test_convnext_stage4_matches_transformers(tiny_ckpt, reference, pixels):

@@ -14,7 +14,7 @@ from mra.export.gguf_convert import LlamaGGUFConverter, write_gguf
 from mra.export.llm_validate import SpTokenizer, reference_run, validate_gguf
 from mra.export.thresholds import DEFAULT_BARS
 from mra.quantize.gguf_quant import quant_report, quantize_gguf, tensor_types
-from mra.quantize.gguf_types import K_GGML_TYPES
+from mra.runtime.gguf_types import K_GGML_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +106,10 @@ def test_damaged_source(tiny_ckpt, tmp_path):
 
 
 def test_insufficient_disk(f16_gguf, tmp_path, monkeypatch):
-    import mra.quantize.gguf_quant as gq
+    import shutil
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(gq.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(MraError, match=r"GB free, the Q4_K_M GGUF needs up to .* free disk space"):
         quantize_gguf(f16_gguf, tmp_path / "x.gguf", "Q4_K_M")
     _nothing_left(tmp_path)

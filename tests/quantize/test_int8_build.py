@@ -1,4 +1,4 @@
-"""The INT8 path end to end on the outlier stress checkpoint (issue 14's bar: mean cosine
+"""The INT8 path end to end on the outlier stress checkpoint (the bar of smoothing + mixed precision: mean cosine
 >= 0.985, worst image >= 0.95, >= 85% of the Conv/MatMul/Gemm FLOPs in INT8, every flavour,
 S = 384 and 1024), on the plain tiny model, and the pieces: FLOPs, the drop-one surgery,
 the sensitivity search within its budget, the float16 QDQ graph for TensorRT 11."""
@@ -14,7 +14,8 @@ from onnx import TensorProto
 
 from mra.core.names import INT8_FLAVOURS
 from mra.export.thresholds import DEFAULT_BARS
-from mra.export.validate import VALIDATION_PHOTOS, validate_graph
+from mra.export.validate import validate_graph
+from mra.quantize.photos import VALIDATION_PHOTOS
 from mra.quantize.calibration import load_calibration_set
 from mra.quantize.int8 import QUANTIZED_OP_TYPES, float_nodes, quantized_nodes
 from mra.quantize.int8_build import build_int8
@@ -87,7 +88,7 @@ def test_without_smoothing_the_outliers_break_int8(stress384, stress384_int8_uns
 
 
 def test_plain_model_is_no_worse_than_before(fp32_graph, tmp_path):
-    """Plain random weights, no outliers: against the INT8 path before issue 14 (no smoothing,
+    """Plain random weights, no outliers: against the INT8 path before smoothing and mixed precision (no smoothing,
     the attention products and image-facing convolutions fixed in float; a third of the FLOPs
     in INT8), built here from the same calibration. Measured at S = 384: 0.99908 / 0.99872
     (trt / cpu) against 0.99926 / 0.99897; min-max ranges on the attention probabilities and

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from mra.core.errors import MraError
-from mra.export.validate import VALIDATION_PHOTOS
+from mra.quantize.photos import VALIDATION_PHOTOS
 from mra.quantize.calibration import load_calibration_set
 from mra.quantize.smooth import channel_maxima, smooth_graph, smoothable_pairs
 from mra.runtime.ort_backend import OrtRunner

@@ -12,18 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from fast_settings import FAST_ARGS
 
-from mra.runtime import Pipeline
-from mra.runtime.cli import answered, chat_main, run_main
+from mra.runtime.cli import chat_main, run_main
+from mra.runtime.result_log import answered
 
-FAST = ["--n-ctx", "1024", "--threads", "1", "--max-tokens", "6"]
+FAST = [*FAST_ARGS, "--max-tokens", "6"]
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def reference_answer(tiny_bundle, photo_paths):
-    with Pipeline.from_bundle(tiny_bundle, n_ctx=1024, n_threads=1) as p:
-        return p.ask(photo_paths[0], "What is it?", max_tokens=6)
+def reference_answer(pipe, photo_paths):
+    return pipe.ask(photo_paths[0], "What is it?", max_tokens=6)
 
 
 def test_run_streams_the_answer_and_prints_timings(tiny_bundle, photo_paths, reference_answer, capsys):

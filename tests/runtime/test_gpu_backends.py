@@ -18,7 +18,8 @@ S = 384
 @pytest.fixture(scope="module")
 def engines_bundle(tiny_ckpt, tmp_path_factory):
     """A tiny bundle with FP16 and INT8 engines for this GPU, built through mra-export's library."""
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
 
     base = tmp_path_factory.mktemp("gpu")
     bundle = export(ExportOptions(out=base / "bundle", model=tiny_ckpt, image_size=S, precisions=["fp32", "fp16", "int8"],
@@ -72,7 +73,8 @@ def test_auto_takes_the_faster_engine_by_recorded_latency(engines_bundle):
 
 @pytest.mark.gpu
 def test_a_corrupt_timing_cache_is_replaced_with_a_warning(engines_bundle, tmp_path, caplog):
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
 
     bundle = tmp_path / "b"
     shutil.copytree(engines_bundle, bundle)

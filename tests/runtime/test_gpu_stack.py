@@ -90,11 +90,11 @@ def test_mra_export_refuses_tensorrt_8_before_any_work(tmp_path):
 def test_one_statement_of_the_supported_versions_and_the_docs_agree():
     """The guides and the TensorRT modules state the versions from gpu_stack or point to it;
     nothing tells anyone to install the plain `tensorrt` metapackage."""
-    for doc in (ROOT / "README.md", ROOT / "examples" / "jetson" / "README.md", ROOT / "export" / "trt_build.py",
-                ROOT / "runtime" / "trt_backend.py"):
+    guides = (ROOT / "docs" / "tensorrt.md", ROOT / "examples" / "jetson" / "README.md")
+    for doc in (*guides, ROOT / "export" / "trt_build.py", ROOT / "runtime" / "trt_backend.py"):
         text = doc.read_text().replace("\n> ", " ").replace("\n", " ")
         assert SUPPORTED_TENSORRT in text or "gpu_stack.SUPPORTED_TENSORRT" in text, doc
-    for doc in (ROOT / "README.md", ROOT / "examples" / "jetson" / "README.md", *sorted((ROOT / "runtime").glob("*.py")),
+    for doc in (ROOT / "README.md", *guides, *sorted((ROOT / "runtime").glob("*.py")),
                 *sorted((ROOT / "export").glob("*.py")), ROOT / "benchmarks" / "gpu_check.sh"):
         text = doc.read_text()
         assert "pip install tensorrt " not in text and "pip install tensorrt`" not in text, doc  # the metapackage

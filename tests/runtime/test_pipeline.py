@@ -27,12 +27,6 @@ def pipe(tiny_bundle):
         yield p
 
 
-@pytest.fixture(scope="module")
-def photo(photo_paths):
-    by_name = {p.name: p for p in photo_paths}
-    return lambda name: by_name[name]
-
-
 def _reference(torch_llava, hf_tokenizer, conv: Conversation, images) -> tuple[np.ndarray, list[int]]:
     ids = tokenizer_image_token(conv.prompt(), hf_tokenizer)
     feats = [torch_llava.image_features(im) for im in images]

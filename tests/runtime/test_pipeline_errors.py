@@ -16,12 +16,6 @@ from mra.core.manifest import Manifest
 from mra.runtime import MraError, Pipeline
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    with Pipeline.from_bundle(tiny_bundle, n_ctx=1024, n_threads=1) as p:
-        yield p
-
-
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -68,11 +62,12 @@ def test_bad_image_is_one_clear_error(pipe, bad_images, photo_paths, kind, words
 
 def test_overlong_prompt_is_refused_before_running(pipe, photo_paths):
     evaluated = pipe.llm.evaluated_total
-    question = "Describe every detail, " * 150
-    with pytest.raises(MraError, match=r"\+ 576 image tokens \(1 x 576\) = \d+ positions, but the context holds 1024"):
+    question = "Describe every detail, " * (pipe.llm.n_ctx // 4)  # 5 tokens each: past the context
+    with pytest.raises(MraError, match=rf"\+ 576 image tokens \(1 x 576\) = \d+ positions, but the context holds "
+                                       rf"{pipe.llm.n_ctx}"):
         pipe.ask(photo_paths[0], question, stream=True)  # refused at the call, not while streaming
     chat = pipe.chat(photo_paths[0])
-    with pytest.raises(MraError, match="context holds 1024"):
+    with pytest.raises(MraError, match=f"context holds {pipe.llm.n_ctx}"):
         chat.ask(question)
     assert pipe.llm.evaluated_total == evaluated
     assert chat.history == []  # the refused turn is not kept

@@ -64,8 +64,8 @@ def to_8bit(a16: np.ndarray) -> np.ndarray:
 
 # --- inputs made from real photos --------------------------------------------------------
 @pytest.fixture(scope="module")
-def photo(photo_paths) -> Path:
-    return next(p for p in photo_paths if p.name == "chelsea.png")  # 451 x 300, landscape
+def chelsea(photo) -> Path:
+    return photo("chelsea.png")  # 451 x 300, landscape
 
 
 def _rgba(im):
@@ -102,9 +102,9 @@ def test_real_photos_match_clip_image_processor(photo_paths, size):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", SIZES)
-def test_image_modes_match(photo, tmp_path, mode, size):
+def test_image_modes_match(chelsea, tmp_path, mode, size):
     convert, suffix = MODES[mode]
-    with Image.open(photo) as im:
+    with Image.open(chelsea) as im:
         img = convert(im.convert("RGB"))
     path = tmp_path / f"{mode}{suffix}"
     img.save(path)
@@ -116,8 +116,8 @@ def test_image_modes_match(photo, tmp_path, mode, size):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_16_bit_images_use_the_documented_scaling(photo, tmp_path, size):
-    with Image.open(photo) as im:
+def test_16_bit_images_use_the_documented_scaling(chelsea, tmp_path, size):
+    with Image.open(chelsea) as im:
         gray = np.asarray(im.convert("L"), dtype=np.uint16)
     rng = np.random.default_rng(0)
     a16 = (gray * 257 + rng.integers(0, 257, gray.shape)).astype(np.uint16)  # uses all 16 bits
@@ -136,11 +136,11 @@ def test_16_bit_images_use_the_documented_scaling(photo, tmp_path, size):
     assert np.abs(clipped - ref).max() > 0.5
 
 
-def test_exif_orientation(photo, tmp_path):
+def test_exif_orientation(chelsea, tmp_path):
     """Default: orientation ignored, as the reference (trained that way) does; exif_transpose=True
     applies it. Orientation 6 means: rotate 90 degrees clockwise to display."""
     size = 384
-    with Image.open(photo) as im:
+    with Image.open(chelsea) as im:
         rgb = im.convert("RGB")
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -159,9 +159,9 @@ def test_exif_orientation(photo, tmp_path):
 
 
 @pytest.mark.parametrize("shape", ["HxWx3", "HxW", "HxWx1", "HxWx4"])
-def test_uint8_arrays(photo, shape):
+def test_uint8_arrays(chelsea, shape):
     size = 384
-    with Image.open(photo) as im:
+    with Image.open(chelsea) as im:
         rgb = np.asarray(im.convert("RGB"))
         gray = np.asarray(im.convert("L"))
     arrays = {"HxWx3": rgb, "HxW": gray, "HxWx1": gray[:, :, None],
@@ -213,9 +213,9 @@ BAD_FILES = {  # name -> (make the file, words the message must contain)
 
 
 @pytest.mark.parametrize("case", [*BAD_FILES, "truncated-png", "truncated-jpg"])
-def test_bad_files_one_clear_line(photo, tmp_path, case):
+def test_bad_files_one_clear_line(chelsea, tmp_path, case):
     if case.startswith("truncated"):
-        make, words = _truncated(photo, "." + case.split("-")[1]), "truncated"
+        make, words = _truncated(chelsea, "." + case.split("-")[1]), "truncated"
     else:
         make, words = BAD_FILES[case]
     path = make(tmp_path)
@@ -225,12 +225,12 @@ def test_bad_files_one_clear_line(photo, tmp_path, case):
     assert "\n" not in msg and str(path) in msg and words in msg, msg
 
 
-def test_pixel_limit_refuses_big_images(photo, monkeypatch):
+def test_pixel_limit_refuses_big_images(chelsea, monkeypatch):
     import mra.runtime.preprocess as pre
 
     monkeypatch.setattr(pre, "MAX_PIXELS", 100_000)  # chelsea has 135,300 pixels
     with pytest.raises(MraError, match="decompression bomb") as e:
-        preprocess_image(photo, 384)
+        preprocess_image(chelsea, 384)
     assert "451x300" in str(e.value) and "\n" not in str(e.value)
 
 

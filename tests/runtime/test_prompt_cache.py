@@ -13,34 +13,34 @@ import sys
 import time
 
 import pytest
+from fast_settings import FAST_PIPELINE
 
 from mra.runtime import Pipeline
 from mra.runtime.prompt_cache import MAGIC, SUFFIX
 
-KW = dict(n_ctx=2048, n_threads=1)
 QUESTION = "What is in the image?"
 
 # A separate process: open the bundle with the cache, answer, print answer, tokens and timings.
 CHILD = """
 import json, sys
 from mra.runtime import Pipeline
-bundle, cache, image, question = sys.argv[1:5]
-with Pipeline.from_bundle(bundle, n_ctx=2048, n_threads=1, prompt_cache=cache) as p:
+bundle, cache, image, question, settings = sys.argv[1:6]
+with Pipeline.from_bundle(bundle, prompt_cache=cache, **json.loads(settings)) as p:
     answer = p.ask(image, question, max_tokens=12)
     print(json.dumps({"answer": answer, "tokens": p.last_tokens, "timings": p.timings.as_dict()}))
 """
 
 
 def child(bundle, cache, image, question=QUESTION) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(cache), str(image), question],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(cache), str(image), question,
+                        json.dumps(FAST_PIPELINE)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return {**json.loads(r.stdout.splitlines()[-1]), "stderr": r.stderr}
 
 
 @pytest.fixture(scope="module")
 def plain(tiny_bundle):
-    with Pipeline.from_bundle(tiny_bundle, **KW) as p:
+    with Pipeline.from_bundle(tiny_bundle, **FAST_PIPELINE) as p:
         yield p
 
 
@@ -94,12 +94,12 @@ def test_a_damaged_entry_is_ignored_with_a_warning(tiny_bundle, plain, photo_pat
     cache = tmp_path / "cache"
     image = photo_paths[2]
     answer, tokens = reference(plain, image)
-    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **KW) as p:
+    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **FAST_PIPELINE) as p:
         p.ask(image, QUESTION, max_tokens=12)
     (entry,) = entries(cache)
     _damage(entry, how)
     with caplog.at_level("WARNING", logger="mra.runtime.prompt_cache"):
-        with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **KW) as p:
+        with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **FAST_PIPELINE) as p:
             assert p.ask(image, QUESTION, max_tokens=12) == answer and p.last_tokens == tokens
             assert (p.timings.prompt_cache_hits, p.timings.prompt_cache_misses) == (0, 1)
     assert "ignored" in caplog.text
@@ -111,7 +111,7 @@ def test_an_entry_of_another_prompt_is_ignored(tiny_bundle, plain, photo_paths, 
     """A valid entry under the wrong name (another image's state) never answers for this one."""
     cache = tmp_path / "cache"
     a, b = photo_paths[0], photo_paths[3]
-    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **KW) as p:
+    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **FAST_PIPELINE) as p:
         p.ask(a, QUESTION, max_tokens=12)
         (entry_a,) = entries(cache)
         p.ask(b, QUESTION, max_tokens=12)
@@ -119,7 +119,7 @@ def test_an_entry_of_another_prompt_is_ignored(tiny_bundle, plain, photo_paths, 
     os.replace(entry_a, entry_b)  # b's name, a's state
     answer_b = reference(plain, b)[0]
     with caplog.at_level("WARNING", logger="mra.runtime.prompt_cache"):
-        with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **KW) as p:
+        with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **FAST_PIPELINE) as p:
             assert p.ask(b, QUESTION, max_tokens=12) == answer_b
             assert p.timings.prompt_cache_misses == 1
     assert "do not match" in caplog.text
@@ -127,7 +127,7 @@ def test_an_entry_of_another_prompt_is_ignored(tiny_bundle, plain, photo_paths, 
 
 def test_another_configuration_does_not_share_entries(tiny_bundle, photo_paths, tmp_path):
     cache = tmp_path / "cache"
-    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **KW) as p:
+    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **FAST_PIPELINE) as p:
         p.ask(photo_paths[0], QUESTION, max_tokens=4)
     with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, n_ctx=1024, n_threads=1, kv_type="f32") as p:
         p.ask(photo_paths[0], QUESTION, max_tokens=4)
@@ -140,12 +140,12 @@ def test_size_bound_lru_and_foreign_files(tiny_bundle, photo_paths, tmp_path):
     cache.mkdir()
     foreign = cache / f"notes{SUFFIX}"  # a file the cache did not write, with its suffix
     foreign.write_bytes(b"x" * 4096)
-    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **KW) as p:
+    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, **FAST_PIPELINE) as p:
         p.ask(photo_paths[0], QUESTION, max_tokens=2)
         (one,) = [e for e in entries(cache) if e != foreign]
         size = one.stat().st_size
     bound = int(size * 2.5)  # room for two entries
-    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, prompt_cache_bytes=bound, **KW) as p:
+    with Pipeline.from_bundle(tiny_bundle, prompt_cache=cache, prompt_cache_bytes=bound, **FAST_PIPELINE) as p:
         p.ask(photo_paths[1], QUESTION, max_tokens=2)
         second = next(e for e in entries(cache) if e not in (one, foreign))
         time.sleep(0.05)

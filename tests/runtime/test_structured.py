@@ -9,7 +9,7 @@ import json
 import jsonschema
 import pytest
 
-from mra.runtime import MraError, Pipeline
+from mra.runtime import MraError
 from mra.runtime.cli import run_main
 
 SCHEMA = {"type": "object",
@@ -19,12 +19,6 @@ SCHEMA = {"type": "object",
                          "outdoor": {"type": "boolean"},
                          "caption": {"type": "string", "maxLength": 16}},
           "required": ["objects", "count", "outdoor", "caption"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    with Pipeline.from_bundle(tiny_bundle, n_ctx=2048, n_threads=1) as p:
-        yield p
 
 
 @pytest.mark.parametrize("temperature,seed", [(0.0, 0), (0.8, 1), (1.5, 2)])

@@ -80,7 +80,8 @@ def test_runtime_import_stays_light():
 @pytest.fixture(scope="module")
 def trt_bundle(tiny_ckpt, tmp_path_factory):
     """`mra-export --model tiny --target trt`: ONNX first, then FP32 and FP16 engines."""
-    from mra.export.bundle import ExportOptions, export
+    from mra.export.bundle import export
+    from mra.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("trt") / "bundle"
     export(ExportOptions(out=out, model=tiny_ckpt, target="trt", image_size=384, precisions=["fp32", "fp16"],

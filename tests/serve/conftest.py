@@ -5,7 +5,7 @@ answers must equal, and an official `openai` client."""
 from __future__ import annotations
 
 import pytest
-from serve_helpers import API_KEY, PIPE_KW, ServerThread, local_app, wait_ready
+from serve_helpers import API_KEY, ServerThread, local_app, wait_ready
 
 
 @pytest.fixture(scope="session")
@@ -18,11 +18,9 @@ def server(tiny_bundle):
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_bundle):
-    from mra.runtime import Pipeline
-
-    with Pipeline.from_bundle(tiny_bundle, **PIPE_KW) as p:
-        yield p
+def reference(pipe):
+    """The Pipeline whose greedy answers the server's must equal: the slots' settings."""
+    return pipe
 
 
 @pytest.fixture(scope="session")

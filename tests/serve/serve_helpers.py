@@ -9,8 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+from fast_settings import FAST_PIPELINE
+
 API_KEY = "test-key"
-PIPE_KW = dict(n_ctx=2048, n_threads=1)  # the server's slots and the reference Pipeline alike
+PIPE_KW = FAST_PIPELINE  # the server's slots and the reference Pipeline alike
 
 
 def free_port() -> int:

@@ -20,12 +20,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = ("coffee.png", "Tell me a long story.", 1300)
 
 
-@pytest.fixture(scope="module")
-def photo(photo_paths):
-    by_name = {p.name: p for p in photo_paths}
-    return lambda name: by_name[name]
-
-
 def post(url: str, body, headers=AUTH, **kw) -> httpx.Response:
     data = body if isinstance(body, (bytes, str)) else None
     return httpx.post(f"{url}/v1/chat/completions", json=None if data is not None else body, content=data,

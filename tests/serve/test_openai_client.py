@@ -22,12 +22,6 @@ SCHEMA = {"type": "object",
           "required": ["animal", "count", "indoor", "label"], "additionalProperties": False}
 
 
-@pytest.fixture(scope="module")
-def photo(photo_paths):
-    by_name = {p.name: p for p in photo_paths}
-    return lambda name: by_name[name]
-
-
 def test_models_and_health(client, server):
     import httpx
 

@@ -36,9 +36,3 @@ def reference(tiny_bundle):
 
     with Pipeline.from_bundle(tiny_bundle, **PIPE_KW) as p:
         yield p
-
-
-@pytest.fixture(scope="module")
-def photo(photo_paths):
-    by_name = {p.name: p for p in photo_paths}
-    return lambda name: by_name[name]

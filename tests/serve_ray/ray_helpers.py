@@ -11,8 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fast_settings import FAST_PIPELINE
+
 N_CTX = 4096  # room for one long answer: the fault tests kill a replica while it writes one
-PIPE_KW = dict(n_ctx=N_CTX, n_threads=1)
+PIPE_KW = {**FAST_PIPELINE, "n_ctx": N_CTX}
 
 
 def free_port() -> int:
