@@ -35,14 +35,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mra.core.errors import MraError
+from mra.core.errors import BadImage, Closed, MraError
 from mra.core.files import sha256_stream
 from mra.core.manifest import Artifact, Manifest, verify_artifact
 
 from .gguf_types import LLM_QUANT_ORDER
 from .grammar import grammar_for
 from .llm import Embeddings, LlamaSession, Sampler, use_flash_attn
-from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
+from .preprocess import ImageLike, check_image_file, load_image, preprocess_image, probe_image
 from .prompt import Conversation, ImageSlot, Template, check_text, count_positions, tokenize_parts
 from .prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PendingEmbeddings, PromptCache
@@ -131,42 +131,30 @@ def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def image_key(image: ImageLike, exif_transpose: bool = False) -> str:
-    """sha256 of the image content (file bytes, or mode/size/pixels), the embedding cache key.
-    A file is checked first (a regular file PIL recognises) and hashed in a stream."""
+    """sha256 of the image content (encoded bytes, a file's bytes, or mode/size/pixels), the
+    embedding cache key. Encoded images pass the gate's header checks (format list, pixel bound)
+    first and are hashed without being decoded; a file is hashed in a stream."""
     h = hashlib.sha256(b"exif" if exif_transpose else b"raw")
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        probe_image(image)
+        h.update(b"file:" + bytes(image))  # the same key as the same bytes in a file
+    elif isinstance(image, (str, os.PathLike)):
         p = Path(image)
         check_image_file(p)  # missing, broken link, folder, FIFO, device, empty: one clear error
         try:
             with open(p, "rb") as f:
-                if not _looks_like_image(f):
-                    load_image(p)  # raises PIL's precise complaint
+                probe_image(f, f"image {p}")
                 f.seek(0)
                 h.update(b"file:")
                 sha256_stream(f, h)
         except OSError as e:
-            raise MraError(f"image {p} | cannot read it: {e.strerror or e}") from None
+            raise BadImage(f"image {p} | cannot read it: {e.strerror or e}") from None
     elif isinstance(image, np.ndarray):
         h.update(f"array:{image.dtype}:{image.shape}:".encode() + np.ascontiguousarray(image).tobytes())
     else:
         im = load_image(image)  # type check
         h.update(f"pil:{im.mode}:{im.size}:".encode() + im.tobytes())
     return h.hexdigest()
-
-
-def _looks_like_image(f) -> bool:
-    """Whether PIL identifies the file from its header (without decoding the pixels)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .preprocess import image_formats
-
-    try:
-        with Image.open(f, formats=image_formats()) as im:
-            return im.size is not None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
-        return False
-    except Exception:  # a decompression-bomb error and the like: load_image words it
-        return False
 
 
 def prompt_cache_identity(vision: Artifact, llm: Artifact, kv_type: str, n_ctx: int, flash_attn: bool) -> dict:

@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--max-body-mb", type=_positive(float, "--max-body-mb"), default=32.0,
                    help="largest request body (default 32 MB)")
     h.add_argument("--allow-files", type=Path, help="accept image_url file paths inside this folder")
-    h.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (size-capped, 10 s timeout)")
+    h.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (size-capped; 10 s for a whole fetch, at most --timeout)")
     g = p.add_argument_group("runtime")
     g.add_argument("--vision", default="auto", help="vision backend/precision: auto (default), onnx:fp16, int8, ...")
     g.add_argument("--llm-quant", help="GGUF type to use when the bundle has several (default: Q4_K_M if present)")
