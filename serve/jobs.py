@@ -267,11 +267,16 @@ def _get(url: str, policy: ImagePolicy, deadline: float) -> tuple[int, str | Non
         conn = cls(parts.hostname or "", parts.port, timeout=max(remaining, 0.001))
     except (ValueError, http.client.HTTPException) as e:  # a bad port and the like
         raise bad(f"image_url | cannot fetch {url}: {e}", "messages", "bad_image") from None
-    timer = threading.Timer(max(remaining, 0.0), _shut, (conn,))
+    sockets: list[socket.socket] = []  # the connection gives its socket up to the response: keep it here
+    timer = threading.Timer(max(remaining, 0.0), _shut, (sockets,))
     timer.daemon = True
     timer.start()
     try:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.connect()  # bounded by the connection's timeout
+        sockets.append(conn.sock)
+        if time.monotonic() >= deadline:  # the timer fired while connecting
+            raise TimeoutError
         conn.request("GET", target, headers={"Accept": "image/*", "User-Agent": "mra-serve"})
         r = conn.getresponse()
         if r.status in (301, 302, 303, 307, 308) and r.getheader("location"):
@@ -300,9 +305,10 @@ def _get(url: str, policy: ImagePolicy, deadline: float) -> tuple[int, str | Non
         conn.close()
 
 
-def _shut(conn) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        conn.sock.shutdown(socket.SHUT_RDWR)
+def _shut(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _read_file(url: str, policy: ImagePolicy) -> bytes:

@@ -17,3 +17,93 @@ def vision_only(out: Path, model: Path, force: bool = False):
 
     return ExportOptions(out=out, model=model, image_size=S, precisions=["fp32"], llm_quants=[], force=force,
                          progress=False)
+
+
+def png_bomb(w: int, h: int) -> bytes:
+    """An all-black RGB PNG of w x h written row by row (never w x h pixels in memory): a
+    13000 x 13000 one is about 0.5 MB on the wire and 507 MB decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(6)
+    row = b"\0" * (1 + 3 * w)
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+def fake_ghostscript(folder: Path) -> Path:
+    """A `gs` on PATH (``folder``) that leaves ``folder/gs-ran`` if anything runs it: what a test
+    checks to prove that no input bytes reached Ghostscript."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gs = folder / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {folder / 'gs-ran'}\nexit 1\n")
+    gs.chmod(0o755)
+    return folder / "gs-ran"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`mra-serve` in a child process on 127.0.0.1 (its own RSS, signals and PATH): ``url`` once
+    /health says ready."""
+
+    def __init__(self, bundle: Path, *args: str, env: dict | None = None):
+        import os
+        import subprocess
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([str(BIN / "mra-serve"), "--bundle", str(bundle), "--port", str(self.port),
+                                      "--n-ctx", "1024", "--threads", "1", *args],
+                                     env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def wait_ready(self, timeout: float = 120) -> "ServeProcess":
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mra-serve exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.url} not ready after {timeout} s")
+            time.sleep(0.1)
+
+    def chat(self, content, timeout: float = 60, **body):
+        import httpx
+
+        return httpx.post(f"{self.url}/v1/chat/completions", timeout=timeout, json={
+            "messages": [{"role": "user", "content": content}], "max_tokens": 2, "temperature": 0, **body})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def image_content(data: bytes, mime: str = "image/png", text: str = "What?") -> list:
+    import base64
+
+    return [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}},
+            {"type": "text", "text": text}]
