@@ -107,3 +107,20 @@ def image_content(data: bytes, mime: str = "image/png", text: str = "What?") -> 
 
     return [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}},
             {"type": "text", "text": text}]
+
+
+def peak_rss_mb(code: str, cap_gib: int = 3, timeout: float = 300) -> float:
+    """Peak RSS of ``code`` in a child whose address space is capped, so that a regression
+    fails with MemoryError instead of taking the machine's memory (and a hang fails at
+    ``timeout``)."""
+    import subprocess
+    import textwrap
+
+    cap = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({cap_gib} << 30, {cap_gib} << 30))\n"
+    # VmHWM, not getrusage: ru_maxrss survives exec, so a child of a big pytest would report its size.
+    r = subprocess.run([sys.executable, "-c", cap + textwrap.dedent(code) + textwrap.dedent("""
+        import re
+        print(int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).group(1)) // 1024)
+        """)], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout.split()[-1])
