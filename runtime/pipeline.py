@@ -277,6 +277,7 @@ class Pipeline:
     def encode_image(self, image: ImageLike) -> np.ndarray:
         """float32 [N, D] image embeddings (preprocess + vision backend), cached by content."""
         with self.lock:
+            self._check_open()
             t = self.timings = Timings()
             emb = self._embed(image, t)
             t.stamp()
@@ -365,8 +366,7 @@ class Pipeline:
     def _prefill(self, conv: Conversation, images: Sequence[ImageLike | Embeddings],
                  t: Timings | None = None) -> Timings:
         """Encode images, tokenize, check the context, evaluate what the KV cache lacks."""
-        if self.llm is None:
-            raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
+        self._check_open()
         self._call += 1
         t = self.timings = t or Timings()
         embed = self._embed if self.prompt_cache is None else self._embed_pending  # issue 12: vision only if needed
@@ -397,8 +397,7 @@ class Pipeline:
                 on_done=None, t: Timings | None = None) -> Iterator[str]:
         """Prefill now (errors surface at the call), then stream the answer lazily."""
         p.check()
-        if self.llm is None:
-            raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
+        self._check_open()
         sampler = Sampler(p.temperature, p.top_p, p.seed, p.grammar, self.llm.vocab)  # bad settings fail first
         try:
             t = self._prefill(conv, images, t)
@@ -428,11 +427,11 @@ class Pipeline:
                 piece = text.feed(self.llm.token_bytes(tok))
                 if piece:
                     out.append(piece)
-                    yield piece
-                if (text.stopped and not p.ignore_eos) or self.llm.full or t.generated >= p.max_tokens:
-                    break
+                    yield piece  # the caller may close the Pipeline or call it again meanwhile
                 with self.lock:
                     self._check_current(call)
+                    if (text.stopped and not p.ignore_eos) or self.llm.full or t.generated >= p.max_tokens:
+                        break
                     self.llm.eval_token(tok)
             tail = text.finish()
             if tail:
@@ -446,9 +445,14 @@ class Pipeline:
                 on_done("".join(out))
 
     def _check_current(self, call: int) -> None:
-        if call != self._call or self.llm is None:
-            raise MraError("stream | another call was made on this Pipeline since this answer started; "
-                           "read a streamed answer to the end before the next call")
+        self._check_open()
+        if call != self._call:
+            raise Closed("stream | another call was made on this Pipeline since this answer started; "
+                         "read a streamed answer to the end before the next call")
+
+    def _check_open(self) -> None:
+        if self.llm is None:
+            raise Closed("pipeline | closed; open a new one with Pipeline.from_bundle")
 
     # --- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
