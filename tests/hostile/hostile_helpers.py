@@ -35,14 +35,16 @@ def png_bomb(w: int, h: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def fake_ghostscript(folder: Path) -> Path:
-    """A `gs` on PATH (``folder``) that leaves ``folder/gs-ran`` if anything runs it: what a test
-    checks to prove that no input bytes reached Ghostscript."""
+def fake_programs(folder: Path, names: tuple[str, ...] = ("gs",)) -> Path:
+    """Programs named ``names`` in ``folder`` (put it first on PATH) that each leave
+    ``folder/<name>-ran`` if anything runs them: what a test checks to prove that no input bytes
+    reached an external program (Pillow runs `gs` for EPS, `djpeg` in JPEG's load_djpeg)."""
     folder.mkdir(parents=True, exist_ok=True)
-    gs = folder / "gs"
-    gs.write_text(f"#!/bin/sh\ntouch {folder / 'gs-ran'}\nexit 1\n")
-    gs.chmod(0o755)
-    return folder / "gs-ran"
+    for name in names:
+        exe = folder / name
+        exe.write_text(f"#!/bin/sh\ntouch {folder / (name + '-ran')}\nexit 1\n")
+        exe.chmod(0o755)
+    return folder
 
 
 def free_port() -> int:

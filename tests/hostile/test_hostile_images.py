@@ -141,17 +141,18 @@ def test_only_photo_formats_are_decoded(tmp_path):
 
 
 # --- the one image gate: every entry point, the same formats and bounds -----------------------
-def test_bytes_and_lazily_opened_images_never_reach_ghostscript(tmp_path, monkeypatch):
+def test_no_input_bytes_reach_an_external_program(tmp_path, monkeypatch):
     """EPS as bytes, as a file named .jpg, or as a PIL image a caller opened (Pillow would run
-    Ghostscript at its load()): BadImage, and the fake `gs` first on PATH never runs."""
+    Ghostscript at its load()): BadImage; every accepted format decodes in-process; none of the
+    programs Pillow can run (fake ones first on PATH) ever runs."""
     from PIL import EpsImagePlugin
 
-    from hostile_helpers import fake_ghostscript
+    from hostile_helpers import fake_programs
     from mra.core.errors import BadImage
-    from mra.runtime.preprocess import probe_image
+    from mra.runtime.preprocess import image_formats, probe_image
 
-    marker = fake_ghostscript(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{marker.parent}{os.pathsep}{os.environ['PATH']}")
+    programs = fake_programs(tmp_path / "bin", ("gs", "djpeg", "ppmquant", "ppmtogif", "convert"))
+    monkeypatch.setenv("PATH", f"{programs}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # found again on the PATH above
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="EPS")
@@ -162,7 +163,11 @@ def test_bytes_and_lazily_opened_images_never_reach_ghostscript(tmp_path, monkey
                     (preprocess_image, lazy)]:
         with pytest.raises(BadImage):
             fn(*([arg, 32] if fn is preprocess_image else [arg]))
-    assert not marker.exists(), "Ghostscript ran on input bytes"
+    for fmt in image_formats():  # every format the gate accepts decodes in-process
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format=fmt)
+        assert load_image(buf.getvalue()).size == (8, 8)
+    assert not list(programs.glob("*-ran")), "an external program ran on input bytes"
 
 
 def test_a_png_bomb_is_refused_from_its_header_by_every_entry(tmp_path):

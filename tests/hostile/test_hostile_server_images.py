@@ -18,14 +18,14 @@ import psutil
 import pytest
 from PIL import Image
 
-from hostile_helpers import FAST, ServeProcess, fake_ghostscript, image_content, png_bomb
+from hostile_helpers import FAST, ServeProcess, fake_programs, image_content, png_bomb
 
 TIMEOUT_S = 4  # the server's --timeout: the URL fetch deadline must stay inside it
 
 
 @pytest.fixture(scope="module")
 def gs_marker(tmp_path_factory) -> Path:
-    return fake_ghostscript(tmp_path_factory.mktemp("fake-gs"))
+    return fake_programs(tmp_path_factory.mktemp("fake-gs")) / "gs-ran"
 
 
 @pytest.fixture(scope="module")
