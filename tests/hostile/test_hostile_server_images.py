@@ -72,6 +72,17 @@ def test_concurrent_png_bombs_are_refused_from_the_header(server):
     assert server.chat("Hi").status_code == 200  # and the server still answers
 
 
+def test_a_truncated_image_fails_when_its_job_decodes_it(server, photos):
+    """The header is sound (the parser accepts it), the pixels end early: the decode, when the
+    job runs, is a 400 naming the image, and the server goes on."""
+    buf = io.BytesIO()
+    photos[0].save(buf, format="PNG")
+    r = server.chat(image_content(buf.getvalue()[: len(buf.getvalue()) // 2]))
+    assert r.status_code == 400, r.text
+    assert "cannot decode" in r.json()["error"]["message"]
+    assert server.chat("Hi").status_code == 200
+
+
 def test_eps_sent_as_jpeg_never_runs_ghostscript(server, gs_marker):
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 0, 0)).save(buf, format="EPS")
