@@ -36,7 +36,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from mra.core.errors import BadImage, Closed, MraError
-from mra.core.files import sha256_stream
+from mra.core.files import open_regular, sha256_stream
 from mra.core.manifest import Artifact, Manifest, verify_artifact
 
 from .gguf_types import LLM_QUANT_ORDER
@@ -142,7 +142,7 @@ def image_key(image: ImageLike, exif_transpose: bool = False) -> str:
         p = Path(image)
         check_image_file(p)  # missing, broken link, folder, FIFO, device, empty: one clear error
         try:
-            with open(p, "rb") as f:
+            with open_regular(p) as f:  # still a regular file when opened
                 probe_image(f, f"image {p}")
                 f.seek(0)
                 h.update(b"file:")
