@@ -148,7 +148,7 @@ def test_partial_files_count_against_the_size_bound(tmp_path):
     assert not old.exists() and new.exists() and live.exists()  # 4000 + 4000 + 3008 > 10000
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_server_with_a_fifo_in_its_cache_answers_and_stops_on_a_signal(tiny_bundle, photo_paths, tmp_path, sig):
     cache = tmp_path / "cache"
     cache.mkdir()
