@@ -51,13 +51,15 @@ def test_special_and_huge_entries_are_skipped_at_constant_cost(tiny_bundle, phot
                 f.write(MAGIC + len(header).to_bytes(8, "little") + header)
                 f.truncate(2 << 30)
 
-            def header_lies(f):
-                n = int.from_bytes(good[len(MAGIC):len(MAGIC) + 8], "little")
+            def header_lies(f):  # its header length says a terabyte
                 f.write(good[:len(MAGIC)] + (1 << 40).to_bytes(8, "little") + good[len(MAGIC) + 8:])
 
             kinds = {{"fifo": lambda: os.mkfifo(entry), "zero": lambda: entry.symlink_to("/dev/zero")}}
             for name, fn in [("junk", junk), ("claims_all", claims_all), ("header_lies", header_lies)]:
-                kinds[name] = lambda fn=fn: fn(open(entry, "wb"))
+                def make(fn=fn):
+                    with open(entry, "wb") as f:
+                        fn(f)
+                kinds[name] = make
             for name, make in kinds.items():
                 entry.unlink()
                 make()
@@ -168,3 +170,27 @@ def test_a_server_with_a_fifo_in_its_cache_answers_and_stops_on_a_signal(tiny_bu
         assert time.monotonic() - t0 < 20
     finally:
         s.stop()
+
+
+def test_a_hung_file_operation_costs_a_request_the_timeout_then_the_cache_is_skipped(tmp_path, monkeypatch):
+    """A file system that hangs cannot be made here; an operation that blocks until released
+    stands for it: the caller gets the default after IO_TIMEOUT_S, later operations get it at
+    once while that one has not returned, and the cache works again once it has."""
+    import threading
+
+    import mra.runtime.prompt_cache as pc
+
+    monkeypatch.setattr(pc, "IO_TIMEOUT_S", 0.3)
+    cache = PromptCache(tmp_path / "cache", IDENTITY)
+    release = threading.Event()
+    t0 = time.monotonic()
+    assert cache._io(release.wait, "default") == "default"
+    assert 0.3 <= time.monotonic() - t0 < 2
+    t0 = time.monotonic()
+    assert cache._io(lambda: "ran", "skipped") == "skipped"  # the hung one is still running
+    assert time.monotonic() - t0 < 0.1
+    release.set()
+    deadline = time.monotonic() + 5
+    while cache._io(lambda: "ran", "skipped") != "ran":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
