@@ -98,8 +98,6 @@ def verify_bundle(bundle: Path, check_hash: bool = True) -> list[str]:
             check_against_headers(manifest, verify_artifact(bundle, a, check_hash=check_hash), a)
         except (MraError, OSError) as e:
             problems.append(str(e))
-    if not manifest.find("llm", "gguf"):
-        problems.append(f"bundle {bundle} | no GGUF LLM listed; the runtime needs one (export one with --llm-quant)")
     return problems
 
 
