@@ -170,7 +170,7 @@ def _load_pil(image: Image.Image) -> Image.Image:
     """A caller's PIL image: one lazily opened by ``Image.open`` is decoded here, so its format
     must be one we decode (an EPS would run Ghostscript at ``load()``) and its size within bounds."""
     where = f"image {getattr(image, 'filename', '') or '(PIL image)'}"
-    if image.format is not None and image.format not in image_formats():
+    if image.format is not None and image.format not in (*image_formats(), "MPO"):  # JPEG's opener gives MPO
         raise BadImage(f"{where} | a PIL image opened as {image.format}, accepted: {', '.join(image_formats())}; "
                        "convert it first (image.convert('RGB'))")
     check_pixels(image.size, where)

@@ -167,6 +167,10 @@ def test_no_input_bytes_reach_an_external_program(tmp_path, monkeypatch):
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format=fmt)
         assert load_image(buf.getvalue()).size == (8, 8)
+        assert load_image(Image.open(buf)).size == (8, 8)  # as a caller opened it (a JPEG may open as MPO)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    assert Image.open(buf).format == "MPO" and load_image(Image.open(buf)).size == (8, 8)  # a camera's JPEG
     assert not list(programs.glob("*-ran")), "an external program ran on input bytes"
 
 
