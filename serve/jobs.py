@@ -31,9 +31,9 @@ MAX_STOP = 4  # OpenAI's limit on stop strings
 class ImagePolicy:
     """Where images may come from besides ``data:`` URLs."""
     allow_files: Path | None = None  # local paths (or file:// URLs) inside this folder
-    allow_urls: bool = False  # http(s) URLs, fetched with a size cap and a timeout
+    allow_urls: bool = False  # http(s) URLs, fetched with a size cap, bounded redirects and one deadline
     max_image_bytes: int = 20 << 20
-    url_timeout_s: float = 10.0
+    url_timeout_s: float = 10.0  # one deadline for a whole fetch; build_app keeps it within the request timeout
 
 
 @dataclass(frozen=True)
