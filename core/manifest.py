@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import BadBundle, MraError
+from .errors import BadBundle
 from .files import atomic_write_text, read_json, sha256_file
 from .names import (CLIP_MEAN, CLIP_STD, IMAGE_MARKER, INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME,
                     PAD_COLOR, RESAMPLE, ROLES, SEP, SEP2, SYSTEM_PROMPT)
@@ -152,33 +152,33 @@ class Manifest:
     def load(cls, bundle: str | Path) -> "Manifest":
         path = Path(bundle) / MANIFEST_FILE
         if not Path(bundle).is_dir():
-            raise MraError(f"bundle {bundle} | not a directory")
+            raise BadBundle(f"bundle {bundle} | not a directory")
         if not path.is_file():
-            raise MraError(f"bundle {bundle} | no {MANIFEST_FILE}: not a bundle, or its export did not finish")
-        return cls.from_dict(read_json(path, MraError, advice="; re-export the bundle"), path)
+            raise BadBundle(f"bundle {bundle} | no {MANIFEST_FILE}: not a bundle, or its export did not finish")
+        return cls.from_dict(read_json(path, BadBundle, advice="; re-export the bundle"), path)
 
     @classmethod
     def from_dict(cls, d: Any, path: str | Path = MANIFEST_FILE) -> "Manifest":
         """A manifest from parsed JSON, every field checked: a hand-edited or damaged file is
         named with its field, never an AttributeError deep in the runtime."""
         if not isinstance(d, dict):
-            raise MraError(f"{path} | top level is a JSON {type(d).__name__}, expected an object; re-export the bundle")
+            raise BadBundle(f"{path} | top level is a JSON {type(d).__name__}, expected an object; re-export the bundle")
         if d.get("format_version") != MANIFEST_FORMAT:
-            raise MraError(f"{path} | format_version {d.get('format_version')!r}, expected {MANIFEST_FORMAT}; "
+            raise BadBundle(f"{path} | format_version {d.get('format_version')!r}, expected {MANIFEST_FORMAT}; "
                            "re-export the bundle with this version")
         known = {f.name for f in dataclasses.fields(cls)}
         for name in ("image_size", "num_image_tokens", "embed_dim"):
             _field(d, name, int, path)
             if d[name] > MAX_SIZES[name]:  # buffers are sized by these: a damaged value must not allocate
-                raise MraError(f"{path} {name} | got {d[name]}, expected at most {MAX_SIZES[name]}; re-export the "
+                raise BadBundle(f"{path} {name} | got {d[name]}, expected at most {MAX_SIZES[name]}; re-export the "
                                "bundle")
         for name in ("source", "preprocess", "prompt"):
             _field(d, name, dict, path, optional=name != "source")
         if not isinstance(d.get("mra_version", ""), str):
-            raise MraError(f"{path} mra_version | got {d['mra_version']!r}, expected a string")
+            raise BadBundle(f"{path} mra_version | got {d['mra_version']!r}, expected a string")
         arts = d.get("artifacts", [])
         if not isinstance(arts, list):
-            raise MraError(f"{path} artifacts | got {type(arts).__name__}, expected a list")
+            raise BadBundle(f"{path} artifacts | got {type(arts).__name__}, expected a list")
         d = {k: v for k, v in d.items() if k in known}
         d["artifacts"] = [_artifact(a, f"{path} artifacts[{i}]") for i, a in enumerate(arts)]
         return cls(**d)
@@ -192,31 +192,31 @@ def _field(d: dict, name: str, kind: type, where, optional: bool = False) -> Non
     if name not in d:
         if optional:
             return
-        raise MraError(f"{where} {name} | missing; re-export the bundle")
+        raise BadBundle(f"{where} {name} | missing; re-export the bundle")
     v = d[name]
     ok = isinstance(v, kind) and not isinstance(v, bool) and (kind is not int or v > 0)
     if not ok:
-        raise MraError(f"{where} {name} | got {v!r}, expected {_TYPES[kind]}; re-export the bundle")
+        raise BadBundle(f"{where} {name} | got {v!r}, expected {_TYPES[kind]}; re-export the bundle")
 
 
 def _artifact(a: Any, where: str) -> Artifact:
     if not isinstance(a, dict):
-        raise MraError(f"{where} | got {type(a).__name__}, expected an object")
+        raise BadBundle(f"{where} | got {type(a).__name__}, expected an object")
     for name in ("file", "kind", "format", "precision", "sha256"):
         _field(a, name, str, where)
     if isinstance(a.get("size"), bool) or not isinstance(a.get("size"), int) or a["size"] < 0:
-        raise MraError(f"{where} size | got {a.get('size')!r}, expected a byte count")
+        raise BadBundle(f"{where} size | got {a.get('size')!r}, expected a byte count")
     _field(a, "info", dict, where, optional=True)
     _field(a, "validation", dict, where, optional=True)
     check_bundle_path(a["file"], f"{where} file")
     extra = a.get("info", {}).get("external_data", [])
     if not isinstance(extra, list) or not all(isinstance(x, str) for x in extra):
-        raise MraError(f"{where} info.external_data | got {extra!r}, expected a list of file names")
+        raise BadBundle(f"{where} info.external_data | got {extra!r}, expected a list of file names")
     for x in extra:
         check_bundle_path(x, f"{where} info.external_data")
     for key in ("int8", "tensorrt_check"):  # read as objects by the vision selection
         if key in a.get("info", {}) and not isinstance(a["info"][key], dict):
-            raise MraError(f"{where} info.{key} | got {a['info'][key]!r}, expected an object")
+            raise BadBundle(f"{where} info.{key} | got {a['info'][key]!r}, expected an object")
     known = {f.name for f in dataclasses.fields(Artifact)}
     return Artifact(**{k: v for k, v in a.items() if k in known})
 
@@ -227,7 +227,7 @@ def check_bundle_path(name: str, where: str) -> str:
     p = PurePosixPath(name)
     if not isinstance(name, str) or not p.parts or p.is_absolute() or ".." in p.parts or "\\" in name \
             or "\0" in name or name.startswith("~"):
-        raise MraError(f"{where} | {name!r} is not a file name inside the bundle (absolute paths and '..' are "
+        raise BadBundle(f"{where} | {name!r} is not a file name inside the bundle (absolute paths and '..' are "
                        "refused); re-export the bundle")
     return name
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mra.core.errors import MraError
+from mra.core.errors import BadBundle, MraError
 from mra.runtime import Pipeline
 
 
@@ -56,7 +56,7 @@ def _artifact(key, value, index=0):
 ])
 def test_malformed_manifests_name_the_file_and_field(copy, change, message):
     edit_manifest(copy, change)
-    with pytest.raises(MraError, match=message) as e:
+    with pytest.raises(BadBundle, match=message) as e:  # the kind a caller acts on
         Pipeline.from_bundle(copy, n_ctx=1024)
     assert "mra.json" in str(e.value) or "bundle" in str(e.value)
 
@@ -66,7 +66,7 @@ def test_a_symlinked_artifact_pointing_out_of_the_bundle_is_refused(copy, tmp_pa
     outside = tmp_path / "outside.onnx"
     shutil.move(onnx, outside)
     onnx.symlink_to(outside)
-    with pytest.raises(MraError, match="symbolic link out of the bundle"):
+    with pytest.raises(BadBundle, match="symbolic link out of the bundle"):
         Pipeline.from_bundle(copy, n_ctx=1024)
 
 
@@ -159,7 +159,6 @@ def _external(bundle: Path) -> Path:
 
 
 def test_corrupt_external_weights_fail_verify_and_the_runtime(copy, capsys):
-    from mra.core.errors import BadBundle
     from mra.export.cli import main
 
     data = _external(copy)
@@ -218,8 +217,6 @@ def test_verify_refuses_a_gguf_labelled_as_the_vision_graph(copy, capsys):
 def test_an_artifact_reached_through_a_symlinked_folder_is_refused(copy, tmp_path, capsys):
     """`sub/vision.onnx` where `sub` links to a folder outside the bundle: verify and the runtime
     refuse it (the file itself is no link)."""
-    from mra.core.errors import BadBundle
-
     onnx = next(copy.glob("vision*.onnx"))
     outside = tmp_path / "elsewhere"
     outside.mkdir()
