@@ -16,12 +16,15 @@ from typing import Callable
 class MraError(Exception):
     """A problem the user can fix; the message says what, where and how.
 
-    ``MraError(what, reason)`` reads "what | reason" and keeps both parts as data, so a caller
-    that reports the reason under another heading (a skipped file, a changed folder) takes
-    ``e.reason`` instead of cutting the text; ``MraError(message)`` has no parts (both None).
+    ``MraError(what, reason)`` and ``MraError("what | reason")`` read the same and keep both
+    parts as data, so a caller that reports the reason under another heading (a skipped file, a
+    changed folder) takes ``e.reason`` instead of cutting the text; a message without the
+    project's " | " has no parts (both None).
     """
 
     def __init__(self, what: str, reason: str | None = None):
+        if reason is None and isinstance(what, str) and " | " in what:
+            what, reason = what.split(" | ", 1)
         self.what, self.reason = (what, reason) if reason is not None else (None, None)
         super().__init__(what if reason is None else f"{what} | {reason}")
 

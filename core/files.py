@@ -5,10 +5,12 @@ that looks valid."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -34,6 +36,24 @@ def sha256_stream(f: BinaryIO, h=None, chunk: int = 1 << 22):
     while b := f.read(chunk):
         h.update(b)
     return h
+
+
+def open_regular(path: str | os.PathLike, follow_symlinks: bool = True) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file only: opened without blocking (a FIFO's open would
+    wait for a writer) and checked with fstat on the open descriptor, so neither a FIFO, a device
+    (/dev/zero never ends) nor a file swapped in after a check is read. ``follow_symlinks=False``
+    refuses a symbolic link itself (O_NOFOLLOW). Raises OSError."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, socket, device or folder)", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def partial_name(path: Path) -> Path:

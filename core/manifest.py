@@ -254,20 +254,36 @@ def describe_file(path: Path) -> tuple[int, str]:
 
 
 def verify_artifact(bundle: str | Path, a: Artifact, check_hash: bool = True) -> Path:
-    """The artifact's path after checking it exists with the recorded size (and sha256)."""
+    """The artifact's path after checking that it and its external weights lie inside the bundle
+    (no symbolic link, of a file or of a folder on the way, leads out) with the recorded sizes
+    (and sha256s, where recorded). :class:`BadBundle` names the first problem."""
     check_bundle_path(a.file, f"bundle {bundle} artifact")
-    path = Path(bundle) / a.file
-    if path.is_symlink() and not path.resolve().is_relative_to(Path(bundle).resolve()):
-        raise BadBundle(f"{path} | a symbolic link out of the bundle ({path.resolve()}); refusing it")
-    if not path.is_file():
-        raise BadBundle(f"bundle {bundle} | {a.file} is listed in {MANIFEST_FILE} but missing")
+    path = _inside(bundle, a.file, f"{a.file} is listed in {MANIFEST_FILE} but missing")
     if path.stat().st_size != a.size:
         raise BadBundle(f"{path} | {path.stat().st_size} bytes, the manifest says {a.size}: truncated or replaced; "
-                       "re-export the bundle")
+                        "re-export the bundle")
     if check_hash and sha256_file(path) != a.sha256:
         raise BadBundle(f"{path} | sha256 differs from the manifest: corrupt or replaced; re-export the bundle")
+    sizes, hashes = a.info.get("external_data_size") or {}, a.info.get("external_data_sha256") or {}
     for extra in a.info.external_data:
         check_bundle_path(extra, f"bundle {bundle} artifact {a.file}")
-        if not (Path(bundle) / extra).is_file():
-            raise BadBundle(f"bundle {bundle} | {extra} (external weights of {a.file}) is missing")
+        p = _inside(bundle, extra, f"{extra} (external weights of {a.file}) is missing")
+        if isinstance(sizes.get(extra), int) and p.stat().st_size != sizes[extra]:
+            raise BadBundle(f"{p} | {p.stat().st_size} bytes, the manifest says {sizes[extra]} (external weights of "
+                            f"{a.file}): truncated or replaced; re-export the bundle")
+        if check_hash and extra in hashes and sha256_file(p) != hashes[extra]:
+            raise BadBundle(f"{p} | sha256 differs from the manifest (external weights of {a.file}): corrupt or "
+                            "replaced; re-export the bundle")
+    return path
+
+
+def _inside(bundle: str | Path, name: str, missing: str) -> Path:
+    """``bundle / name``, a regular file whose real path is inside the real bundle folder."""
+    path = Path(bundle) / name
+    real = path.resolve()
+    if not real.is_relative_to(Path(bundle).resolve()):
+        raise BadBundle(f"{path} | a symbolic link out of the bundle (the file or a folder on its way, to {real}); "
+                        "refusing it")
+    if not path.is_file():
+        raise BadBundle(f"bundle {bundle} | {missing}")
     return path

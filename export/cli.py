@@ -4,7 +4,7 @@
   mra-export --bundle BUNDLE --target trt             (engines on the device, no torch)
   mra-export make-tiny OUT [--preset tiny|7b|x]       (random checkpoints for tests/demos)
   mra-export plan-memory --bundle BUNDLE              (Jetson memory budget)
-  mra-export verify --bundle BUNDLE                   (every artifact's size, sha256, GGUF header)
+  mra-export verify --bundle BUNDLE                   (sizes, sha256s, the manifest against the headers)
   mra-export inspect --bundle BUNDLE                  (artifacts and the per-layer INT8 report)
 """
 
@@ -232,7 +232,8 @@ def run_plan_memory(a: argparse.Namespace) -> None:
 
 def verify_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Check a bundle on disk: the manifest, every artifact's size "
-                                "and sha256, and each GGUF's header.")
+                                "and sha256 (external weights too), and the manifest against the files' headers "
+                                "(graph kind, embedding width).")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--no-hash", action="store_true", help="sizes and headers only (fast on multi-GB files)")
     return p

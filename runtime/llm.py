@@ -22,7 +22,7 @@ from typing import Any, Hashable, Sequence, Union
 
 import numpy as np
 
-from mra.core.errors import ContextOverflow, MraError
+from mra.core.errors import ContextOverflow, LimitExceeded, MraError
 
 from .llama_enums import KV_TYPES, constant, flash_attn_type, kv_type as kv_type_value
 
@@ -247,8 +247,10 @@ class LlamaSession:
             raise MraError(f"kv_type | got {kv_type!r}, expected one of {', '.join(KV_TYPES)}")
         # llama.cpp asserts (aborting the process) on some nonsense sizes: refuse them here.
         for name, v, allow_none in (("n_ctx", n_ctx, True), ("n_threads", n_threads, True), ("n_batch", n_batch, False)):
-            if (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 24):
-                continue
+            if (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                if name == "n_ctx" or v is None or v < 1 << 24:  # n_ctx: checked against the model below
+                    continue
+                raise LimitExceeded(f"{name} | got {v}, expected less than {1 << 24}")
             raise MraError(f"{name} | got {v!r}, expected a positive integer")
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
             raise MraError(f"n_gpu_layers | got {n_gpu_layers!r}, expected an integer (-1: all)")
@@ -266,6 +268,10 @@ class LlamaSession:
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.model))
         self.bos = int(lib.llama_vocab_bos(self.vocab))
         self.eos = int(lib.llama_vocab_eos(self.vocab))
+        if n_ctx is not None and n_ctx > self.n_ctx_train:  # past it answers degrade (no rope scaling here)
+            self.close()
+            raise LimitExceeded(f"n_ctx | got {n_ctx}, over the model's limit of {self.n_ctx_train} positions (the "
+                                f"context it was trained with); pass at most {self.n_ctx_train}")
         if n_gpu_layers == 0:
             self._check_kv_memory(n_ctx or self.n_ctx_train, kv_type)
 
@@ -304,9 +310,9 @@ class LlamaSession:
         free = available_memory()
         if free is not None and need > free:
             self.close()
-            raise MraError(f"n_ctx | {n_ctx} positions need a {need / 2**30:.1f} GiB {kv_type} KV cache, "
-                           f"{free / 2**30:.1f} GiB of memory is available; pass a smaller n_ctx (trained: "
-                           f"{self.n_ctx_train}) or a quantized kv_type")
+            raise LimitExceeded(f"n_ctx | {n_ctx} positions need a {need / 2**30:.1f} GiB {kv_type} KV cache, "
+                                f"{free / 2**30:.1f} GiB of memory is available; pass a smaller n_ctx (trained: "
+                                f"{self.n_ctx_train}) or a quantized kv_type")
 
     # --- batches ------------------------------------------------------------------
     def _new_batch(self, embd: int):

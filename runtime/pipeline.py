@@ -35,14 +35,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mra.core.errors import ContextOverflow, MraError
-from mra.core.files import sha256_stream
+from mra.core.errors import BadImage, Closed, ContextOverflow, MraError
+from mra.core.files import open_regular, sha256_stream
 from mra.core.manifest import Artifact, Manifest, verify_artifact
 
 from .gguf_types import LLM_QUANT_ORDER
 from .constraint import ConstraintCompiler, Grammar, grammar_for
 from .llm import Embeddings, LlamaSession, Sampler, use_flash_attn
-from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
+from .preprocess import ImageLike, check_image_file, load_image, preprocess_image, probe_image
 from .prompt import Conversation, ImageSlot, Template, check_text, count_positions, tokenize_parts
 from .prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PendingEmbeddings, PromptCache
@@ -131,42 +131,30 @@ def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def image_key(image: ImageLike, exif_transpose: bool = False) -> str:
-    """sha256 of the image content (file bytes, or mode/size/pixels), the embedding cache key.
-    A file is checked first (a regular file PIL recognises) and hashed in a stream."""
+    """sha256 of the image content (encoded bytes, a file's bytes, or mode/size/pixels), the
+    embedding cache key. Encoded images pass the gate's header checks (format list, pixel bound)
+    first and are hashed without being decoded; a file is hashed in a stream."""
     h = hashlib.sha256(b"exif" if exif_transpose else b"raw")
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        probe_image(image)
+        h.update(b"file:" + bytes(image))  # the same key as the same bytes in a file
+    elif isinstance(image, (str, os.PathLike)):
         p = Path(image)
         check_image_file(p)  # missing, broken link, folder, FIFO, device, empty: one clear error
         try:
-            with open(p, "rb") as f:
-                if not _looks_like_image(f):
-                    load_image(p)  # raises PIL's precise complaint
+            with open_regular(p) as f:  # still a regular file when opened
+                probe_image(f, f"image {p}")
                 f.seek(0)
                 h.update(b"file:")
                 sha256_stream(f, h)
         except OSError as e:
-            raise MraError(f"image {p} | cannot read it: {e.strerror or e}") from None
+            raise BadImage(f"image {p} | cannot read it: {e.strerror or e}") from None
     elif isinstance(image, np.ndarray):
         h.update(f"array:{image.dtype}:{image.shape}:".encode() + np.ascontiguousarray(image).tobytes())
     else:
         im = load_image(image)  # type check
         h.update(f"pil:{im.mode}:{im.size}:".encode() + im.tobytes())
     return h.hexdigest()
-
-
-def _looks_like_image(f) -> bool:
-    """Whether PIL identifies the file from its header (without decoding the pixels)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .preprocess import image_formats
-
-    try:
-        with Image.open(f, formats=image_formats()) as im:
-            return im.size is not None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
-        return False
-    except Exception:  # a decompression-bomb error and the like: load_image words it
-        return False
 
 
 def prompt_cache_identity(vision: Artifact, llm: Artifact, kv_type: str, n_ctx: int, flash_attn: bool) -> dict:
@@ -291,6 +279,7 @@ class Pipeline:
     def encode_image(self, image: ImageLike) -> np.ndarray:
         """float32 [N, D] image embeddings (preprocess + vision backend), cached by content."""
         with self.lock:
+            self._check_open()
             t = self.timings = Timings()
             emb = self._embed(image, t)
             t.stamp()
@@ -388,8 +377,7 @@ class Pipeline:
     def _prefill(self, conv: Conversation, images: Sequence[ImageLike | Embeddings],
                  t: Timings | None = None) -> Timings:
         """Encode images, tokenize, check the context, evaluate what the KV cache lacks."""
-        if self.llm is None:
-            raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
+        self._check_open()
         self._call += 1
         t = self.timings = t or Timings()
         embed = self._embed if self.prompt_cache is None else self._embed_pending  # issue 12: vision only if needed
@@ -435,8 +423,7 @@ class Pipeline:
                 on_done=None, t: Timings | None = None) -> Iterator[str]:
         """Prefill now (errors surface at the call), then stream the answer lazily."""
         p.check()
-        if self.llm is None:
-            raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
+        self._check_open()
         if p.grammar is not None and self._constraints is None:
             self._constraints = ConstraintCompiler(self.llm.vocab)
         constraint = self._constraints.compile(p.grammar) if p.grammar is not None else None
@@ -469,11 +456,11 @@ class Pipeline:
                 piece = text.feed(self.llm.token_bytes(tok))
                 if piece:
                     out.append(piece)
-                    yield piece
-                if (text.stopped and not p.ignore_eos) or self.llm.full or t.generated >= p.max_tokens:
-                    break
+                    yield piece  # the caller may close the Pipeline or call it again meanwhile
                 with self.lock:
                     self._check_current(call)
+                    if (text.stopped and not p.ignore_eos) or self.llm.full or t.generated >= p.max_tokens:
+                        break
                     self.llm.eval_token(tok)
             tail = text.finish()
             if tail:
@@ -487,9 +474,14 @@ class Pipeline:
                 on_done("".join(out))
 
     def _check_current(self, call: int) -> None:
-        if call != self._call or self.llm is None:
-            raise MraError("stream | another call was made on this Pipeline since this answer started; "
-                           "read a streamed answer to the end before the next call")
+        self._check_open()
+        if call != self._call:
+            raise Closed("stream | another call was made on this Pipeline since this answer started; "
+                         "read a streamed answer to the end before the next call")
+
+    def _check_open(self) -> None:
+        if self.llm is None:
+            raise Closed("pipeline | closed; open a new one with Pipeline.from_bundle")
 
     # --- lifetime -----------------------------------------------------------------------
     def close(self) -> None:

@@ -12,11 +12,14 @@ trained that way; pass ``exif_transpose=True`` for photos straight from a phone 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mra.core.errors import BadImage, LimitExceeded, MraError
 from mra.core.names import CLIP_MEAN, CLIP_STD, PAD_COLOR
 
-ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]  # bytes: an encoded image (PNG, JPEG, ...)
 
 # PIL refuses images above 2x this many pixels and only warns above 1x; we refuse
 # above 1x: a 90-megapixel "photo" is almost surely a decompression bomb.
@@ -63,35 +66,56 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def load_image(image: ImageLike, exif_transpose: bool = False) -> Image.Image:
-    """Return an RGB PIL image from a path, a PIL image or a uint8/uint16 array."""
-    if isinstance(image, (str, os.PathLike)):
-        image = _open(Path(image))
+    """The one image gate of every entry point (Pipeline, mra-run, mra-serve, Ray): an RGB PIL
+    image from encoded bytes, a path, a PIL image or a uint8/uint16 array. Encoded images are
+    decoded only by the photo decoders of :func:`image_formats` and only after their header's
+    pixel count passed :data:`MAX_PIXELS` (:class:`LimitExceeded`); whatever else is wrong is
+    :class:`BadImage`. No external program ever sees the bytes (Pillow runs Ghostscript for EPS,
+    which is not in the list)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = _decode(io.BytesIO(bytes(image)), "image")
+    elif isinstance(image, (str, os.PathLike)):
+        check_image_file(Path(image))
+        image = _decode(Path(image), f"image {image}")
     elif isinstance(image, np.ndarray):
         image = _from_array(image)
     elif isinstance(image, Image.Image):
-        try:
-            image.load()  # a lazily opened image decodes here: a truncated file fails with our error
-        except (OSError, SyntaxError, ValueError) as e:
-            raise BadImage(f"image {getattr(image, 'filename', '') or '(PIL image)'}", f"cannot decode: {e} "
-                           "(truncated or corrupt file?)") from None
+        image = _load_pil(image)
     else:
-        raise BadImage("image", f"got {type(image).__name__}, expected a path, a PIL image or a numpy array")
-    _check_size(image)
+        raise BadImage(f"image | got {type(image).__name__}, expected encoded bytes, a path, a PIL image or a numpy "
+                       "array")
+    check_pixels(image.size)
     if exif_transpose:
         try:
             image = ImageOps.exif_transpose(image)
         except (OSError, SyntaxError, ValueError, KeyError, TypeError) as e:  # a damaged EXIF block
-            raise BadImage("image", f"cannot apply its EXIF orientation ({e}); pass exif_transpose=False") from None
+            raise BadImage(f"image | cannot apply its EXIF orientation ({e}); pass exif_transpose=False") from None
     return to_rgb(image)
 
 
-def _check_size(image: Image.Image, where: str = "image") -> None:
-    w, h = image.size
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str
+    width: int
+    height: int
+
+
+def probe_image(data: bytes | BinaryIO, where: str = "image") -> ImageHeader:
+    """Format and size of an encoded image (bytes or an open binary file) from its header alone,
+    with the checks of :func:`load_image` (format list, pixel bound) and no pixel decoded: what
+    a request parser may afford before the request is queued."""
+    fp = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    with _opened(fp, where) as im:
+        return ImageHeader(im.format, *im.size)
+
+
+def check_pixels(size: tuple[int, int], where: str = "image") -> None:
+    w, h = size
     if w < 1 or h < 1:
-        raise BadImage(where, f"{w}x{h} pixels: the image is empty")
+        raise BadImage(f"{where} | {w}x{h} pixels: the image is empty")
     if w * h > MAX_PIXELS:
-        raise LimitExceeded(where, f"{w}x{h} pixels is over the limit of {MAX_PIXELS}: refusing a possible "
-                       "decompression bomb; downscale it first")
+        raise LimitExceeded(f"{where} | {w}x{h} pixels is over the limit of {MAX_PIXELS} pixels: refusing a possible "
+                            "decompression bomb; downscale it first")
 
 
 def check_image_file(path: Path) -> None:
@@ -101,37 +125,60 @@ def check_image_file(path: Path) -> None:
         st = path.stat()
     except FileNotFoundError:
         broken = path.is_symlink()
-        raise BadImage(f"image {path}", f"{'a broken symbolic link' if broken else 'file not found'}") from None
+        raise BadImage(f"image {path} | {'a broken symbolic link' if broken else 'file not found'}") from None
     except OSError as e:
-        raise BadImage(f"image {path}", f"cannot read it: {e.strerror or e}") from None
+        raise BadImage(f"image {path} | cannot read it: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise BadImage(f"image {path}", "is a folder, expected an image file")
+        raise BadImage(f"image {path} | is a folder, expected an image file")
     if not stat.S_ISREG(st.st_mode):
-        raise BadImage(f"image {path}", "not a regular file (a FIFO, socket or device); expected an image file")
+        raise BadImage(f"image {path} | not a regular file (a FIFO, socket or device); expected an image file")
     if st.st_size == 0:
-        raise BadImage(f"image {path}", "the file is empty")
+        raise BadImage(f"image {path} | the file is empty")
 
 
-def _open(path: Path) -> Image.Image:
-    check_image_file(path)
+@contextlib.contextmanager
+def _opened(fp, where: str) -> Iterator[Image.Image]:
+    """``Image.open`` limited to :func:`image_formats`, its header's pixel count checked before
+    the body runs; PIL's complaints (in the body too, e.g. at ``load()``) as our errors."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=image_formats()) as im:
-                _check_size(im, f"image {path}")
-                im.load()  # decode now, so a truncated file fails here and not later
-                return im.copy()
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixels is the stricter bound
+            with Image.open(fp, formats=image_formats()) as im:
+                check_pixels(im.size, where)
+                yield im
     except MraError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise LimitExceeded(f"image {path}", f"refusing a possible decompression bomb: {e}") from None
+    except Image.DecompressionBombError as e:  # PIL's own bound (2x ours) is checked inside Image.open
+        raise LimitExceeded(f"{where} | over the limit of {MAX_PIXELS} pixels ({e}): refusing a possible "
+                            "decompression bomb; downscale it first") from None
     except UnidentifiedImageError:
-        raise BadImage(f"image {path}", f"not an image file PIL can read (accepted: {', '.join(IMAGE_FORMATS)})") \
+        raise BadImage(f"{where} | not an image file PIL can read (accepted: {', '.join(image_formats())})") \
             from None
     except MemoryError:
-        raise BadImage(f"image {path}", "out of memory decoding it") from None
+        raise LimitExceeded(f"{where} | out of memory decoding it") from None
+    except Exception as e:  # OSError, SyntaxError, ValueError, struct.error, ...: a damaged file
+        raise BadImage(f"{where} | cannot decode: {type(e).__name__}: {e} (truncated or corrupt file?)") from None
+
+
+def _decode(fp, where: str) -> Image.Image:
+    with _opened(fp, where) as im:
+        im.load()  # decode now, so a truncated file fails here and not later
+        return im.copy()
+
+
+def _load_pil(image: Image.Image) -> Image.Image:
+    """A caller's PIL image: one lazily opened by ``Image.open`` is decoded here, so its format
+    must be one we decode (an EPS would run Ghostscript at ``load()``) and its size within bounds."""
+    where = f"image {getattr(image, 'filename', '') or '(PIL image)'}"
+    if image.format is not None and image.format not in (*image_formats(), "MPO"):  # JPEG's opener gives MPO
+        raise BadImage(f"{where} | a PIL image opened as {image.format}, accepted: {', '.join(image_formats())}; "
+                       "convert it first (image.convert('RGB'))")
+    check_pixels(image.size, where)
+    try:
+        image.load()  # a lazily opened image decodes here: a truncated file fails with our error
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImage(f"image {path}", f"cannot decode: {e} (truncated or corrupt file?)") from None
+        raise BadImage(f"{where} | cannot decode: {e} (truncated or corrupt file?)") from None
+    return image
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
@@ -139,12 +186,12 @@ def _from_array(a: np.ndarray) -> Image.Image:
         a = (a.astype(np.uint32) * 255 + 32767) // 65535
         a = a.astype(np.uint8)
     if a.dtype != np.uint8:
-        raise BadImage("image array", f"got dtype {a.dtype}, expected uint8 (or uint16)")
+        raise BadImage(f"image array | got dtype {a.dtype}, expected uint8 (or uint16)")
     if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)):
         if 0 in a.shape[:2]:
-            raise BadImage("image array", f"shape {a.shape}: the image is empty")
+            raise BadImage(f"image array | shape {a.shape}: the image is empty")
         return Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
-    raise BadImage("image array", f"got shape {a.shape}, expected HxW, HxWx3 or HxWx4")
+    raise BadImage(f"image array | got shape {a.shape}, expected HxW, HxWx3 or HxWx4")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -152,14 +199,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         a = np.asarray(image, dtype=np.uint32 if image.mode != "I" else np.int64)
         image = Image.fromarray(((np.clip(a, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
     if image.mode == "F":  # floats in an unknown range: any guess would give a wrong picture silently
-        raise BadImage("image", "PIL mode 'F' (32-bit float pixels) has no defined 8-bit range; convert it to "
+        raise BadImage("image | PIL mode 'F' (32-bit float pixels) has no defined 8-bit range; convert it to "
                        "8-bit RGB ('L' or 'RGB') with the scaling your data needs first")
     if image.mode == "RGB":
         return image
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as e:
-        raise BadImage("image", f"PIL cannot convert mode {image.mode!r} to RGB ({e}); convert it to RGB first") from None
+        raise BadImage(f"image | PIL cannot convert mode {image.mode!r} to RGB ({e}); convert it to RGB first") from None
 
 
 def expand_to_square(image: Image.Image, color=PAD_COLOR) -> Image.Image:
@@ -189,11 +236,11 @@ def pad_resize(image: Image.Image, size: int, color=PAD_COLOR) -> Image.Image:
         return image.resize((size, size), resample=Image.Resampling.BICUBIC)
     need = side * size * 3
     if need > MAX_INTERMEDIATE_BYTES:
-        raise LimitExceeded("image", f"{w}x{h} pixels: padding to a {side}-pixel square and resizing to {size} needs "
+        raise LimitExceeded(f"image | {w}x{h} pixels: padding to a {side}-pixel square and resizing to {size} needs "
                        f"{need / 2**20:.0f} MiB, over the bound of {MAX_INTERMEDIATE_BYTES >> 20} MiB (longest side "
                        f"at most {MAX_INTERMEDIATE_BYTES // (3 * size)} pixels at S={size}); crop or downscale it first")
     if h > w and h > MAX_TALL_SIDE:
-        raise LimitExceeded("image", f"{w}x{h} pixels: a portrait image is padded to a {h}-pixel square, over the bound "
+        raise LimitExceeded(f"image | {w}x{h} pixels: a portrait image is padded to a {h}-pixel square, over the bound "
                        f"of {MAX_TALL_SIDE} pixels for its height; crop or downscale it first")
     bicubic = Image.Resampling.BICUBIC
     rows = Image.new("RGB", (size, side))  # the horizontal pass of every canvas row

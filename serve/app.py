@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -50,6 +51,9 @@ class ServerSettings:
 def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> Starlette:
     """The ASGI app serving ``backend``; the backend is started and stopped with the app."""
     metrics = Metrics()
+    # fetching an image URL is part of the request: its deadline is never longer than the request's
+    images = dataclasses.replace(settings.images, url_timeout_s=min(settings.images.url_timeout_s,
+                                                                    settings.request_timeout_s))
 
     def check_key(request: Request) -> None:
         if settings.api_key is None:
@@ -79,7 +83,7 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
         try:
             check_key(request)
             body = await _read_json(request, settings.max_body_bytes, settings.limits)
-            job = await asyncio.to_thread(parse_chat_request, body, settings.images, settings.limits)
+            job = await asyncio.to_thread(parse_chat_request, body, images, settings.limits)
             if not backend.ready():
                 raise not_ready()
             run = _Run(job, backend.generate(job), start + settings.request_timeout_s, start, metrics,

@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
                    default=RequestLimits.max_text_chars, help="characters of message text per request, checked "
                    f"before tokenizing (default {RequestLimits.max_text_chars})")
     h.add_argument("--allow-files", type=Path, help="accept image_url file paths inside this folder")
-    h.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (size-capped, 10 s timeout)")
+    h.add_argument("--allow-urls", action="store_true",
+                   help="fetch http(s) image URLs (size-capped; 10 s for a whole fetch, at most --timeout)")
     add_ray_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

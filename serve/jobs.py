@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
-import io
-import urllib.request
+import socket
+import threading
+import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +33,9 @@ MAX_STOP = 4  # OpenAI's limit on stop strings
 class ImagePolicy:
     """Where images may come from besides ``data:`` URLs."""
     allow_files: Path | None = None  # local paths (or file:// URLs) inside this folder
-    allow_urls: bool = False  # http(s) URLs, fetched with a size cap and a timeout
+    allow_urls: bool = False  # http(s) URLs, fetched with a size cap, bounded redirects and one deadline
     max_image_bytes: int = 20 << 20
-    url_timeout_s: float = 10.0
+    url_timeout_s: float = 10.0  # one deadline for a whole fetch; build_app keeps it within the request timeout
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,14 @@ class ImageInput:
     key: str
 
     def open(self):
-        """The decoded PIL image (RGB conversion is the preprocessing's business); decoded once,
-        when the request is checked, and kept for the backend in this process."""
+        """The decoded RGB PIL image, through the runtime's one image gate (``load_image``). The
+        request parser checked only the header (:func:`load_image_url`); the pixels are decoded
+        here, when the job runs, under the queue bound, and kept for the backend in this process."""
         im = self.__dict__.get("_decoded")
         if im is None:
-            from PIL import Image
+            from mra.runtime.preprocess import load_image
 
-            im = Image.open(io.BytesIO(self.data))
-            im.load()
+            im = load_image(self.data)
             object.__setattr__(self, "_decoded", im)
         return im
 
@@ -258,7 +261,8 @@ def _content(content: Any, where: str, role: str, policy: ImagePolicy,
 
 
 def load_image_url(url: str, policy: ImagePolicy) -> ImageInput:
-    """The bytes behind an image URL, checked to decode as an image."""
+    """The bytes behind an image URL, their header checked by the runtime's image gate (a format
+    it decodes, a pixel count within its bound); the pixels are decoded only when the job runs."""
     if url.startswith("data:"):
         head, sep, payload = url.partition(",")
         if not sep or not head.endswith(";base64") or not head[5:].startswith("image/"):
@@ -278,12 +282,16 @@ def load_image_url(url: str, policy: ImagePolicy) -> ImageInput:
         data = _read_file(url, policy)
     if len(data) > policy.max_image_bytes:
         raise _too_big(len(data), policy)
-    image = ImageInput(data, hashlib.sha256(data).hexdigest())
+    from mra.core.errors import LimitExceeded, MraError
+    from mra.runtime.preprocess import probe_image
+
     try:
-        image.open()
-    except Exception as e:  # PIL raises several types for undecodable data
-        raise bad(f"image_url | not a decodable image ({type(e).__name__}: {e})", "messages", "bad_image") from None
-    return image
+        probe_image(data, "image_url")
+    except LimitExceeded as e:
+        raise bad(str(e), "messages", "image_too_large") from None
+    except MraError as e:
+        raise bad(str(e), "messages", "bad_image") from None
+    return ImageInput(data, hashlib.sha256(data).hexdigest())
 
 
 def _too_big(n: int, policy: ImagePolicy) -> ApiError:
@@ -291,18 +299,88 @@ def _too_big(n: int, policy: ImagePolicy) -> ApiError:
                     param="messages", code="image_too_large")
 
 
+MAX_REDIRECTS = 3
+
+
 def _fetch(url: str, policy: ImagePolicy) -> bytes:
+    """GET an http(s) image within one overall deadline (``url_timeout_s``: connecting, headers,
+    redirects and body together; a server that trickles bytes is cut there), at most
+    MAX_REDIRECTS redirects to http(s) URLs, at most ``max_image_bytes``."""
+    deadline = time.monotonic() + policy.url_timeout_s
+    for _ in range(MAX_REDIRECTS + 1):
+        status, location, data = _get(url, policy, deadline)
+        if location is None:
+            if status != 200:
+                raise bad(f"image_url | {url} answered HTTP {status}, expected 200", "messages", "bad_image")
+            return data
+        url = urllib.parse.urljoin(url, location)
+        if not url.startswith(("http://", "https://")):
+            raise bad(f"image_url | redirected to {url}; only http(s) URLs are fetched", "messages", "bad_image")
+    raise bad(f"image_url | more than {MAX_REDIRECTS} redirects; send the final URL", "messages", "bad_image")
+
+
+def _get(url: str, policy: ImagePolicy, deadline: float) -> tuple[int, str | None, bytes]:
+    """One GET: (status, redirect location or None, body). A timer shuts the socket down at the
+    deadline, which ends any read blocked on it: per-read socket timeouts alone never bound a
+    server that sends a byte every few seconds."""
+    import http.client
+
+    parts = urllib.parse.urlsplit(url)
+    remaining = deadline - time.monotonic()
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     try:
-        with urllib.request.urlopen(url, timeout=policy.url_timeout_s) as r:  # noqa: S310 (http(s) checked above)
-            data = r.read(policy.max_image_bytes + 1)
-    except Exception as e:
+        conn = cls(parts.hostname or "", parts.port, timeout=max(remaining, 0.001))
+    except (ValueError, http.client.HTTPException) as e:  # a bad port and the like
+        raise bad(f"image_url | cannot fetch {url}: {e}", "messages", "bad_image") from None
+    sockets: list[socket.socket] = []  # the connection gives its socket up to the response: keep it here
+    timer = threading.Timer(max(remaining, 0.0), _shut, (sockets,))
+    timer.daemon = True
+    timer.start()
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.connect()  # bounded by the connection's timeout
+        sockets.append(conn.sock)
+        if time.monotonic() >= deadline:  # the timer fired while connecting
+            raise TimeoutError
+        conn.request("GET", target, headers={"Accept": "image/*", "User-Agent": "mra-serve"})
+        r = conn.getresponse()
+        if r.status in (301, 302, 303, 307, 308) and r.getheader("location"):
+            return r.status, r.getheader("location"), b""
+        declared = r.getheader("content-length", "")
+        if declared.isdigit() and int(declared) > policy.max_image_bytes:
+            raise _too_big(int(declared), policy)
+        data = bytearray()
+        while chunk := r.read1(1 << 16):
+            data += chunk
+            if len(data) > policy.max_image_bytes:
+                raise _too_big(len(data), policy)
+        if time.monotonic() >= deadline:  # the timer cut the body short
+            raise TimeoutError
+        return r.status, None, bytes(data)
+    except ApiError:
+        raise
+    except Exception as e:  # refused, reset, a bad status line, a certificate, the deadline, ...
+        if time.monotonic() >= deadline:
+            raise bad(f"image_url | fetching {url} took longer than {policy.url_timeout_s:g} s (the deadline for a "
+                      "whole fetch, inside the server's --timeout); send the image as a data: URL",
+                      "messages", "bad_image") from None
         raise bad(f"image_url | cannot fetch {url}: {type(e).__name__}: {e}", "messages", "bad_image") from None
-    if len(data) > policy.max_image_bytes:
-        raise _too_big(len(data), policy)
-    return data
+    finally:
+        timer.cancel()
+        conn.close()
+
+
+def _shut(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _read_file(url: str, policy: ImagePolicy) -> bytes:
+    """A file inside ``allow_files``, read only if it is a regular file within the size bound
+    (a FIFO or a device there never blocks or floods the parser)."""
+    from mra.core.files import open_regular
+
     if policy.allow_files is None:
         raise bad("image_url | local files are refused; send a data:image/...;base64 URL, or start mra-serve with "
                   "--allow-files DIR", "messages", "file_not_allowed")
@@ -311,11 +389,16 @@ def _read_file(url: str, policy: ImagePolicy) -> bytes:
     path = (path if path.is_absolute() else root / path).resolve()
     if not path.is_relative_to(root):
         raise bad(f"image_url | {url} is outside the allowed folder {root}", "messages", "file_not_allowed")
-    if not path.is_file():
-        raise bad(f"image_url | {url}: no such file under {root}", "messages", "bad_image")
-    if path.stat().st_size > policy.max_image_bytes:
-        raise _too_big(path.stat().st_size, policy)
-    return path.read_bytes()
+    try:
+        with open_regular(path) as f:
+            data = f.read(policy.max_image_bytes + 1)
+    except FileNotFoundError:
+        raise bad(f"image_url | {url}: no such file under {root}", "messages", "bad_image") from None
+    except OSError as e:
+        raise bad(f"image_url | {url}: {e.strerror or e}", "messages", "bad_image") from None
+    if len(data) > policy.max_image_bytes:
+        raise _too_big(len(data), policy)
+    return data
 
 
 def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:

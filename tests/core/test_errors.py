@@ -15,9 +15,11 @@ from mra.core.errors import BadBundle, BadImage, LimitExceeded, MraError
 def test_parts_and_text():
     e = BadImage("image x.png", "the file is empty")
     assert str(e) == "image x.png | the file is empty" and (e.what, e.reason) == ("image x.png", "the file is empty")
-    plain = MraError("conversation | no open assistant turn to answer")
+    one = MraError("conversation | no open assistant turn to answer")  # the message form keeps its parts too
+    assert (one.what, one.reason) == ("conversation", "no open assistant turn to answer")
+    plain = MraError("no parts here")
     assert (plain.what, plain.reason) == (None, None)
-    for err in (e, plain):
+    for err in (e, one, plain):
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err) and back.reason == err.reason
 

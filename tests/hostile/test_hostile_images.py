@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from hostile_helpers import FAST
+from hostile_helpers import FAST, peak_rss_mb
 from mra.core.errors import MraError
 from mra.runtime.pipeline import image_key
 from mra.runtime.preprocess import (MAX_TALL_SIDE, expand_to_square, load_image, pad_resize, preprocess_image)
@@ -33,19 +30,6 @@ def test_pad_resize_is_the_reference_bit_for_bit(w, h, s, monkeypatch):
         assert np.array_equal(np.asarray(pad_resize(im, s)), np.asarray(ref))
 
 
-def _peak_rss_mb(code: str, cap_gib: int = 3) -> float:
-    """Peak RSS of ``code`` in a child whose address space is capped, so that a regression
-    fails with MemoryError instead of taking the machine's memory."""
-    cap = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({cap_gib} << 30, {cap_gib} << 30))\n"
-    # VmHWM, not getrusage: ru_maxrss survives exec, so a child of a big pytest would report its size.
-    r = subprocess.run([sys.executable, "-c", cap + textwrap.dedent(code) + textwrap.dedent("""
-        import re
-        print(int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).group(1)) // 1024)
-        """)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return float(r.stdout.split()[-1])
-
-
 def test_mra_run_answers_thin_images_in_bounded_memory(tiny_bundle, tmp_path):
     """1 x 20000 and 100000 x 10 PNGs (the padded squares: 1.6 GB and 40 GB in PIL): mra-run
     answers both with a peak RSS under 1 GB."""
@@ -54,7 +38,7 @@ def test_mra_run_answers_thin_images_in_bounded_memory(tiny_bundle, tmp_path):
     for w, h in ((1, 20000), (100000, 10)):
         Image.new("RGB", (w, h), (200, 10, 10)).save(folder / f"{w}x{h}.png")
     out = tmp_path / "answers.jsonl"
-    mb = _peak_rss_mb(f"""
+    mb = peak_rss_mb(f"""
         from mra.runtime.cli import run_main
         rc = run_main(["--bundle", {str(tiny_bundle)!r}, "--images", {str(folder)!r}, "--out", {str(out)!r},
                        "--prompt", "What?", "-q", *{FAST!r}])
@@ -109,7 +93,7 @@ def test_a_huge_non_image_is_refused_without_reading_it(tmp_path):
     with open(big, "wb") as f:  # 1.5 GB, sparse: costs no disk
         f.write(b"not an image at all")
         f.truncate(1500 << 20)
-    mb = _peak_rss_mb(f"""
+    mb = peak_rss_mb(f"""
         from mra.core.errors import MraError
         from mra.runtime.pipeline import image_key
         try:
@@ -154,3 +138,61 @@ def test_only_photo_formats_are_decoded(tmp_path):
     for fn in (load_image, image_key):
         with pytest.raises(MraError, match="not an image file PIL can read"):
             fn(p)
+
+
+# --- the one image gate: every entry point, the same formats and bounds -----------------------
+def test_no_input_bytes_reach_an_external_program(tmp_path, monkeypatch):
+    """EPS as bytes, as a file named .jpg, or as a PIL image a caller opened (Pillow would run
+    Ghostscript at its load()): BadImage; every accepted format decodes in-process; none of the
+    programs Pillow can run (fake ones first on PATH) ever runs."""
+    from PIL import EpsImagePlugin
+
+    from hostile_helpers import fake_programs
+    from mra.core.errors import BadImage
+    from mra.runtime.preprocess import image_formats, probe_image
+
+    programs = fake_programs(tmp_path / "bin", ("gs", "djpeg", "ppmquant", "ppmtogif", "convert"))
+    monkeypatch.setenv("PATH", f"{programs}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # found again on the PATH above
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="EPS")
+    eps = buf.getvalue()
+    (tmp_path / "photo.jpg").write_bytes(eps)
+    lazy = Image.open(io.BytesIO(eps))
+    for fn, arg in [(load_image, eps), (image_key, eps), (probe_image, eps), (load_image, tmp_path / "photo.jpg"),
+                    (preprocess_image, lazy)]:
+        with pytest.raises(BadImage):
+            fn(*([arg, 32] if fn is preprocess_image else [arg]))
+    for fmt in image_formats():  # every format the gate accepts decodes in-process
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format=fmt)
+        assert load_image(buf.getvalue()).size == (8, 8)
+        assert load_image(Image.open(buf)).size == (8, 8)  # as a caller opened it (a JPEG may open as MPO)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    assert Image.open(buf).format == "MPO" and load_image(Image.open(buf)).size == (8, 8)  # a camera's JPEG
+    assert not list(programs.glob("*-ran")), "an external program ran on input bytes"
+
+
+def test_a_png_bomb_is_refused_from_its_header_by_every_entry(tmp_path):
+    """A 13000 x 13000 PNG (507 MB decoded) as a path, as bytes and through a Pipeline's image
+    key: LimitExceeded naming the limit, in a child that never grows past a few hundred MB."""
+    from hostile_helpers import png_bomb
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_bomb(13000, 13000))
+    mb = peak_rss_mb(f"""
+        from pathlib import Path
+        from mra.core.errors import LimitExceeded
+        from mra.runtime.pipeline import image_key
+        from mra.runtime.preprocess import MAX_PIXELS, load_image, preprocess_image, probe_image
+        p = Path({str(path)!r})
+        for fn, arg in [(load_image, p), (load_image, p.read_bytes()), (image_key, p), (image_key, p.read_bytes()),
+                        (probe_image, p.read_bytes())]:
+            try:
+                fn(arg)
+                raise SystemExit(f"{{fn.__name__}} accepted the bomb")
+            except LimitExceeded as e:
+                assert f"limit of {{MAX_PIXELS}} pixels" in str(e), e
+        """)
+    assert mb < 400, f"peak RSS {mb} MB"

@@ -91,3 +91,33 @@ def test_chat_survives_a_line_that_is_not_utf8(tiny_bundle, photo_paths):
 def test_typed_pipeline_results_are_unchanged_for_valid_input(pipe, photo_paths):
     logits = pipe.next_token_logits(photo_paths[0], "Is it a cat?")
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+# --- POOR cases of issue 25: MraError where the README promises it, the real bound named ----------
+def test_reading_a_stream_after_close_is_closed_not_attribute_error(tiny_bundle):
+    from mra.core.errors import Closed
+    from mra.runtime import Pipeline
+
+    p = Pipeline.from_bundle(tiny_bundle, n_ctx=1024, n_threads=1)
+    stream = p.ask(None, "Hi", max_tokens=8, temperature=0, stream=True, ignore_eos=True)
+    assert next(stream)  # one piece read, then the Pipeline goes away under the reader
+    p.close()
+    with pytest.raises(Closed, match="closed"):
+        next(stream)
+    unread = None
+    with Pipeline.from_bundle(tiny_bundle, n_ctx=1024, n_threads=1) as q:
+        unread = q.ask(None, "Hi", max_tokens=8, stream=True)
+    with pytest.raises(Closed):
+        list(unread)
+    for call in (lambda: p.ask(None, "Hi"), lambda: p.encode_image(np.zeros((8, 8, 3), np.uint8)),
+                 lambda: p.chat().ask("Hi")):
+        with pytest.raises(Closed):
+            call()
+
+
+def test_an_oversized_n_ctx_names_the_models_limit(tiny_bundle):
+    from mra.core.errors import LimitExceeded
+    from mra.runtime import Pipeline
+
+    with pytest.raises(LimitExceeded, match=r"got 16777216, over the model's limit of \d+ positions"):
+        Pipeline.from_bundle(tiny_bundle, n_ctx=1 << 24, n_threads=1)

@@ -79,6 +79,25 @@ def test_text_only_and_follow_up_turn(client, reference, photo):
     assert batch2 == "0"  # the image's embeddings came from the vision replica's cache
 
 
+def test_images_pass_the_same_gate_under_ray(client, photo, tmp_path):
+    """A format outside the runtime's list is refused by the request parser, and an image whose
+    header is sound but whose pixels end early fails where the vision deployment decodes it: a
+    400 each, never a lost replica."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="PCX")
+    (tmp_path / "x.png").write_bytes(buf.getvalue())
+    data = photo("coffee.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    for name, message in [("x.png", "not an image file PIL can read"), ("cut.png", "cannot decode")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            ask(client, [user("What?", tmp_path / name)])
+    assert ask(client, [user("Hi")])[0] is not None
+
+
 def test_llm_replicas_share_the_prompt_cache(ray_server):
     folder = Path(ray_server.args[ray_server.args.index("--prompt-cache") + 1])
     assert list(folder.glob("*.mrakv"))  # the image prefixes above were saved (and answers still equal)
