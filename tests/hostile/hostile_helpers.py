@@ -72,10 +72,10 @@ class ServeProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen([str(BIN / "mra-serve"), "--bundle", str(bundle), "--port", str(self.port),
-                                      "--n-ctx", str(n_ctx), "--threads", "1", *args],
-                                     env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT,
-                                     text=True)
+        self.args = [str(BIN / "mra-serve"), "--bundle", str(bundle), "--port", str(self.port), "--n-ctx",
+                     str(n_ctx), "--threads", "1", *args]
+        self.proc = subprocess.Popen(self.args, env={**os.environ, **(env or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, text=True)
 
     def output(self) -> str:
         self.log.seek(0)
