@@ -28,6 +28,8 @@ from .llama_enums import KV_TYPES, constant, flash_attn_type, kv_type as kv_type
 
 log = logging.getLogger("mra.runtime.llama")
 
+MAX_CTX_OVER_TRAIN = 8  # n_ctx beyond this many times the trained context is refused
+
 
 def use_flash_attn(flash_attn: bool | None, kv_type: str, n_gpu_layers: int) -> bool:
     """None: on for a quantized KV cache (required) or GPU layers (fast there), else off. On the
@@ -268,10 +270,16 @@ class LlamaSession:
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.model))
         self.bos = int(lib.llama_vocab_bos(self.vocab))
         self.eos = int(lib.llama_vocab_eos(self.vocab))
-        if n_ctx is not None and n_ctx > self.n_ctx_train:  # past it answers degrade (no rope scaling here)
+        # Past the trained context answers degrade (no rope scaling here), yet benchmarks and long
+        # multi-image prompts may want it; far past it the request is a mistake, refused with the bound.
+        if n_ctx is not None and n_ctx > MAX_CTX_OVER_TRAIN * self.n_ctx_train:
             self.close()
-            raise LimitExceeded(f"n_ctx | got {n_ctx}, over the model's limit of {self.n_ctx_train} positions (the "
-                                f"context it was trained with); pass at most {self.n_ctx_train}")
+            raise LimitExceeded(f"n_ctx | got {n_ctx}, over {MAX_CTX_OVER_TRAIN}x the model's trained context of "
+                                f"{self.n_ctx_train} positions; pass at most {self.n_ctx_train} (answers degrade "
+                                "past it)")
+        if n_ctx is not None and n_ctx > self.n_ctx_train:
+            log.warning("n_ctx %d is past the model's trained context of %d positions: answers may degrade", n_ctx,
+                        self.n_ctx_train)
         if n_gpu_layers == 0:
             self._check_kv_memory(n_ctx or self.n_ctx_train, kv_type)
 

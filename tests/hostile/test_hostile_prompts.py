@@ -119,5 +119,5 @@ def test_an_oversized_n_ctx_names_the_models_limit(tiny_bundle):
     from mra.core.errors import LimitExceeded
     from mra.runtime import Pipeline
 
-    with pytest.raises(LimitExceeded, match=r"got 16777216, over the model's limit of \d+ positions"):
+    with pytest.raises(LimitExceeded, match=r"got 16777216, over 8x the model's trained context of \d+ positions"):
         Pipeline.from_bundle(tiny_bundle, n_ctx=1 << 24, n_threads=1)
