@@ -71,6 +71,16 @@ class ArtifactInfo(dict):
     def build_seconds(self) -> float | None:
         return self.get("build_seconds")
 
+    @property
+    def image_size(self) -> int | None:
+        """The input side S a vision graph or engine takes (None: a bundle's only size, unrecorded)."""
+        return self.get("image_size")
+
+    @property
+    def vision_flops(self) -> int | None:
+        """FLOPs of one image through the vision side at this size (2 x multiply-accumulates)."""
+        return self.get("vision_flops")
+
     def latency_ms(self, batch: int = 1) -> float | None:
         """The median latency measured at build time for ``batch`` images, where it was measured."""
         return (self.get("latency_ms") or {}).get(str(batch))
@@ -116,6 +126,9 @@ class Manifest:
     artifacts: list[Artifact] = field(default_factory=list)
     format_version: int = MANIFEST_FORMAT
     mra_version: str = ""
+    # The input sizes of a bundle of several (``image_size`` is then the largest); empty: one size,
+    # ``image_size``, as every bundle had before, and the key is not written.
+    image_sizes: list[int] = field(default_factory=list)
 
     @classmethod
     def new(cls, source: dict, image_size: int, num_image_tokens: int, embed_dim: int) -> "Manifest":
@@ -139,9 +152,30 @@ class Manifest:
         return [a for a in self.artifacts if a.kind == kind and (format is None or a.format == format)
                 and (precision is None or a.precision == precision)]
 
+    @property
+    def sizes(self) -> list[int]:
+        """Every input size the bundle's vision graphs take, smallest first."""
+        return sorted(self.image_sizes) if self.image_sizes else [self.image_size]
+
+    def image_rows(self) -> dict[int, int]:
+        """Image rows (embeddings the LLM reads) per input size."""
+        rows = {a.info.image_size: a.info["N"] for a in self.artifacts
+                if a.kind == "vision" and isinstance(a.info.image_size, int) and isinstance(a.info.get("N"), int)}
+        rows[self.image_size] = self.num_image_tokens
+        return {s: rows[s] for s in self.sizes if s in rows}
+
+    def vision_at(self, image_size: int) -> list[Artifact]:
+        """The vision graphs and engines of one input size (a one-size bundle: all of them)."""
+        if len(self.sizes) == 1:
+            return self.find("vision") if image_size == self.image_size else []
+        return [a for a in self.find("vision") if a.info.image_size == image_size]
+
     # --- persistence --------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        d = dataclasses.asdict(self)
+        if not d["image_sizes"]:
+            del d["image_sizes"]  # a one-size manifest reads as it always did
+        return json.dumps(d, indent=2) + "\n"
 
     def save(self, bundle: str | Path) -> Path:
         path = Path(bundle) / MANIFEST_FILE
@@ -174,6 +208,13 @@ class Manifest:
                                "bundle")
         for name in ("source", "preprocess", "prompt"):
             _field(d, name, dict, path, optional=name != "source")
+        sizes = d.get("image_sizes", [])
+        if not isinstance(sizes, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                  and 0 < x <= MAX_SIZES["image_size"] for x in sizes):
+            raise MraError(f"{path} image_sizes | got {sizes!r}, expected a list of positive sizes; re-export the bundle")
+        if sizes and max(sizes) != d["image_size"]:
+            raise MraError(f"{path} image_sizes | {sizes} does not end at image_size {d['image_size']}; re-export "
+                           "the bundle")
         if not isinstance(d.get("mra_version", ""), str):
             raise MraError(f"{path} mra_version | got {d['mra_version']!r}, expected a string")
         arts = d.get("artifacts", [])

@@ -52,7 +52,7 @@ class ExportOptions:
     out: Path
     model: Path | None = None  # checkpoint dir (None: work from an existing bundle)
     target: str = "onnx"  # onnx | trt
-    image_size: int | None = None
+    image_size: int | list[int] | None = None  # several: one bundle, chosen per request
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     calib_images: Path | None = None
     calib_method: str = Int8Options.method
@@ -77,6 +77,12 @@ class ExportOptions:
     trt_opt_level: int | None = None
 
     # The options as the export steps take them: each step gets only its own part.
+    def image_sizes(self) -> list[int] | None:
+        """The sizes asked for, distinct and smallest first (None: the checkpoint's own)."""
+        if self.image_size is None:
+            return None
+        return sorted({self.image_size} if isinstance(self.image_size, int) else set(self.image_size))
+
     def vision_bars(self) -> VisionBars:
         return VisionBars(self.max_rel_err, self.min_cosine)
 
@@ -281,6 +287,10 @@ def preflight(opts: ExportOptions) -> None:
     if opts.llm_only and not opts.llm_quants:
         raise MraError("--llm-only | with --llm-quant none there is nothing to export")
     if not opts.llm_only:
+        sizes = opts.image_sizes()
+        if opts.target == "trt" and sizes is not None and len(sizes) > 1:
+            raise MraError(f"--image-size {','.join(map(str, sizes))} | several sizes are exported for onnxruntime "
+                           "only so far; pass --target onnx, or one size for --target trt")
         if not opts.precisions:
             raise MraError("--precision | empty; expected one or more of fp32, fp16, int8")
         if "int8" in opts.precisions and opts.calib_images is not None:
@@ -319,16 +329,27 @@ def _build_checking_disk(opts: ExportOptions, work: Path, manifest: Manifest) ->
 def _new_manifest(opts: ExportOptions) -> Manifest:
     from mra.export.source import describe_source
 
-    return describe_source(opts.model, opts.image_size)
+    sizes = opts.image_sizes()
+    if sizes is not None and len(sizes) > 1:
+        from mra.model import check_image_size, read_vision_config
+
+        vit = read_vision_config(opts.model).vit
+        for s in sizes:  # every size checked before the first one's minutes of export
+            check_image_size(vit, s)
+    return describe_source(opts.model, None if sizes is None else sizes[-1])
 
 
 def _build(opts: ExportOptions, work: Path, manifest: Manifest) -> None:
     if not opts.llm_only:
-        from mra.export.onnx_export import export_vision_onnx
+        from mra.export.onnx_export import export_vision_onnx, export_vision_sizes
 
-        export_vision_onnx(opts.model, work, manifest, opts.precisions, bars=opts.vision_bars(),
-                           int8=opts.int8_options(), calib_images=opts.calib_images, calib_count=opts.calib_count,
-                           progress=opts.progress)
+        vision = dict(bars=opts.vision_bars(), int8=opts.int8_options(), calib_images=opts.calib_images,
+                      calib_count=opts.calib_count, progress=opts.progress)
+        sizes = opts.image_sizes()
+        if sizes is not None and len(sizes) > 1:
+            export_vision_sizes(opts.model, work, manifest, sizes, opts.precisions, **vision)
+        else:
+            export_vision_onnx(opts.model, work, manifest, opts.precisions, **vision)
         if opts.target == "trt":
             _export_engines(opts, work, manifest)
     if opts.llm_quants:

@@ -56,6 +56,15 @@ def _positive_int(name: str):
     return _number(name, int, lambda v: v >= 1, "a positive integer", unparsable="a positive integer")
 
 
+def _sizes(text: str) -> int | list[int]:
+    """--image-size 1024 or 384,768,1024."""
+    one = _positive_int("--image-size")
+    sizes = [one(t.strip()) for t in text.split(",") if t.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"--image-size | got {text!r}, expected a size or sizes such as 384,768,1024")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 def _fraction(name: str, low_open: bool = True):
     """A number in (0, 1] (or [0, 1]): thresholds, where nan or 5 would silently pass or fail everything."""
     return _number(name, float, (lambda v: 0 < v <= 1) if low_open else (lambda v: 0 <= v <= 1),
@@ -126,7 +135,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("onnx", "trt"), default=_default("target"),
                    help="onnx: ONNX graphs; trt: also TensorRT engines")
     p.add_argument("--out", type=Path, help="bundle directory to write (with --model)")
-    p.add_argument("--image-size", type=_positive_int("--image-size"), help="input side S (default: the checkpoint's input_image_size)")
+    p.add_argument("--image-size", type=_sizes, help="input side S (default: the checkpoint's input_image_size), or "
+                   "several, e.g. 384,768,1024: one bundle whose size is chosen per request against a budget "
+                   "(docs/resolution.md)")
     p.add_argument("--precision", type=_csv("--precision", PRECISIONS),
                    help=f"vision precisions, comma-separated (default: {','.join(_default('precisions'))} for onnx, "
                    f"{','.join(TRT_PRECISIONS)} for trt)")
