@@ -161,8 +161,8 @@ def export_vision_sizes(model: Path, work: Path, manifest: Manifest, sizes: Sequ
                 flops = vision_flops(model, s)
                 for a in part.find("vision"):
                     path = work / sized_vision_file(a.file, s)
-                    weights.add_graph(sub / a.file, path)
-                    a.info.update(vision_flops=flops)
+                    table = weights.add_graph(sub / a.file, path)
+                    a.info.update(vision_flops=flops, initializers=table)
                     done.append((path, a))
             finally:
                 shutil.rmtree(sub, ignore_errors=True)

@@ -28,15 +28,18 @@ class SharedWeights:
         self.stored = 0  # bytes of tensor data written
         self.referenced = 0  # bytes the graphs point at (more than stored: shared tensors count once per graph)
 
-    def add_graph(self, src: Path, dst: Path) -> None:
+    def add_graph(self, src: Path, dst: Path) -> dict[str, list]:
         """Write the graph at ``src`` (weights inline or beside it) to ``dst`` in ``self.path``'s
-        folder, its large initializers moved into the shared file."""
+        folder, its large initializers moved into the shared file. Returns where each one lies,
+        ``{name: [offset, length, dtype, dims]}``: the manifest records it, so that the runtime
+        (which has no ``onnx`` package) maps the tensors without parsing the graph."""
         import onnx
         from onnx import TensorProto, numpy_helper
 
         if Path(dst).parent != self.path.parent:
             raise ValueError(f"add_graph | {dst} must be beside {self.path}: locations are relative names")
         model = onnx.load(str(src))  # with its external data, if any
+        table = {}
         for t in model.graph.initializer:
             arr = numpy_helper.to_array(t)
             if arr.nbytes < MIN_BYTES:
@@ -51,9 +54,11 @@ class SharedWeights:
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
             self.referenced += len(data)
+            table[t.name] = [offset, len(data), arr.dtype.name, list(arr.shape)]
         tmp = Path(dst).with_name(f".{Path(dst).name}.partial")
         onnx.save_model(model, str(tmp))
         os.replace(tmp, dst)
+        return table
 
     def _offset(self, data: bytes) -> int:
         key = hashlib.sha256(data).digest()

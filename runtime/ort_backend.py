@@ -71,7 +71,7 @@ class OrtRunner:
     """
 
     def __init__(self, path: str | os.PathLike, providers: list | None = None, threads: int | None = None,
-                 allow_fallback: bool | None = None):
+                 allow_fallback: bool | None = None, initializers: dict | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -84,6 +84,11 @@ class OrtRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        self.initializers = initializers  # OrtValues the session uses in place: kept alive with it
+        if initializers:  # weights shared with other sessions (mapped_weights.py): no per-session repacked copy
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            for name, value in initializers.items():
+                opts.add_initializer(name, value)
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=requested)
         except Exception as e:
@@ -109,3 +114,4 @@ class OrtRunner:
 
     def __exit__(self, *exc) -> None:
         self.session = None
+        self.initializers = None
