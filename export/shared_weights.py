@@ -4,8 +4,8 @@ The graphs of one checkpoint at 384, 768 and 1024 hold the same weights (only th
 resampled position embeddings and the INT8 activation scales differ), so a bundle of several
 sizes stores each distinct tensor once, in ``VISION_WEIGHTS``, and every graph points at it by
 offset. The runtime maps that file once and hands the same buffers to the session of every
-size (``runtime/shared_initializers.py``). Offsets are page-aligned so that the mapping of
-one tensor never shares a page with a neighbour's."""
+size (``runtime/mapped_weights.py``). Offsets are 64-byte aligned: every dtype's alignment and a
+cache line, without the page padding that would double a small model's file."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-ALIGN = 4096
+ALIGN = 64
 MIN_BYTES = 1024  # smaller tensors stay inside their graph (scales, shapes, biases of tiny layers)
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 

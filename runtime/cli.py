@@ -71,6 +71,11 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (camera photos)")
     g.add_argument("--prompt-cache", type=Path, help="folder of saved image-prefix KV states: a later run on the "
                    "same image skips its vision and prefill (issue 12)")
+    b = p.add_argument_group("image budget (a bundle of several input sizes; docs/resolution.md)")
+    b.add_argument("--max-image-tokens", type=_positive(int, "--max-image-tokens"),
+                   help="the most image rows an image may cost the LLM: the largest size that fits runs")
+    b.add_argument("--vision-budget-ms", type=_number("--vision-budget-ms", 0, True),
+                   help="the most vision milliseconds (as the export recorded them) an image may take")
     s = p.add_argument_group("generation")
     s.add_argument("--max-tokens", type=_positive(int, "--max-tokens"), default=256)
     s.add_argument("--temperature", type=_number("--temperature", 0, False), default=0.0,
@@ -94,10 +99,15 @@ def _open_pipeline(a: argparse.Namespace):
 
 
 def _gen_kwargs(a: argparse.Namespace) -> dict:
-    kw = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=a.stop)
+    kw = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, stop=a.stop,
+              **_budget(a))
     if getattr(a, "json_schema", None) is not None:  # issue 12: mra-run --json-schema FILE
         kw["json_schema"] = a.json_schema if isinstance(a.json_schema, dict) else _read_schema(a.json_schema)
     return kw
+
+
+def _budget(a: argparse.Namespace) -> dict:
+    return dict(max_image_tokens=a.max_image_tokens, vision_budget_ms=a.vision_budget_ms)
 
 
 def _read_schema(path: Path) -> dict:
@@ -310,7 +320,7 @@ def _chat(argv: list[str]) -> int:
     with _open_pipeline(a) as pipe:
         chat = pipe.chat()
         if a.image is not None:
-            pipe.encode_image(a.image)  # fail now, not at the first question
+            pipe.encode_image(a.image, **_budget(a))  # fail now, not at the first question
             chat.reset(a.image)
         if interactive:
             print(f"mra-chat: {a.bundle} ({pipe.vision.label}, {pipe.llm_artifact.file}). {CHAT_HELP}",

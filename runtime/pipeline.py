@@ -249,6 +249,8 @@ class Pipeline:
         self._call = 0  # bumped by every call: a stream left open notices it is stale
         self.lock = threading.RLock()  # one caller at a time on the llama.cpp context (see the module doc)
         self.prompt_cache = prompt_cache  # persistent image-prefix KV states (issue 12), or None
+        # (max_image_tokens, vision_budget_ms) of a call that states none (mra-serve's server-wide default)
+        self.default_budget: tuple[int | None, float | None] = (None, None)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, vision: str = "auto", llm_quant: str | None = None,
@@ -304,12 +306,16 @@ class Pipeline:
             t.stamp()
             return emb.rows
 
-    def budget_timings(self, max_image_tokens: int | None = None, vision_budget_ms: float | None = None) -> Timings:
-        """A call's Timings, carrying the input size its budget chose to every image it encodes."""
+    def budget_timings(self, max_image_tokens: int | None = None, vision_budget_ms: float | None = None,
+                       detail: str | None = None) -> Timings:
+        """A call's Timings, carrying the input size its budget chose to every image it encodes.
+        A call that names no budget gets the pipeline's default one (``default_budget``)."""
         check_budget(max_image_tokens, vision_budget_ms)
+        if max_image_tokens is None and vision_budget_ms is None:
+            max_image_tokens, vision_budget_ms = self.default_budget
         if self.sizes is None:
             return Timings()
-        s = self.sizes.choose(max_image_tokens, vision_budget_ms)
+        s = self.sizes.choose(max_image_tokens, vision_budget_ms, detail)
         return Timings(image_size=s.size, image_rows=s.rows)
 
     def _size_of(self, t: Timings) -> tuple[int, int, str]:
@@ -378,7 +384,7 @@ class Pipeline:
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
                stream: bool = False, json_schema: dict | str | None = None, grammar: str | None = None,
                ignore_eos: bool = False, max_image_tokens: int | None = None,
-               vision_budget_ms: float | None = None) -> str | Iterator[str]:
+               vision_budget_ms: float | None = None, detail: str | None = None) -> str | Iterator[str]:
         """Answer the open assistant turn of ``conversation`` (built by the caller, e.g. from an
         OpenAI message list); ``image`` belongs to the turn marked ``image``. A conversation
         that extends the previous call's re-uses the KV cache."""
@@ -389,7 +395,7 @@ class Pipeline:
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
                                   grammar_for(json_schema, grammar))
         with self.lock:
-            t = self.budget_timings(max_image_tokens, vision_budget_ms)
+            t = self.budget_timings(max_image_tokens, vision_budget_ms, detail)
             pieces = self._answer(conversation, [image] if image is not None else [], params, t=t)
             return pieces if stream else "".join(pieces)
     # --- end issue 12 ---

@@ -43,15 +43,24 @@ def check_budget(max_image_tokens: int | None, vision_budget_ms: float | None) -
         raise MraError(f"vision_budget_ms | got {vision_budget_ms!r}, expected a positive number of milliseconds")
 
 
+DETAILS = ("low", "high", "auto")  # OpenAI's image_url.detail
+
+
 def choose_size(sizes: Sequence[ImageSize], max_image_tokens: int | None = None,
-                vision_budget_ms: float | None = None) -> ImageSize:
+                vision_budget_ms: float | None = None, detail: str | None = None) -> ImageSize:
     """The largest size whose rows and recorded latency fit the budget (a size without a
-    recorded latency fits any time budget). One size: that one, whatever the budget, as a
-    bundle of one size always behaved. Nothing fits: LimitExceeded, with the smallest size's cost."""
+    recorded latency fits any time budget). ``detail`` as OpenAI's image_url.detail: "low" the
+    smallest size, "high" the largest, "auto" (or None) the budget. One size: that one, whatever
+    the budget, as a bundle of one size always behaved. Nothing fits: LimitExceeded, with the
+    smallest size's cost."""
     check_budget(max_image_tokens, vision_budget_ms)
+    if detail is not None and detail not in DETAILS:
+        raise MraError(f"detail | got {detail!r}, expected one of {', '.join(DETAILS)}")
     ordered = sorted(sizes, key=lambda s: s.size)
-    if len(ordered) == 1:
+    if len(ordered) == 1 or detail == "low":
         return ordered[0]
+    if detail == "high":
+        return ordered[-1]
     fits = [s for s in ordered if (max_image_tokens is None or s.rows <= max_image_tokens)
             and (vision_budget_ms is None or s.latency_ms is None or s.latency_ms <= vision_budget_ms)]
     if fits:
@@ -100,8 +109,9 @@ class VisionSizes:
             self.close()
             raise
 
-    def choose(self, max_image_tokens: int | None = None, vision_budget_ms: float | None = None) -> ImageSize:
-        return choose_size(self.sizes, max_image_tokens, vision_budget_ms)
+    def choose(self, max_image_tokens: int | None = None, vision_budget_ms: float | None = None,
+               detail: str | None = None) -> ImageSize:
+        return choose_size(self.sizes, max_image_tokens, vision_budget_ms, detail)
 
     def at(self, size: int) -> ImageSize:
         for s in self.sizes:

@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16", help="KV cache type (default f16)")
     g.add_argument("--no-hash", action="store_true", help="check artifact sizes only, skip sha256")
     g.add_argument("--prompt-cache", type=Path, help="folder of saved image-prefix KV states, shared across runs")
+    g.add_argument("--max-image-tokens", type=_positive(int, "--max-image-tokens"),
+                   help="default image budget (a bundle of several sizes): the most image rows a request's image may "
+                   "cost when it sets neither image_url.detail nor max_image_tokens (docs/resolution.md)")
+    g.add_argument("--vision-budget-ms", type=_positive(float, "--vision-budget-ms"),
+                   help="default image budget in recorded vision milliseconds")
     g.add_argument("--prompt-cache-gb", type=_positive(float, "--prompt-cache-gb"), default=8.0,
                    help="size bound of --prompt-cache (default 8 GB, least recently used evicted)")
     add_ray_arguments(p)  # issue 16: mra-serve --ray
@@ -61,9 +66,11 @@ def parser() -> argparse.ArgumentParser:
 def open_pipeline(a: argparse.Namespace):
     from mra.runtime import Pipeline
 
-    return Pipeline.from_bundle(a.bundle, vision=a.vision, llm_quant=a.llm_quant, n_ctx=a.n_ctx, n_threads=a.threads,
+    pipe = Pipeline.from_bundle(a.bundle, vision=a.vision, llm_quant=a.llm_quant, n_ctx=a.n_ctx, n_threads=a.threads,
                                 n_gpu_layers=a.n_gpu_layers, kv_type=a.kv_type, verify_hash=not a.no_hash,
                                 prompt_cache=a.prompt_cache, prompt_cache_bytes=int(a.prompt_cache_gb * (1 << 30)))
+    pipe.default_budget = (getattr(a, "max_image_tokens", None), getattr(a, "vision_budget_ms", None))
+    return pipe
 
 
 def app_from_args(a: argparse.Namespace):
