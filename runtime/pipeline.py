@@ -297,11 +297,12 @@ class Pipeline:
 
     # --- images -----------------------------------------------------------------------
     def encode_image(self, image: ImageLike, max_image_tokens: int | None = None,
-                     vision_budget_ms: float | None = None) -> np.ndarray:
+                     vision_budget_ms: float | None = None, detail: str | None = None) -> np.ndarray:
         """float32 [N, D] image embeddings (preprocess + vision backend), cached by content, at
-        the largest input size that fits the budget (``timings.image_size`` says which)."""
+        the largest input size that fits the budget (``timings.image_size`` says which; ``detail``:
+        see ``vision_sizes.choose_size``)."""
         with self.lock:
-            t = self.timings = self.budget_timings(max_image_tokens, vision_budget_ms)
+            t = self.timings = self.budget_timings(max_image_tokens, vision_budget_ms, detail)
             emb = self._embed(image, t)
             t.stamp()
             return emb.rows
@@ -365,7 +366,7 @@ class Pipeline:
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
             ignore_eos: bool = False, json_schema: dict | str | None = None,
             grammar: str | None = None, max_image_tokens: int | None = None,
-            vision_budget_ms: float | None = None) -> str | Iterator[str]:
+            vision_budget_ms: float | None = None, detail: str | None = None) -> str | Iterator[str]:
         """Answer one question about one image (or none): a string, or text pieces when ``stream``.
         ``json_schema`` (a dict or its JSON) or ``grammar`` (GBNF) constrain the answer's form.
         ``max_image_tokens`` / ``vision_budget_ms``: the image runs at the largest input size of the
@@ -375,7 +376,7 @@ class Pipeline:
         conv = Conversation(self.template)
         conv.add_user(question, with_image=image is not None)
         with self.lock:
-            t = self.budget_timings(max_image_tokens, vision_budget_ms)
+            t = self.budget_timings(max_image_tokens, vision_budget_ms, detail)
             pieces = self._answer(conv, [image] if image is not None else [], params, t=t)
             return pieces if stream else "".join(pieces)
 
