@@ -129,6 +129,8 @@ class Manifest:
     # The input sizes of a bundle of several (``image_size`` is then the largest); empty: one size,
     # ``image_size``, as every bundle had before, and the key is not written.
     image_sizes: list[int] = field(default_factory=list)
+    # What `mra-export --fit DEVICE` planned (sizes, precisions, KV type, n_ctx); empty: no plan, not written.
+    plan: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def new(cls, source: dict, image_size: int, num_image_tokens: int, embed_dim: int) -> "Manifest":
@@ -173,8 +175,9 @@ class Manifest:
     # --- persistence --------------------------------------------------------------
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
-        if not d["image_sizes"]:
-            del d["image_sizes"]  # a one-size manifest reads as it always did
+        for key in ("image_sizes", "plan"):
+            if not d[key]:
+                del d[key]  # a one-size manifest without a plan reads as it always did
         return json.dumps(d, indent=2) + "\n"
 
     def save(self, bundle: str | Path) -> Path:
@@ -206,7 +209,7 @@ class Manifest:
             if d[name] > MAX_SIZES[name]:  # buffers are sized by these: a damaged value must not allocate
                 raise MraError(f"{path} {name} | got {d[name]}, expected at most {MAX_SIZES[name]}; re-export the "
                                "bundle")
-        for name in ("source", "preprocess", "prompt"):
+        for name in ("source", "preprocess", "prompt", "plan"):
             _field(d, name, dict, path, optional=name != "source")
         sizes = d.get("image_sizes", [])
         if not isinstance(sizes, list) or not all(isinstance(x, int) and not isinstance(x, bool)

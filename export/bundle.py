@@ -69,6 +69,7 @@ class ExportOptions:
     llm_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     force: bool = False
     progress: bool = True
+    fit: str | None = None  # a Jetson module (orin-nano-8gb) or GB of memory: export what plan-memory proposes
     # TensorRT
     trt_batch: tuple[int, int, int] = (1, 1, 4)
     trt_workspace_mb: int | None = None
@@ -116,8 +117,11 @@ def export(opts: ExportOptions) -> Path:
         return _extend(opts)
     out = Path(opts.out)
     check_out_vs_model(out, Path(opts.model))
+    plan = apply_fit(opts) if opts.fit else None
     preflight(opts)
     manifest = _new_manifest(opts)  # reads and checks config.json and the image size
+    if plan is not None:
+        manifest.plan = plan.to_dict()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -147,6 +151,21 @@ def export(opts: ExportOptions) -> Path:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def apply_fit(opts: ExportOptions):
+    """``--fit``: replace the sizes, vision precisions and GGUF type by what plan-memory proposes
+    for the target (FP32 stays: every other graph is made from it); returns the proposal."""
+    from mra.export.plan_memory import format_proposal, parse_target, propose_for_checkpoint
+    from mra.model import read_vision_config
+
+    sizes = opts.image_sizes() or [read_vision_config(opts.model).image_size]
+    p = propose_for_checkpoint(opts.model, sizes, parse_target(opts.fit))
+    log.warning("%s", format_proposal(p, opts.out))
+    opts.image_size = p.sizes if len(p.sizes) > 1 else p.sizes[0]
+    opts.precisions = sorted({"fp32", p.vision_precision}, key=["fp32", "fp16", "int8"].index)
+    opts.llm_quants = [p.llm_quant]
+    return p
 
 
 # --- what may be replaced -------------------------------------------------------------
