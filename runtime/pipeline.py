@@ -41,6 +41,7 @@ from mra.core.manifest import Artifact, Manifest, verify_artifact
 
 from .gguf_types import LLM_QUANT_ORDER
 from .grammar import grammar_for
+from .llama_enums import KV_TYPES
 from .llm import Embeddings, LlamaSession, Sampler, use_flash_attn
 from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
 from .prompt import Conversation, ImageSlot, Template, check_text, count_positions, tokenize_parts
@@ -270,8 +271,11 @@ class Pipeline:
         manifest = Manifest.load(bundle)
         choice = select_vision(manifest, bundle, vision, providers)
         llm_art = select_llm(manifest, bundle, llm_quant)
-        for a in (*_size_artifacts(manifest, choice), llm_art):
+        vision_arts = _size_artifacts(manifest, choice)
+        for a in (*vision_arts, llm_art):
             verify_artifact(bundle, a, check_hash=verify_hash)
+        if n_gpu_layers == 0 or Path("/etc/nv_tegra_release").exists():  # host memory (a Jetson's is shared)
+            check_start_memory(bundle, vision_arts, llm_art, n_ctx, kv_type)
         llm = LlamaSession(bundle / llm_art.file, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                            kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn)
         try:
@@ -610,3 +614,22 @@ def _size_artifacts(manifest: Manifest, choice: VisionChoice) -> list[Artifact]:
     from .vision_sizes import size_table
 
     return [s.artifact for s in size_table(manifest, choice)]
+
+
+def check_start_memory(bundle: Path, vision: list[Artifact], llm: Artifact, n_ctx: int | None, kv_type: str) -> None:
+    """Refuse at start, with the numbers, a configuration whose vision graphs (their shared
+    weights once), GGUF and KV cache need more memory than this machine has available."""
+    from .llm import available_memory
+    from .memory_fit import check_memory_fits, kv_cache_bytes
+
+    files = {a.file: a.size for a in vision}
+    files.update({f: (bundle / f).stat().st_size for a in vision for f in a.info.external_data})
+    parts = {"vision graphs": sum(files.values()), f"LLM {llm.precision}": llm.size}
+    i = llm.info
+    if all(isinstance(i.get(k), int) and i[k] > 0 for k in ("n_layer", "n_embd", "n_head")):
+        n = n_ctx or int(i.get("n_ctx_train") or 4096)
+        n_kv = i["n_embd"] * int(i.get("n_head_kv") or i["n_head"]) // i["n_head"]
+        if kv_type in KV_TYPES:
+            parts[f"{kv_type} KV cache of {n} positions"] = kv_cache_bytes(i["n_layer"], n_kv, n, kv_type)
+    check_memory_fits(parts, available_memory(), "pass a smaller n_ctx, a quantized kv_type, a smaller GGUF type "
+                      "or vision precision, or see `mra-export plan-memory --bundle B --fit GB`")
