@@ -171,6 +171,7 @@ def export_vision_sizes(model: Path, work: Path, manifest: Manifest, sizes: Sequ
     log.info("%s: %.1f MB stored for %.1f MB of weights in %d graphs", VISION_WEIGHTS, weights.stored / 1e6,
              weights.referenced / 1e6, len(done))
     for path, a in done:
+        check_shared_weights(path, a.info["initializers"], a.info.image_size)
         info = {k: v for k, v in a.info.items() if not k.startswith("external_data")}
         info.update(describe_onnx(path), latency_ms={"1": measure_latency_ms(path, a.info.image_size)},
                     latency_backend="onnxruntime[CPU]")
@@ -194,6 +195,27 @@ def vision_flops(model: Path, image_size: int) -> int:
     with torch.no_grad(), counter:
         tower(x)
     return int(counter.get_total_flops())
+
+
+def check_shared_weights(path: Path, table: dict, image_size: int) -> None:
+    """The graph run as the runtime runs it (its weights handed over from the one mapping)
+    must give what it gives loading its weights itself; else the export fails here."""
+    import numpy as np
+
+    from mra.core.names import VISION_WEIGHTS
+    from mra.runtime.mapped_weights import MappedWeights
+    from mra.runtime.ort_backend import OrtRunner
+
+    x = np.random.default_rng(0).standard_normal((1, 3, image_size, image_size), dtype=np.float32)
+    with OrtRunner(path, providers=["CPUExecutionProvider"]) as r:
+        ref = r.infer(x)
+    inits = MappedWeights(path.parent / VISION_WEIGHTS).initializers(table, path.name)
+    with OrtRunner(path, providers=["CPUExecutionProvider"], initializers=inits) as r:
+        got = r.infer(x)
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+    if not err <= 1e-5:
+        raise MraError(f"{path.name} | with its weights shared the graph gives a relative error of {err:.3g} "
+                       "against the same graph loading them itself; export the sizes as separate bundles")
 
 
 def measure_latency_ms(path: Path, image_size: int, repeats: int = 3) -> float:

@@ -15,6 +15,11 @@ from pathlib import Path
 
 ALIGN = 64
 MIN_BYTES = 1024  # smaller tensors stay inside their graph (scales, shapes, biases of tiny layers)
+# The tensors the runtime hands to every size's session (``initializers`` of the manifest entry):
+# weights read only as input 1 of these ops. onnxruntime's layout optimizers rewrite other
+# constants in place (a [1, C, 1, 1] layer scale becomes channels-last), which a tensor given
+# with SessionOptions.add_initializer cannot follow; measured, these hold 99.7 % of the bytes.
+SHARED_CONSUMERS = ("MatMul", "Gemm", "Conv")
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 
 
@@ -31,14 +36,19 @@ class SharedWeights:
     def add_graph(self, src: Path, dst: Path) -> dict[str, list]:
         """Write the graph at ``src`` (weights inline or beside it) to ``dst`` in ``self.path``'s
         folder, its large initializers moved into the shared file. Returns where each one lies,
-        ``{name: [offset, length, dtype, dims]}``: the manifest records it, so that the runtime
-        (which has no ``onnx`` package) maps the tensors without parsing the graph."""
+        ``{name: [offset, length, dtype, dims]}`` of the weights the sessions share
+        (``SHARED_CONSUMERS``): the manifest records it, so that the runtime (which has no
+        ``onnx`` package) maps the tensors without parsing the graph."""
         import onnx
         from onnx import TensorProto, numpy_helper
 
         if Path(dst).parent != self.path.parent:
             raise ValueError(f"add_graph | {dst} must be beside {self.path}: locations are relative names")
         model = onnx.load(str(src))  # with its external data, if any
+        uses: dict[str, list[tuple[str, int]]] = {}
+        for node in model.graph.node:
+            for i, name in enumerate(node.input):
+                uses.setdefault(name, []).append((node.op_type, i))
         table = {}
         for t in model.graph.initializer:
             arr = numpy_helper.to_array(t)
@@ -54,7 +64,8 @@ class SharedWeights:
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
             self.referenced += len(data)
-            table[t.name] = [offset, len(data), arr.dtype.name, list(arr.shape)]
+            if t.name in uses and all(op in SHARED_CONSUMERS and i == 1 for op, i in uses[t.name]):
+                table[t.name] = [offset, len(data), arr.dtype.name, list(arr.shape)]
         tmp = Path(dst).with_name(f".{Path(dst).name}.partial")
         onnx.save_model(model, str(tmp))
         os.replace(tmp, dst)

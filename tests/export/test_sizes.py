@@ -58,7 +58,7 @@ def test_weights_are_stored_once(tiny_sizes_bundle, tiny_bundle):
     tables = [a.info["initializers"] for a in m.find("vision")]
     referenced = sum(ln for t in tables for _, ln, _, _ in t.values())
     distinct = sum(ln for _, ln in {(off, ln) for t in tables for off, ln, _, _ in t.values()})
-    assert referenced > 2.9 * distinct and shared < 1.05 * distinct  # three graphs point at the same bytes
+    assert referenced > 2.9 * distinct  # the three graphs' sessions are handed the same bytes
     one = Manifest.load(tiny_bundle).find("vision", "onnx")[0]
     assert shared < 1.1 * one.size  # one size's graph with its weights inline
 
