@@ -97,3 +97,24 @@ def test_cli_sizes_and_one_size_manifest(tiny_bundle, tiny_ckpt, tmp_path, capsy
     assert "100" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "y"), "--image-size", "384,1024",
                  "--target", "trt", "--llm-quant", "none", "-q"]) != 0
+
+
+def test_damaged_manifests_are_named(tiny_sizes_bundle, tmp_path):
+    import shutil
+
+    from mra.core.errors import BadBundle, MraError
+    from mra.runtime import Pipeline
+
+    raw = json.loads((tiny_sizes_bundle / "mra.json").read_text())
+    for bad in ([384, "768", 1024], [384, 768], [0, 1024], "384"):
+        with pytest.raises(MraError, match="image_sizes"):
+            Manifest.from_dict({**raw, "image_sizes": bad})
+    b = tmp_path / "b"
+    shutil.copytree(tiny_sizes_bundle, b)
+    m = Manifest.load(b)
+    a = m.vision_at(768)[0]
+    name = next(iter(a.info["initializers"]))
+    a.info["initializers"][name] = [10 ** 12, 4, "float32", [1]]  # past the end of the weight file
+    m.save(b)
+    with pytest.raises(BadBundle, match=name):
+        Pipeline.from_bundle(b, n_ctx=2048, n_threads=1)
