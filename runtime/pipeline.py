@@ -283,8 +283,9 @@ class Pipeline:
                 raise MraError(f"{bundle / llm_art.file} | the LLM's embedding width is {llm.n_embd}, the vision "
                                f"projector outputs {manifest.embed_dim}: this GGUF is not this checkpoint's LLM; "
                                "re-export the bundle")
-            if manifest.num_image_tokens >= llm.n_ctx:
-                raise MraError(f"n_ctx | {llm.n_ctx} positions cannot hold one image ({manifest.num_image_tokens} "
+            fewest = min(manifest.image_rows().values())  # a larger size may still be refused per call
+            if fewest >= llm.n_ctx:
+                raise MraError(f"n_ctx | {llm.n_ctx} positions cannot hold one image ({fewest} "
                                f"tokens) and a question; pass a larger n_ctx (the model was trained with "
                                f"{llm.n_ctx_train})")
             runner = VisionSizes(manifest, bundle, choice, threads=n_threads, allow_fallback=allow_fallback)
@@ -320,6 +321,8 @@ class Pipeline:
             max_image_tokens, vision_budget_ms = self.default_budget
         if self.sizes is None:
             return Timings()
+        if self.llm is not None:  # never a size whose image alone fills the context
+            max_image_tokens = min(max_image_tokens or self.llm.n_ctx - 1, self.llm.n_ctx - 1)
         s = self.sizes.choose(max_image_tokens, vision_budget_ms, detail)
         return Timings(image_size=s.size, image_rows=s.rows)
 

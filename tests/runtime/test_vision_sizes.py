@@ -129,3 +129,13 @@ def test_mra_chat_chooses_by_budget(tiny_sizes_bundle, photo_paths, pipe3, monke
                     "--threads", "1", "--max-tokens", "6", "--max-image-tokens", "576", "--timings"])
     out, err = capsys.readouterr()
     assert rc == 0 and expected in out and "image 768 (576 rows)" in err
+
+
+def test_a_context_smaller_than_the_largest_image_keeps_the_sizes_that_fit(tiny_sizes_bundle, photo_paths):
+    with Pipeline.from_bundle(tiny_sizes_bundle, n_ctx=1024, n_threads=1) as p:
+        p.ask(photo_paths[1], Q, max_tokens=2)
+        assert p.timings.image_size == 768  # 1024 rows would fill the context
+        with pytest.raises(MraError, match="context holds"):
+            p.ask(photo_paths[1], Q, max_tokens=2, detail="high")
+    with pytest.raises(MraError, match="cannot hold one image"):
+        Pipeline.from_bundle(tiny_sizes_bundle, n_ctx=512, n_threads=1)
