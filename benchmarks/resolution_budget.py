@@ -140,8 +140,9 @@ def run(o: Options) -> dict:
     multi = o.bundle or _export(model, model.parent / f"{model.name}-sizes", sizes, o.llm_quant)
     single = {s: _export(model, model.parent / f"{model.name}-size-{s}", [s], o.llm_quant) for s in sizes}
     largest = sizes[-1]
-    r: dict = {"settings": {"mode": o.mode, "loaded_machine": "shared 2-core machine, other test runs beside it", "sizes": sizes, "llm_quant": o.llm_quant, "repeats": o.repeats,
-                            "threads": o.threads, "model": str(model)}}
+    r: dict = {"settings": {"mode": o.mode, "machine": "shared 2-core machine, other test runs beside it",
+                            "sizes": sizes, "llm_quant": o.llm_quant, "repeats": o.repeats, "threads": o.threads,
+                            "model": str(model)}}
     r["size"] = {"sizes_bytes": vision_bytes(multi), "largest_only_bytes": vision_bytes(single[largest])}
     r["size"]["ratio"] = r["size"]["sizes_bytes"] / r["size"]["largest_only_bytes"]
 
@@ -193,8 +194,8 @@ def to_markdown(r: dict) -> str:
     lines = [f"# Resolution budget ({r['settings']['mode']}: sizes {', '.join(map(str, r['settings']['sizes']))}, "
              f"LLM {r['settings']['llm_quant']}, {r['settings']['repeats']} repeats, {r['settings']['threads']} "
              "thread(s))", "",
-             f"- vision artifacts: {s['sizes_bytes'] / 1e6:.2f} MB for every size vs {s['largest_only_bytes'] / 1e6:.2f} "
-             f"MB for the largest alone: **{s['ratio']:.3f}x**",
+             f"- vision artifacts: {s['sizes_bytes'] / 1e6:.2f} MB for every size vs "
+             f"{s['largest_only_bytes'] / 1e6:.2f} MB for the largest alone: **{s['ratio']:.3f}x**",
              f"- peak RSS, every size used: {mem['sizes_peak_rss_bytes'] / 2**20:.0f} MiB vs the largest-only "
              f"bundle {mem['largest_only_peak_rss_bytes'] / 2**20:.0f} MiB: **{mem['ratio']:.3f}x**", "",
              "| size | image rows | vision GFLOPs | vision ms (export) | vision ms (here) | TTFT ms | one-size TTFT ms "
@@ -207,7 +208,8 @@ def to_markdown(r: dict) -> str:
 
 def write(r: dict, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    js, md = out / f"resolution_budget-{r['settings']['mode']}.json", out / f"resolution_budget-{r['settings']['mode']}.md"
+    stem = f"resolution_budget-{r['settings']['mode']}"
+    js, md = out / f"{stem}.json", out / f"{stem}.md"
     atomic_write_text(js, json.dumps(r, indent=2) + "\n")
     atomic_write_text(md, to_markdown(r))
     return js, md

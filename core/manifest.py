@@ -214,7 +214,8 @@ class Manifest:
         sizes = d.get("image_sizes", [])
         if not isinstance(sizes, list) or not all(isinstance(x, int) and not isinstance(x, bool)
                                                   and 0 < x <= MAX_SIZES["image_size"] for x in sizes):
-            raise MraError(f"{path} image_sizes | got {sizes!r}, expected a list of positive sizes; re-export the bundle")
+            raise MraError(f"{path} image_sizes | got {sizes!r}, expected a list of positive sizes; re-export the "
+                           "bundle")
         if sizes and max(sizes) != d["image_size"]:
             raise MraError(f"{path} image_sizes | {sizes} does not end at image_size {d['image_size']}; re-export "
                            "the bundle")

@@ -316,7 +316,8 @@ def estimate_budget(vision: VisionShape, llm: LlamaShape, sizes: list[int], visi
     bits = gguf_type(llm_quant).bits
     b.lines[len(SYSTEM):len(SYSTEM)] = [
         Line(f"vision graphs ({vision_precision}, sizes {', '.join(map(str, sorted(sizes)))})",
-             int(vision.params * per), f"estimate: {vision.params / 1e6:.0f} M params x {per:g} B, once for every size"),
+             int(vision.params * per),
+             f"estimate: {vision.params / 1e6:.0f} M params x {per:g} B, once for every size"),
         Line(f"vision activations (batch {batch}, size {max(sizes)})", int(act),
              f"estimate: 3 x ConvNeXt stage-1 MLP tensor (4 x {vision.stage1_dim} x {max(sizes) // 4}^2) x {elem} B"),
         Line(f"LLM weights ({llm_quant})", int(llm.n_params * bits / 8),
@@ -349,7 +350,8 @@ class Proposal:
     def to_dict(self) -> dict:
         return {"device": self.device.name, "memory_gib": self.device.dram_gib, "sizes": self.sizes,
                 "dropped": self.dropped, "vision_precision": self.vision_precision, "llm_quant": self.llm_quant,
-                "kv_type": self.kv_type, "n_ctx": self.n_ctx, "image_rows": self.rows, "total_gib": round(self.budget.total / GiB, 3),
+                "kv_type": self.kv_type, "n_ctx": self.n_ctx, "image_rows": self.rows,
+                "total_gib": round(self.budget.total / GiB, 3),
                 "free_gib": round(self.free_gib, 3)}
 
 

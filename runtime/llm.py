@@ -301,9 +301,9 @@ class LlamaSession:
         n_layer, n_head = int(lib.llama_model_n_layer(self.model)), int(lib.llama_model_n_head(self.model))
         n_kv = self.n_embd * int(lib.llama_model_n_head_kv(self.model)) // max(n_head, 1)
         try:
-            check_memory_fits({f"{kv_type} KV cache of {n_ctx} positions": kv_cache_bytes(n_layer, n_kv, n_ctx, kv_type)},
-                              available_memory(), f"pass a smaller n_ctx (trained: {self.n_ctx_train}) or a quantized "
-                              "kv_type")
+            need = kv_cache_bytes(n_layer, n_kv, n_ctx, kv_type)
+            check_memory_fits({f"{kv_type} KV cache of {n_ctx} positions": need}, available_memory(),
+                              f"pass a smaller n_ctx (trained: {self.n_ctx_train}) or a quantized kv_type")
         except MraError:
             self.close()
             raise

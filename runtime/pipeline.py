@@ -441,7 +441,8 @@ class Pipeline:
         if positions > self.llm.n_ctx:
             n_img = sum(sizes)
             raise MraError(f"prompt | {positions - n_img} text tokens + {n_img} image tokens ({len(embs)} images: "
-                           f"{', '.join(map(str, sizes))}) = {positions} positions, but the context holds {self.llm.n_ctx}; "
+                           f"{', '.join(map(str, sizes))}) = {positions} positions, but the context holds "
+                           f"{self.llm.n_ctx}; "
                            f"shorten the prompt, start a new chat, or raise n_ctx (trained: {self.llm.n_ctx_train})")
         items = [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
         t0 = time.perf_counter()

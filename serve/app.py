@@ -210,7 +210,8 @@ class _Run:
         if "reused" in done.timings:  # positions served from the KV cache (earlier turns, the image prefix)
             usage["prompt_tokens_details"] = {"cached_tokens": int(done.timings["reused"])}
         if done.timings.get("image_size"):  # the input size the image's budget chose (docs/resolution.md)
-            usage["image_size"], usage["image_tokens"] = int(done.timings["image_size"]), int(done.timings["image_rows"])
+            usage["image_size"] = int(done.timings["image_size"])
+            usage["image_tokens"] = int(done.timings["image_rows"])
         return usage
 
     async def collect(self, request: Request) -> dict:

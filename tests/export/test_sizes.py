@@ -6,8 +6,6 @@ one-size bundle is written as before."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
