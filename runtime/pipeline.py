@@ -442,7 +442,8 @@ class Pipeline:
             n_img = sum(sizes)
             each = f"{len(sizes)} x {sizes[0]}" if len(set(sizes)) == 1 else " + ".join(map(str, sizes))
             raise MraError(f"prompt | {positions - n_img} text tokens + {n_img} image tokens ({each}) = {positions} "
-                           f"positions, but the context holds {self.llm.n_ctx}; shorten the prompt, start a new chat, or raise n_ctx (trained: {self.llm.n_ctx_train})")
+                           f"positions, but the context holds {self.llm.n_ctx}; shorten the prompt, start a new chat, "
+                           f"or raise n_ctx (trained: {self.llm.n_ctx_train})")
         items = [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
         t0 = time.perf_counter()
         if self.prompt_cache is not None:  # issue 12: the image prefix from disk when it was saved
