@@ -22,9 +22,9 @@ from typing import Any, Hashable, Sequence, Union
 
 import numpy as np
 
-from mra.core.errors import MraError
+from mra.core.errors import LimitExceeded, MraError
 
-from .memory_fit import check_memory_fits, kv_cache_bytes
+from .memory_fit import kv_cache_bytes
 from .llama_enums import KV_TYPES, constant, flash_attn_type, kv_type as kv_type_value
 
 log = logging.getLogger("mra.runtime.llama")
@@ -300,13 +300,13 @@ class LlamaSession:
         lib = self._lib
         n_layer, n_head = int(lib.llama_model_n_layer(self.model)), int(lib.llama_model_n_head(self.model))
         n_kv = self.n_embd * int(lib.llama_model_n_head_kv(self.model)) // max(n_head, 1)
-        try:
-            need = kv_cache_bytes(n_layer, n_kv, n_ctx, kv_type)
-            check_memory_fits({f"{kv_type} KV cache of {n_ctx} positions": need}, available_memory(),
-                              f"pass a smaller n_ctx (trained: {self.n_ctx_train}) or a quantized kv_type")
-        except MraError:
+        need = kv_cache_bytes(n_layer, n_kv, n_ctx, kv_type)
+        free = available_memory()
+        if free is not None and need > free:
             self.close()
-            raise
+            raise LimitExceeded(f"n_ctx | {n_ctx} positions need a {need / 2**30:.1f} GiB {kv_type} KV cache, "
+                                f"{free / 2**30:.1f} GiB of memory is available; pass a smaller n_ctx (trained: "
+                                f"{self.n_ctx_train}) or a quantized kv_type")
 
     # --- batches ------------------------------------------------------------------
     def _new_batch(self, embd: int):
