@@ -71,6 +71,16 @@ class ArtifactInfo(dict):
     def build_seconds(self) -> float | None:
         return self.get("build_seconds")
 
+    @property
+    def image_size(self) -> int | None:
+        """The input side S a vision graph or engine takes (None: a bundle's only size, unrecorded)."""
+        return self.get("image_size")
+
+    @property
+    def vision_flops(self) -> int | None:
+        """FLOPs of one image through the vision side at this size (2 x multiply-accumulates)."""
+        return self.get("vision_flops")
+
     def latency_ms(self, batch: int = 1) -> float | None:
         """The median latency measured at build time for ``batch`` images, where it was measured."""
         return (self.get("latency_ms") or {}).get(str(batch))
@@ -116,6 +126,11 @@ class Manifest:
     artifacts: list[Artifact] = field(default_factory=list)
     format_version: int = MANIFEST_FORMAT
     mra_version: str = ""
+    # The input sizes of a bundle of several (``image_size`` is then the largest); empty: one size,
+    # ``image_size``, as every bundle had before, and the key is not written.
+    image_sizes: list[int] = field(default_factory=list)
+    # What `mra-export --fit DEVICE` planned (sizes, precisions, KV type, n_ctx); empty: no plan, not written.
+    plan: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def new(cls, source: dict, image_size: int, num_image_tokens: int, embed_dim: int) -> "Manifest":
@@ -137,9 +152,31 @@ class Manifest:
         return [a for a in self.artifacts if a.kind == kind and (format is None or a.format == format)
                 and (precision is None or a.precision == precision)]
 
+    @property
+    def sizes(self) -> list[int]:
+        """Every input size the bundle's vision graphs take, smallest first."""
+        return sorted(self.image_sizes) if self.image_sizes else [self.image_size]
+
+    def image_rows(self) -> dict[int, int]:
+        """Image rows (embeddings the LLM reads) per input size."""
+        rows = {a.info.image_size: a.info["N"] for a in self.artifacts
+                if a.kind == "vision" and isinstance(a.info.image_size, int) and isinstance(a.info.get("N"), int)}
+        rows[self.image_size] = self.num_image_tokens
+        return {s: rows[s] for s in self.sizes if s in rows}
+
+    def vision_at(self, image_size: int) -> list[Artifact]:
+        """The vision graphs and engines of one input size (a one-size bundle: all of them)."""
+        if len(self.sizes) == 1:
+            return self.find("vision") if image_size == self.image_size else []
+        return [a for a in self.find("vision") if a.info.image_size == image_size]
+
     # --- persistence --------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        d = dataclasses.asdict(self)
+        for key in ("image_sizes", "plan"):
+            if not d[key]:
+                del d[key]  # a one-size manifest without a plan reads as it always did
+        return json.dumps(d, indent=2) + "\n"
 
     def save(self, bundle: str | Path) -> Path:
         path = Path(bundle) / MANIFEST_FILE
@@ -170,9 +207,17 @@ class Manifest:
             if d[name] > MAX_SIZES[name]:  # buffers are sized by these: a damaged value must not allocate
                 raise BadBundle(f"{path} {name} | got {d[name]}, expected at most {MAX_SIZES[name]}; re-export the "
                                "bundle")
-        for name in ("source", "preprocess", "prompt"):
+        for name in ("source", "preprocess", "prompt", "plan"):
             _field(d, name, dict, path, optional=name != "source")
         _check_preprocess(d.get("preprocess", {}), d["image_size"], path)
+        sizes = d.get("image_sizes", [])
+        if not isinstance(sizes, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                  and 0 < x <= MAX_SIZES["image_size"] for x in sizes):
+            raise BadBundle(f"{path} image_sizes | got {sizes!r}, expected a list of positive sizes; re-export the "
+                           "bundle")
+        if sizes and max(sizes) != d["image_size"]:
+            raise BadBundle(f"{path} image_sizes | {sizes} does not end at image_size {d['image_size']}; re-export "
+                           "the bundle")
         if not isinstance(d.get("mra_version", ""), str):
             raise BadBundle(f"{path} mra_version | got {d['mra_version']!r}, expected a string")
         arts = d.get("artifacts", [])

@@ -13,6 +13,14 @@ MANIFEST_FILE = "mra.json"
 MANIFEST_FORMAT = 1
 VISION_ONNX = {"fp32": "vision.onnx", "fp16": "vision.fp16.onnx", "int8": "vision.int8.onnx"}
 VISION_INT8_CPU_ONNX = "vision.int8-cpu.onnx"  # onnxruntime-CPU flavour of INT8 (UINT8 activations)
+# A bundle of several input sizes: one graph per size and precision (``sized_vision_file``), all
+# reading their weights from this one file, which the runtime maps once for every size.
+VISION_WEIGHTS = "vision.weights.data"
+
+
+def sized_vision_file(name: str, image_size: int) -> str:
+    """``vision.int8.onnx`` at 384 -> ``vision.384.int8.onnx``: a graph's name in a bundle of several sizes."""
+    return name.replace("vision.", f"vision.{image_size}.", 1)
 
 
 def llm_gguf_file(quant: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mra.core.errors import MraError
 from mra.core.manifest import Manifest
-from mra.core.names import MANIFEST_FILE
+from mra.core.names import MANIFEST_FILE, VISION_PRECISIONS
 
 from .options import ExportOptions
 from .out_folder import PARTIAL_MARK, check_out_vs_model, output_lock, recover, replaceable, swap_in
@@ -35,8 +35,11 @@ def export(opts: ExportOptions) -> Path:
         return _extend(opts)
     out = Path(opts.out)
     check_out_vs_model(out, Path(opts.model))
+    plan = apply_fit(opts) if opts.fit else None
     preflight(opts)
     manifest = _new_manifest(opts)  # reads and checks config.json and the image size
+    if plan is not None:
+        manifest.plan = plan.to_dict()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -71,6 +74,21 @@ def export(opts: ExportOptions) -> Path:
 LOW_DISK_BYTES = 256 << 20
 
 
+
+def apply_fit(opts: ExportOptions):
+    """``--fit``: replace the sizes, vision precisions and GGUF type by what plan-memory proposes
+    for the target (FP32 stays: every other graph is made from it); returns the proposal."""
+    from mra.export.plan_memory import format_proposal, parse_target, propose_for_checkpoint
+    from mra.model import read_vision_config
+
+    sizes = opts.image_sizes() or [read_vision_config(opts.model).image_size]
+    p = propose_for_checkpoint(opts.model, sizes, parse_target(opts.fit))
+    log.warning("%s", format_proposal(p, opts.out))
+    opts.image_size = p.sizes if len(p.sizes) > 1 else p.sizes[0]
+    opts.precisions = [x for x in VISION_PRECISIONS if x in {"fp32", p.vision_precision}]
+    opts.llm_quants = [p.llm_quant]
+    return p
+
 def _build_checking_disk(opts: ExportOptions, work: Path, manifest: Manifest) -> None:
     """Run the export steps; a failure while the disk is (nearly) full is reported as that,
     whatever shape it took on the way (an ENOSPC, or a truncated file that a library then
@@ -90,16 +108,27 @@ def _build_checking_disk(opts: ExportOptions, work: Path, manifest: Manifest) ->
 def _new_manifest(opts: ExportOptions) -> Manifest:
     from mra.export.source import describe_source
 
-    return describe_source(opts.model, opts.image_size)
+    sizes = opts.image_sizes()
+    if sizes is not None and len(sizes) > 1:
+        from mra.model import check_image_size, read_vision_config
+
+        vit = read_vision_config(opts.model).vit
+        for s in sizes:  # every size checked before the first one's minutes of export
+            check_image_size(vit, s)
+    return describe_source(opts.model, None if sizes is None else sizes[-1])
 
 
 def _build(opts: ExportOptions, work: Path, manifest: Manifest) -> None:
     if not opts.llm_only:
-        from mra.export.onnx_export import export_vision_onnx
+        from mra.export.onnx_export import export_vision_onnx, export_vision_sizes
 
-        export_vision_onnx(opts.model, work, manifest, opts.precisions, bars=opts.vision_bars(),
-                           int8=opts.int8_options(), calib_images=opts.calib_images, calib_count=opts.calib_count,
-                           progress=opts.progress)
+        vision = dict(bars=opts.vision_bars(), int8=opts.int8_options(), calib_images=opts.calib_images,
+                      calib_count=opts.calib_count, progress=opts.progress)
+        sizes = opts.image_sizes()
+        if sizes is not None and len(sizes) > 1:
+            export_vision_sizes(opts.model, work, manifest, sizes, opts.precisions, **vision)
+        else:
+            export_vision_onnx(opts.model, work, manifest, opts.precisions, **vision)
         if opts.target == "trt":
             _export_engines(opts, work, manifest)
     if opts.llm_quants:

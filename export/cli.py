@@ -82,6 +82,15 @@ def _default(name: str):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def _sizes(text: str) -> int | list[int]:
+    """--image-size 1024 or 384,768,1024."""
+    one = positive_int("--image-size")
+    sizes = [one(t.strip()) for t in text.split(",") if t.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"--image-size | got {text!r}, expected a size or sizes such as 384,768,1024")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 def export_parser() -> argparse.ArgumentParser:
     from mra.export.thresholds import DEFAULT_BARS
     from mra.runtime.gguf_types import GGUF_TYPES
@@ -101,7 +110,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("onnx", "trt"), default=_default("target"),
                    help="onnx: ONNX graphs; trt: also TensorRT engines")
     p.add_argument("--out", type=Path, help="bundle directory to write (with --model)")
-    p.add_argument("--image-size", type=positive_int("--image-size"), help="input side S (default: the checkpoint's input_image_size)")
+    p.add_argument("--image-size", type=_sizes, help="input side S (default: the checkpoint's input_image_size), or "
+                   "several, e.g. 384,768,1024: one bundle whose size is chosen per request against a budget "
+                   "(docs/resolution.md)")
     p.add_argument("--precision", type=_csv("--precision", VISION_PRECISIONS),
                    help=f"vision precisions, comma-separated (default: {','.join(_default('precisions'))} for onnx, "
                    f"{','.join(TRT_PRECISIONS)} for trt)")
@@ -132,6 +143,9 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-min-top1", type=fraction("--llm-min-top1", low_open=False), help="LLM validation of quantized GGUFs: lowest top-1 agreement "
                    "with transformers (default per type)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--fit", metavar="TARGET", help="export what `plan-memory --fit` proposes for a Jetson module "
+                   "(orin-nano-8gb, orin-nx-16gb, agx-orin-32gb, agx-orin-64gb) or a memory size in GB: the sizes of "
+                   "--image-size that fit, the vision precision and GGUF type (replacing --precision, --llm-quant)")
     g = p.add_argument_group("TensorRT (--target trt)")
     batch = _default("trt_batch")
     g.add_argument("--batch", type=_batch, default=batch,
@@ -160,7 +174,7 @@ def options_from(a: argparse.Namespace):
         smooth_alpha=a.smooth_alpha, int8_max_float_fraction=a.int8_max_float_fraction,
         min_cosine=a.min_cosine, max_rel_err=a.max_rel_err, llm_quants=llm_quants, llm_only=a.llm_only,
         llm_thresholds=_llm_bars(a, llm_quants),
-        force=a.force, progress=not a.quiet, trt_batch=a.batch, trt_workspace_mb=a.workspace_mb,
+        force=a.force, fit=a.fit, progress=not a.quiet, trt_batch=a.batch, trt_workspace_mb=a.workspace_mb,
         trt_timing_cache=a.timing_cache, trt_dla_core=a.dla_core, trt_opt_level=a.builder_optimization_level)
 
 
@@ -210,8 +224,15 @@ def plan_memory_parser(prog: str) -> argparse.ArgumentParser:
     from mra.runtime.llama_enums import KV_TYPES
 
     p = argparse.ArgumentParser(prog=prog,
-                                description="Memory budget of a bundle on Jetson Orin modules (8/16/32/64 GB).")
-    p.add_argument("--bundle", type=Path, required=True)
+                                description="Memory budget of a bundle on Jetson Orin modules (8/16/32/64 GB), or with "
+                                "--fit a configuration proposed for one module or memory size.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", type=Path)
+    src.add_argument("--model", type=Path, help="a checkpoint, planned before its export (with --fit; needs torch)")
+    p.add_argument("--fit", metavar="TARGET", help="propose sizes, vision precision, GGUF type, KV type and n_ctx "
+                   "for a module (orin-nano-8gb, ...) or a memory size in GB; without a TARGET: every module")
+    p.add_argument("--image-size", type=_sizes, help="with --model: the sizes to plan for (default: the "
+                   "checkpoint's)")
     p.add_argument("--vision-precision", choices=VISION_PRECISIONS, default="fp16")
     p.add_argument("--llm-quant", default="Q4_K_M", help="GGUF type (default %(default)s)")
     p.add_argument("--n-ctx", type=int, help="context length (default: the LLM's trained context, as mra-run)")
@@ -224,8 +245,22 @@ def plan_memory_parser(prog: str) -> argparse.ArgumentParser:
 def run_plan_memory(a: argparse.Namespace) -> None:
     import json
 
-    from mra.export.plan_memory import budget_dict, format_budget, plan_memory
+    from mra.export.plan_memory import (DEVICES, budget_dict, format_budget, format_proposal, parse_target,
+                                        plan_memory, propose_for_bundle, propose_for_checkpoint)
 
+    if a.fit or a.model:
+        targets = [parse_target(a.fit)] if a.fit else list(DEVICES)
+        if a.model:
+            from mra.model import read_vision_config
+
+            sizes = a.image_size if isinstance(a.image_size, list) else [a.image_size or
+                                                                         read_vision_config(a.model).image_size]
+            proposals = [propose_for_checkpoint(a.model, sizes, t) for t in targets]
+        else:
+            proposals = [propose_for_bundle(a.bundle, t) for t in targets]
+        print(json.dumps([p.to_dict() for p in proposals], indent=2) if a.json else
+              "\n\n".join(format_proposal(p, a.bundle) for p in proposals))
+        return
     b = plan_memory(a.bundle, a.vision_precision, a.llm_quant, a.n_ctx, a.kv_type, a.batch)
     print(json.dumps(budget_dict(b), indent=2) if a.json else format_budget(b))
 

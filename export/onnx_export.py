@@ -5,6 +5,7 @@ it enters the manifest. The converter it calls, torch -> ONNX, is onnx_convert.p
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from pathlib import Path
@@ -109,14 +110,129 @@ def _int8_file(flavour: str) -> str:
             INT8_FLAVOUR_TRT_FP16: VISION_INT8_FP16_ONNX}[flavour]
 
 
-def _artifact(path: Path, precision: str, info: dict, validation: dict):
+def _sha256(path: Path) -> str:
+    """A file's sha256, hashed once however many graphs of a bundle share it."""
+    st = path.stat()
+    return _sha256_of(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
     from mra.core.files import sha256_file
+
+    return sha256_file(Path(path))
+
+
+def _artifact(path: Path, precision: str, info: dict, validation: dict):
     from mra.core.manifest import Artifact, describe_file
 
     size, sha = describe_file(path)
     extra = info.get("external_data", [])
     if extra:
         info["external_data_size"] = {n: (path.parent / n).stat().st_size for n in extra}
-        info["external_data_sha256"] = {n: sha256_file(path.parent / n) for n in extra}
+        info["external_data_sha256"] = {n: _sha256(path.parent / n) for n in extra}
     return Artifact(file=path.name, kind="vision", format="onnx", precision=precision, size=size, sha256=sha,
                     info=info, validation=validation)
+
+
+def export_vision_sizes(model: Path, work: Path, manifest: Manifest, sizes: Sequence[int],
+                        precisions: Sequence[str], **options) -> None:
+    """A bundle of several input sizes: each size exported, quantized and validated against
+    torch at that size exactly as a one-size bundle is (``export_vision_onnx``), its graphs
+    renamed ``vision.S.*`` and their weights stored once, in ``VISION_WEIGHTS``. Each entry
+    also records the size's vision FLOPs and its batch-1 latency measured here."""
+    import shutil
+    import tempfile
+
+    from mra.core.names import VISION_WEIGHTS, sized_vision_file
+
+    from .shared_weights import SharedWeights
+    from .source import describe_source
+
+    done: list[tuple[Path, object]] = []
+    weights = SharedWeights(work / VISION_WEIGHTS)
+    try:
+        for s in sorted(sizes):
+            part = describe_source(model, s)
+            sub = Path(tempfile.mkdtemp(prefix=f".size-{s}-", dir=work))
+            try:
+                log.info("image size %d: %d image rows", s, part.num_image_tokens)
+                export_vision_onnx(model, sub, part, precisions, **options)
+                flops = vision_flops(model, s)
+                for a in part.find("vision"):
+                    path = work / sized_vision_file(a.file, s)
+                    table = weights.add_graph(sub / a.file, path)
+                    a.info.update(vision_flops=flops, initializers=table)
+                    done.append((path, a))
+            finally:
+                shutil.rmtree(sub, ignore_errors=True)
+    finally:
+        weights.close()
+    log.info("%s: %.1f MB stored for %.1f MB of weights in %d graphs", VISION_WEIGHTS, weights.stored / 1e6,
+             weights.referenced / 1e6, len(done))
+    for path, a in done:
+        check_shared_weights(path, a.info["initializers"], a.info.image_size)
+        info = {k: v for k, v in a.info.items() if not k.startswith("external_data")}
+        info.update(describe_onnx(path), latency_ms={"1": measure_latency_ms(path, a.info.image_size)},
+                    latency_backend="onnxruntime[CPU]")
+        manifest.add(_artifact(path, a.precision, info, a.validation))
+    manifest.image_sizes = sorted(sizes)
+
+
+def vision_flops(model: Path, image_size: int) -> int:
+    """FLOPs of one image through the tower at ``image_size`` (2 x multiply-accumulates, as
+    torch's FlopCounterMode counts them), counted on the meta device: no memory, no arithmetic."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mra.model import MRAVisionTower, read_vision_config
+
+    cfg = read_vision_config(model)
+    with torch.device("meta"):
+        tower = MRAVisionTower(cfg, image_size).eval()
+        x = torch.empty(1, 3, image_size, image_size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        tower(x)
+    return int(counter.get_total_flops())
+
+
+def check_shared_weights(path: Path, table: dict, image_size: int) -> None:
+    """The graph run as the runtime runs it (its weights handed over from the one mapping)
+    must give what it gives loading its weights itself; else the export fails here."""
+    import numpy as np
+
+    from mra.core.names import VISION_WEIGHTS
+    from mra.runtime.mapped_weights import MappedWeights
+    from mra.runtime.ort_backend import OrtRunner
+
+    x = np.random.default_rng(0).standard_normal((1, 3, image_size, image_size), dtype=np.float32)
+    with OrtRunner(path, providers=["CPUExecutionProvider"]) as r:
+        ref = r.infer(x)
+    inits = MappedWeights(path.parent / VISION_WEIGHTS).initializers(table, path.name)
+    with OrtRunner(path, providers=["CPUExecutionProvider"], initializers=inits) as r:
+        got = r.infer(x)
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+    if not err <= 1e-5:
+        raise MraError(f"{path.name} | with its weights shared the graph gives a relative error of {err:.3g} "
+                       "against the same graph loading them itself; export the sizes as separate bundles")
+
+
+def measure_latency_ms(path: Path, image_size: int, repeats: int = 3) -> float:
+    """Median batch-1 latency of a graph on onnxruntime's CPU provider (after one warm-up run):
+    what a vision budget in milliseconds is held against when the device recorded nothing."""
+    import statistics
+
+    import numpy as np
+
+    from mra.runtime.ort_backend import OrtRunner
+
+    x = np.random.default_rng(0).standard_normal((1, 3, image_size, image_size), dtype=np.float32)
+    with OrtRunner(path, providers=["CPUExecutionProvider"]) as r:
+        r.infer(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            r.infer(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times), 3)

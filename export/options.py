@@ -21,7 +21,7 @@ class ExportOptions:
     out: Path
     model: Path | None = None  # checkpoint dir (None: work from an existing bundle)
     target: str = "onnx"  # onnx | trt
-    image_size: int | None = None
+    image_size: int | list[int] | None = None  # several: one bundle, chosen per request
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     calib_images: Path | None = None
     calib_method: str = Int8Options.method
@@ -38,6 +38,7 @@ class ExportOptions:
     llm_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     force: bool = False
     progress: bool = True
+    fit: str | None = None  # a Jetson module (orin-nano-8gb) or GB of memory: export what plan-memory proposes
     # TensorRT
     trt_batch: tuple[int, int, int] = (1, 1, 4)
     trt_workspace_mb: int | None = None
@@ -46,6 +47,12 @@ class ExportOptions:
     trt_opt_level: int | None = None
 
     # The options as the export steps take them: each step gets only its own part.
+    def image_sizes(self) -> list[int] | None:
+        """The sizes asked for, distinct and smallest first (None: the checkpoint's own)."""
+        if self.image_size is None:
+            return None
+        return sorted({self.image_size} if isinstance(self.image_size, int) else set(self.image_size))
+
     def vision_bars(self) -> VisionBars:
         return VisionBars(self.max_rel_err, self.min_cosine)
 

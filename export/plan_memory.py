@@ -14,12 +14,13 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mra.core.errors import MraError
+from mra.core.errors import LimitExceeded, MraError
 from mra.core.manifest import Artifact, Manifest
 from mra.core.names import INT8_FLAVOUR_TRT
 from mra.llama_shape import LLAMA_7B, LlamaShape
 from mra.runtime.gguf_types import GGUF_TYPES, gguf_type
-from mra.runtime.llama_enums import KV_TYPES, kv_bytes_per_position
+from mra.runtime.llama_enums import KV_TYPES
+from mra.runtime.memory_fit import kv_cache_bytes
 
 log = logging.getLogger("mra.export")
 
@@ -47,6 +48,8 @@ SYSTEM = (
     ("CUDA context + TensorRT/cuBLAS/cuDNN kernels (lazy loading on)", 0.8),
     ("Python process (numpy, pillow, llama-cpp-python)", 0.25),
 )
+# A proposal's context: the largest kept image's rows plus a prompt and an answer.
+PROMPT_TOKENS = ANSWER_TOKENS = 256
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Budget:
     batch: int
     llm: dict = field(default_factory=dict)  # the LLM's shape the KV numbers use
     lines: list[Line] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # the input sizes kept (their graphs are loaded)
 
     @property
     def total(self) -> int:
@@ -77,29 +81,45 @@ class Budget:
 
 
 def plan_memory(bundle: str | Path, vision_precision: str = "fp16", llm_quant: str = "Q4_K_M",
-                n_ctx: int | None = None, kv_type: str = "f16", batch: int = 1, n_ubatch: int = 512) -> Budget:
+                n_ctx: int | None = None, kv_type: str = "f16", batch: int = 1, n_ubatch: int = 512,
+                sizes: list[int] | None = None) -> Budget:
+    """The budget of a bundle run with these settings; ``sizes``: the input sizes kept (default:
+    all of the bundle's)."""
     bundle = Path(bundle)
     m = Manifest.load(bundle)
+    sizes = sorted(sizes or m.sizes)
+    if set(sizes) - set(m.sizes):
+        raise MraError(f"sizes | got {sizes}, the bundle has {m.sizes}")
+    llm = _llm_shape(m)
+    b = _budget(str(bundle), vision_precision, llm_quant, n_ctx or llm["n_ctx_train"], kv_type, batch, llm,
+                max(m.image_rows()[s] for s in sizes), sizes)
+    b.lines[len(SYSTEM):len(SYSTEM)] = [*_vision_lines(bundle, m, vision_precision, batch, sizes),
+                                        _llm_weights(bundle, m, llm_quant, llm)]
+    return b
+
+
+def _budget(name: str, vision_precision: str, llm_quant: str, n_ctx: int, kv_type: str, batch: int, llm: dict,
+            rows: int, sizes: list[int], n_ubatch: int = 512) -> Budget:
+    """A budget with the system lines and the LLM's run-time lines (KV cache, compute buffers);
+    the caller inserts the vision and weight lines after the system ones."""
     if kv_type not in KV_TYPES:
         raise MraError(f"--kv-type | got {kv_type!r}, expected one of {', '.join(KV_TYPES)}")
-    llm = _llm_shape(m)
-    n_ctx = n_ctx or llm["n_ctx_train"]
-    if n_ctx <= m.num_image_tokens:
-        raise MraError(f"--n-ctx | {n_ctx} cannot hold one image ({m.num_image_tokens} tokens) and a question")
-    b = Budget(str(bundle), vision_precision, llm_quant, n_ctx, kv_type, batch, llm)
+    if n_ctx <= rows:
+        raise MraError(f"--n-ctx | {n_ctx} cannot hold one image ({rows} tokens) and a question")
+    b = Budget(name, vision_precision, llm_quant, n_ctx, kv_type, batch, llm, sizes=sizes)
     b.lines += [Line(what, int(gib * GiB), "assumed") for what, gib in SYSTEM]
-    b.lines += _vision_lines(bundle, m, vision_precision, batch)
-    b.lines.append(_llm_weights(bundle, m, llm_quant, llm))
-    n_kv = llm["n_embd"] * llm["n_head_kv"] // llm["n_head"]
-    kv = n_ctx * kv_bytes_per_position(llm["n_layer"], n_kv, kv_type)
-    b.lines.append(Line(f"KV cache ({kv_type}, n_ctx {n_ctx})", int(kv),
-                        f"2 x n_layer {llm['n_layer']} x n_ctx {n_ctx} x n_embd_kv {n_kv} x "
-                        f"{KV_TYPES[kv_type].bytes_per_element:g} B"))
+    n_kv = _n_embd_kv(llm)
+    b.lines.append(Line(f"KV cache ({kv_type}, n_ctx {n_ctx})", kv_cache_bytes(llm["n_layer"], n_kv, n_ctx, kv_type),
+                        f"2 x n_layer {llm['n_layer']} x n_ctx {n_ctx} x n_embd_kv {n_kv} x {KV_TYPES[kv_type].bytes_per_element:g} B"))
     ub = min(n_ubatch, n_ctx)
     compute = 4 * ub * (llm["n_head"] * n_ctx + 3 * llm["n_ff"] + llm["n_vocab"] // 8)
     b.lines.append(Line("llama.cpp compute buffers", int(compute),
                         f"estimate: 4 B x n_ubatch {ub} x (n_head x n_ctx + 3 n_ff + n_vocab/8), f32 attention scores"))
     return b
+
+
+def _n_embd_kv(llm: dict) -> int:
+    return llm["n_embd"] * llm["n_head_kv"] // llm["n_head"]
 
 
 def _llm_shape(m: Manifest) -> dict:
@@ -114,7 +134,9 @@ def _files_size(bundle: Path, a: Artifact) -> int:
     return a.size + sum((bundle / f).stat().st_size for f in a.info.external_data if (bundle / f).is_file())
 
 
-def _vision_lines(bundle: Path, m: Manifest, precision: str, batch: int) -> list[Line]:
+def _vision_lines(bundle: Path, m: Manifest, precision: str, batch: int, sizes: list[int]) -> list[Line]:
+    if len(m.sizes) > 1:
+        return _sized_vision_lines(bundle, m, precision, batch, sizes)
     engines = [a for a in m.find("vision", "trt", precision)]
     # Engines are built from the TensorRT-safe graphs, not from the INT8 CPU flavour (the trt-fp16 one: TensorRT 11).
     graphs = {a.precision: a for a in m.find("vision", "onnx") if a.info.int8_flavour in (None, INT8_FLAVOUR_TRT)}
@@ -135,8 +157,27 @@ def _vision_lines(bundle: Path, m: Manifest, precision: str, batch: int) -> list
     return [weights, Line(f"vision activations (batch {batch})", act_bytes, how)]
 
 
+def _sized_vision_lines(bundle: Path, m: Manifest, precision: str, batch: int, sizes: list[int]) -> list[Line]:
+    """A bundle of several sizes: the kept sizes' graphs plus the weight file they share, once."""
+    kept = {s: [a for a in m.vision_at(s) if a.format == "onnx" and a.info.int8_flavour in (None, INT8_FLAVOUR_TRT)]
+            for s in sizes}
+    have = {a.precision for arts in kept.values() for a in arts}
+    pick, factor = (precision, 1.0) if precision in have else ("fp32", {"fp16": 0.5, "int8": 0.27}.get(precision, 1.0))
+    graphs = {s: next(a for a in arts if a.precision == pick) for s, arts in kept.items()}
+    shared = sorted({f for a in graphs.values() for f in a.info.external_data})
+    size = sum(a.size for a in graphs.values()) + sum((bundle / f).stat().st_size for f in shared)
+    how = f"{', '.join(a.file for a in graphs.values())} + {', '.join(shared)} (file sizes; the weights once)"
+    if factor != 1.0:
+        how = f"estimate: {factor:g} x ({how})"
+    largest = graphs[max(sizes)]
+    act, act_how = _activations(bundle, m, None, {precision: largest, "fp32": largest}, precision, batch,
+                                max(sizes))
+    return [Line(f"vision graphs ({precision}, sizes {', '.join(map(str, sizes))})", int(size * factor), how),
+            Line(f"vision activations (batch {batch}, size {max(sizes)})", act, act_how)]
+
+
 def _activations(bundle: Path, m: Manifest, engine: Artifact | None, graphs: dict, precision: str,
-                 batch: int) -> tuple[int, str]:
+                 batch: int, image_size: int | None = None) -> tuple[int, str]:
     if engine is not None and engine.info.device_memory_bytes:
         return int(engine.info.device_memory_bytes), f"recorded by TensorRT for {engine.file} (max batch)"
     # INT8 engines keep float16 between quantized layers on TensorRT 10 (its FP16 flag); on
@@ -148,7 +189,7 @@ def _activations(bundle: Path, m: Manifest, engine: Artifact | None, graphs: dic
     if largest:
         return int(3 * largest * elem * batch), (f"estimate: 3 x the largest tensor of {src.file} "
                                                  f"({largest / 1e6:.1f} M elements) x {elem} B x batch")
-    s = m.image_size
+    s = image_size or m.image_size
     guess = 4 * 192 * (s // 4) ** 2  # ConvNeXt-L stage-1 MLP hidden at stride 4: the 7B tower's largest
     return int(3 * guess * elem * batch), "rough estimate (onnx not installed): 3 x ConvNeXt-L's stage-1 MLP tensor"
 
@@ -176,17 +217,17 @@ def _largest_tensor_elems(path: Path) -> int | None:
     return best or None
 
 
-def _llm_weights(bundle: Path, m: Manifest, llm_quant: str, llm: dict) -> Line:
-    found = m.find("llm", "gguf", llm_quant)
+def _llm_weights(bundle: Path, m: Manifest, quant: str, llm: dict) -> Line:
+    found = m.find("llm", "gguf", quant)
     if found:
-        return Line(f"LLM weights ({llm_quant})", _files_size(bundle, found[0]), f"{found[0].file} (file size)")
-    if llm_quant not in GGUF_TYPES:
-        raise MraError(f"--llm-quant | got {llm_quant!r}, expected one of {', '.join(GGUF_TYPES)}")
-    bits = gguf_type(llm_quant).bits  # an estimate (the main type's bits), used only when the bundle lacks the file
+        return Line(f"LLM weights ({quant})", _files_size(bundle, found[0]), f"{found[0].file} (file size)")
+    if quant not in GGUF_TYPES:
+        raise MraError(f"--llm-quant | got {quant!r}, expected one of {', '.join(GGUF_TYPES)}")
+    bits = gguf_type(quant).bits  # an estimate (the main type's bits), used only when the bundle lacks the file
     params = LlamaShape.from_info(llm).n_params
-    return Line(f"LLM weights ({llm_quant})", int(params * bits / 8),
+    return Line(f"LLM weights ({quant})", int(params * bits / 8),
                 f"estimate: {params / 1e9:.2f} B params ({llm['_from']}) x {bits:g} bits; "
-                f"the bundle has no {llm_quant} GGUF")
+                f"the bundle has no {quant} GGUF")
 
 
 def max_n_ctx(b: Budget, d: Device) -> int:
@@ -195,8 +236,7 @@ def max_n_ctx(b: Budget, d: Device) -> int:
     llm = b.llm
     fixed = b.total - sum(x.bytes for x in b.lines if x.what.startswith(("KV cache", "llama.cpp compute")))
     room = (d.dram_gib - CARVEOUT_GIB) * GiB - fixed - 4 * 512 * (3 * llm["n_ff"] + llm["n_vocab"] // 8)
-    n_kv = llm["n_embd"] * llm["n_head_kv"] // llm["n_head"]
-    per_pos = kv_bytes_per_position(llm["n_layer"], n_kv, b.kv_type) + 4 * 512 * llm["n_head"]
+    per_pos = kv_cache_bytes(llm["n_layer"], _n_embd_kv(llm), 1, b.kv_type) + 4 * 512 * llm["n_head"]
     return max(0, min(int(room // per_pos) // 256 * 256, llm["n_ctx_train"]))
 
 
@@ -222,3 +262,149 @@ def budget_dict(b: Budget, devices=DEVICES) -> dict:
     return {**asdict(b), "total": b.total,
             "devices": {d.name: {"fits": b.fits(d)[0], "free_gib": round(b.fits(d)[1], 3),
                                  "max_n_ctx": max_n_ctx(b, d)} for d in devices}}
+
+
+# --- a proposal per device ------------------------------------------------------------
+# Best quality first; each step gives up the least: the LLM's bits, then the vision's, then the KV cache's.
+CANDIDATES = (("fp16", "Q8_0", "f16"), ("fp16", "Q6_K", "f16"), ("fp16", "Q5_K_M", "f16"), ("fp16", "Q4_K_M", "f16"),
+              ("int8", "Q4_K_M", "f16"), ("int8", "Q4_K_M", "q8_0"), ("int8", "Q4_0", "q8_0"), ("int8", "Q4_0", "q4_0"))
+HEADROOM_GIB = 0.25  # kept free beyond every line: page cache, fragmentation, a larger prompt than planned
+# Bytes per vision weight in the exported graphs: INT8 keeps scales and a few float layers (stem, gates).
+VISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.08}
+
+
+def device_slug(name: str) -> str:
+    return name.lower().replace(" ", "-")
+
+
+def parse_target(text: str) -> Device:
+    """--fit orin-nano-8gb (a module) or 6.5 (GB of memory)."""
+    by_slug = {device_slug(d.name): d for d in DEVICES}
+    if text.lower() in by_slug:
+        return by_slug[text.lower()]
+    try:
+        gb = float(text.lower().removesuffix("gb"))
+    except ValueError:
+        gb = float("nan")
+    if not gb > CARVEOUT_GIB + sum(g for _, g in SYSTEM):  # nan fails too
+        raise MraError(f"--fit | got {text!r}, expected one of {', '.join(by_slug)} or a memory size in GB above "
+                       f"{CARVEOUT_GIB + sum(g for _, g in SYSTEM):.2f}")
+    return Device(f"{gb:g} GB", gb)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The vision side an export will write, before it exists: its weights, its largest
+    activation (ConvNeXt stage 1's MLP hidden tensor, 4 x dims[0] channels at stride 4) and its
+    image rows per input size."""
+    params: int
+    stage1_dim: int
+    rows: dict[int, int]
+
+
+def estimate_budget(vision: VisionShape, llm: LlamaShape, sizes: list[int], vision_precision: str, llm_quant: str,
+                    kv_type: str, n_ctx: int, batch: int = 1) -> Budget:
+    """The budget of a configuration from shapes alone (``mra-export --fit`` plans before exporting)."""
+    info = {**llm.info(), "_from": "checkpoint config.json"}
+    b = _budget("estimate", vision_precision, llm_quant, n_ctx, kv_type, batch, info,
+                max(vision.rows[s] for s in sizes), sorted(sizes))
+    per = VISION_BYTES[vision_precision]
+    elem = 4 if vision_precision == "fp32" else 2
+    act = 3 * 4 * vision.stage1_dim * (max(sizes) // 4) ** 2 * elem * batch
+    bits = gguf_type(llm_quant).bits
+    b.lines[len(SYSTEM):len(SYSTEM)] = [
+        Line(f"vision graphs ({vision_precision}, sizes {', '.join(map(str, sorted(sizes)))})",
+             int(vision.params * per),
+             f"estimate: {vision.params / 1e6:.0f} M params x {per:g} B, once for every size"),
+        Line(f"vision activations (batch {batch}, size {max(sizes)})", int(act),
+             f"estimate: 3 x ConvNeXt stage-1 MLP tensor (4 x {vision.stage1_dim} x {max(sizes) // 4}^2) x {elem} B"),
+        Line(f"LLM weights ({llm_quant})", int(llm.n_params * bits / 8),
+             f"estimate: {llm.n_params / 1e9:.2f} B params x {bits:g} bits")]
+    return b
+
+
+def needed_n_ctx(rows: int) -> int:
+    """The context for one image of ``rows`` rows, a prompt and an answer, rounded up to 256."""
+    need = rows + PROMPT_TOKENS + ANSWER_TOKENS
+    return -(-need // 256) * 256
+
+
+@dataclass
+class Proposal:
+    device: Device
+    sizes: list[int]  # kept
+    dropped: list[int]
+    vision_precision: str
+    llm_quant: str
+    kv_type: str
+    n_ctx: int
+    rows: int  # image rows of the largest kept size
+    budget: Budget
+
+    @property
+    def free_gib(self) -> float:
+        return self.budget.fits(self.device)[1]
+
+    def to_dict(self) -> dict:
+        return {"device": self.device.name, "memory_gib": self.device.dram_gib, "sizes": self.sizes,
+                "dropped": self.dropped, "vision_precision": self.vision_precision, "llm_quant": self.llm_quant,
+                "kv_type": self.kv_type, "n_ctx": self.n_ctx, "image_rows": self.rows,
+                "total_gib": round(self.budget.total / GiB, 3),
+                "free_gib": round(self.free_gib, 3)}
+
+
+def propose(budget_for, sizes: list[int], rows: dict[int, int], device: Device) -> Proposal:
+    """The configuration that keeps the most input sizes (the largest dropped first) at the best
+    quality (``CANDIDATES``) whose budget fits ``device`` with ``HEADROOM_GIB`` to spare.
+    ``budget_for(sizes, vision_precision, llm_quant, kv_type, n_ctx) -> Budget``."""
+    sizes = sorted(sizes)
+    for k in range(len(sizes), 0, -1):
+        keep = sizes[:k]
+        most = max(rows[s] for s in keep)
+        n_ctx = needed_n_ctx(most)
+        for vp, q, kv in CANDIDATES:
+            b = budget_for(keep, vp, q, kv, n_ctx)
+            if b.fits(device)[1] >= HEADROOM_GIB:
+                return Proposal(device, keep, sizes[k:], vp, q, kv, n_ctx, most, b)
+    smallest = budget_for(sizes[:1], *CANDIDATES[-1], needed_n_ctx(rows[sizes[0]]))
+    raise LimitExceeded(f"--fit {device.name} | even size {sizes[0]} with {'/'.join(CANDIDATES[-1])} needs "
+                        f"{smallest.total / GiB:.2f} GiB, {device.dram_gib - CARVEOUT_GIB - HEADROOM_GIB:.2f} GiB is "
+                        "usable; pick a larger module")
+
+
+def propose_for_bundle(bundle: str | Path, device: Device) -> Proposal:
+    m = Manifest.load(bundle)
+    return propose(lambda s, vp, q, kv, n: plan_memory(bundle, vp, q, n, kv, sizes=s), m.sizes, m.image_rows(),
+                   device)
+
+
+def format_proposal(p: Proposal, bundle: str | Path | None = None) -> str:
+    usable = p.device.dram_gib - CARVEOUT_GIB
+    lines = [f"{p.device.name} ({usable:.1f} GiB usable): sizes {', '.join(map(str, p.sizes))}"
+             + (f" (drops {', '.join(map(str, p.dropped))})" if p.dropped else " (all kept)"),
+             f"  vision {p.vision_precision}, LLM {p.llm_quant}, KV {p.kv_type}, n_ctx {p.n_ctx} (the largest kept "
+             f"image, {p.rows} rows, + {PROMPT_TOKENS} prompt + {ANSWER_TOKENS} answer tokens, rounded up to 256)",
+             f"  total {p.budget.total / GiB:.2f} GiB, free {p.free_gib:.2f} GiB"]
+    if bundle is not None:
+        lines.append(f"  run: mra-run --bundle {bundle} --vision {p.vision_precision} --llm-quant {p.llm_quant} "
+                     f"--kv-type {p.kv_type} --n-ctx {p.n_ctx} --max-image-tokens {p.rows}")
+    return "\n".join(lines)
+
+
+def checkpoint_shapes(ckpt: str | Path, sizes: list[int]) -> tuple[VisionShape, LlamaShape]:
+    """The vision and LLM shapes of a checkpoint, for a plan before its export (needs torch:
+    the vision weights are counted on the meta device)."""
+    import math
+
+    from mra.model import num_image_tokens, read_config, read_vision_config
+    from mra.model.tower import used_checkpoint_keys
+
+    vc = read_vision_config(ckpt)
+    params = sum(math.prod(shape) for shape in used_checkpoint_keys(vc).values())
+    rows = {s: num_image_tokens(vc.vit, s) for s in sizes}
+    return VisionShape(params, vc.convnext.dims[0], rows), LlamaShape.from_hf_config(read_config(ckpt))
+
+
+def propose_for_checkpoint(ckpt: str | Path, sizes: list[int], device: Device) -> Proposal:
+    vision, llm = checkpoint_shapes(ckpt, sizes)
+    return propose(lambda s, vp, q, kv, n: estimate_budget(vision, llm, s, vp, q, kv, n), sizes, vision.rows, device)

@@ -225,7 +225,7 @@ def _chat(argv: list[str]) -> int:
     with open_pipeline(a) as pipe:
         chat = pipe.chat()
         if a.image is not None:
-            pipe.encode_image(a.image)  # fail now, not at the first question
+            pipe.encode_image(a.image)  # the default budget; fail now, not at the first question
             chat.reset(a.image)
         if interactive:
             print(f"mra-chat: {a.bundle} ({pipe.vision.label}, {pipe.llm_artifact.file}). {CHAT_HELP}",

@@ -38,6 +38,12 @@ def add_pipeline_args(p: argparse.ArgumentParser, bundle_required: bool = True,
                    "a later run on the same image skips its vision and prefill")
     g.add_argument("--prompt-cache-gb", type=positive(float, "--prompt-cache-gb"), default=PROMPT_CACHE_GB,
                    help="size bound of --prompt-cache (default %(default)s GB, least recently used evicted)")
+    b = p.add_argument_group("image budget (a bundle of several input sizes; docs/resolution.md)")
+    b.add_argument("--max-image-tokens", type=positive(int, "--max-image-tokens"),
+                   help="the most image rows an image may cost the LLM: the largest size that fits runs (in "
+                   "mra-serve: for a request that sets neither image_url.detail nor max_image_tokens)")
+    b.add_argument("--vision-budget-ms", type=positive(float, "--vision-budget-ms"),
+                   help="the most vision milliseconds (as the export recorded them) an image may take")
 
 
 def pipeline_kwargs(a: argparse.Namespace) -> dict:
@@ -45,7 +51,8 @@ def pipeline_kwargs(a: argparse.Namespace) -> dict:
     return {"vision": a.vision, "llm_quant": a.llm_quant, "n_ctx": a.n_ctx, "n_threads": a.threads,
             "n_gpu_layers": a.n_gpu_layers, "kv_type": a.kv_type, "verify_hash": not a.no_hash,
             "exif_transpose": a.exif_transpose, "prompt_cache": a.prompt_cache,
-            "prompt_cache_bytes": int(a.prompt_cache_gb * (1 << 30))}
+            "prompt_cache_bytes": int(a.prompt_cache_gb * (1 << 30)), "max_image_tokens": a.max_image_tokens,
+            "vision_budget_ms": a.vision_budget_ms}
 
 
 def open_pipeline(a: argparse.Namespace):

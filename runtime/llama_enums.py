@@ -33,11 +33,6 @@ _GGML_LOG_LEVELS = {"GGML_LOG_LEVEL_NONE": 0, "GGML_LOG_LEVEL_DEBUG": 1, "GGML_L
                     "GGML_LOG_LEVEL_WARN": 3, "GGML_LOG_LEVEL_ERROR": 4, "GGML_LOG_LEVEL_CONT": 5}
 
 
-def kv_bytes_per_position(n_layer: int, n_embd_kv: int, kv_type: str) -> float:
-    """KV-cache bytes one context position takes: a K and a V row of every layer."""
-    return 2 * n_layer * n_embd_kv * KV_TYPES[kv_type].bytes_per_element
-
-
 def constant(name: str) -> int:
     """The value of a llama.cpp enum member by its name."""
     import llama_cpp

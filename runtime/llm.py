@@ -24,6 +24,7 @@ import numpy as np
 
 from mra.core.errors import ContextOverflow, LimitExceeded, MraError
 
+from .memory_fit import kv_cache_bytes
 from .llama_enums import KV_TYPES, constant, flash_attn_type, kv_type as kv_type_value
 
 log = logging.getLogger("mra.runtime.llama")
@@ -314,7 +315,7 @@ class LlamaSession:
         lib = self._lib
         n_layer, n_head = int(lib.llama_model_n_layer(self.model)), int(lib.llama_model_n_head(self.model))
         n_kv = self.n_embd * int(lib.llama_model_n_head_kv(self.model)) // max(n_head, 1)
-        need = int(2 * n_layer * n_ctx * n_kv * KV_TYPES[kv_type].bytes_per_element)
+        need = kv_cache_bytes(n_layer, n_kv, n_ctx, kv_type)
         free = available_memory()
         if free is not None and need > free:
             self.close()

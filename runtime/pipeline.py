@@ -41,6 +41,7 @@ from mra.core.manifest import Artifact, Manifest, verify_artifact
 
 from .gguf_types import LLM_QUANT_ORDER
 from .constraint import ConstraintCompiler, Grammar, grammar_for
+from .llama_enums import KV_TYPES
 from .llm import Embeddings, LlamaSession, Sampler, use_flash_attn
 from .preprocess import ImageLike, check_image_file, load_image, preprocess_image, probe_image
 from .prompt import Conversation, ImageSlot, Template, check_text, count_positions, tokenize_parts
@@ -48,6 +49,7 @@ from .prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from .prompt_cache import PendingEmbeddings, PromptCache
 from .textstream import TextStream
 from .vision_select import VisionChoice, select_vision
+from .vision_sizes import VisionSizes, check_budget
 
 log = logging.getLogger("mra.runtime")
 
@@ -69,6 +71,8 @@ class Timings:
     image_cache_hits: int = 0
     prompt_cache_hits: int = 0  # image prefixes loaded from the persistent prompt cache (issue 12)
     prompt_cache_misses: int = 0  # image prefixes evaluated and saved to it
+    image_size: int = 0  # the input size the call's images ran at (chosen by its budget; 0: no image yet)
+    image_rows: int = 0  # image rows per image at that size
     start: float = field(default_factory=time.perf_counter, repr=False)  # when the call began
 
     def stamp(self) -> float:
@@ -87,7 +91,8 @@ class Timings:
 
     def summary(self) -> str:
         ms = lambda s: f"{s * 1e3:.0f} ms"  # noqa: E731
-        return (f"preprocess {ms(self.preprocess_s)} | vision {ms(self.vision_s)} | prefill {ms(self.prefill_s)} "
+        size = f"image {self.image_size} ({self.image_rows} rows) | " if self.image_size else ""
+        return (f"{size}preprocess {ms(self.preprocess_s)} | vision {ms(self.vision_s)} | prefill {ms(self.prefill_s)} "
                 f"({self.prefilled} new, {self.reused} cached) | ttft {ms(self.ttft_s)} | "
                 f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated} tokens)")
 
@@ -217,10 +222,14 @@ class Pipeline:
     def __init__(self, manifest: Manifest, bundle: Path, vision: VisionChoice, runner, llm: LlamaSession,
                  llm_artifact: Artifact, image_cache: int = 16, exif_transpose: bool = False,
                  prompt_cache: PromptCache | None = None):
+        # ``runner``: the VisionSizes of the bundle (one runner per input size), a single runner, or None
+        self.sizes = runner if isinstance(runner, VisionSizes) else None
+        if self.sizes is not None:
+            runner = self.sizes.runner(self.sizes.largest.size)
         self.manifest, self.bundle, self.vision, self.runner = manifest, bundle, vision, runner
         self.llm, self.llm_artifact = llm, llm_artifact
         self.template = Template.from_manifest(manifest.prompt)
-        self.image_size = int(manifest.image_size)
+        self.image_size = int(manifest.image_size)  # the largest size: what a call without a budget runs
         self.n_image_tokens = int(manifest.num_image_tokens)
         self.exif_transpose = exif_transpose
         self.cache = EmbeddingCache(image_cache)
@@ -231,6 +240,8 @@ class Pipeline:
         self.prompt_cache = prompt_cache  # persistent image-prefix KV states (issue 12), or None
         self._constraints: ConstraintCompiler | None = None  # made at the first constrained call
         self._longest_piece: int | None = None  # bytes of the vocabulary's longest token
+        # (max_image_tokens, vision_budget_ms) of a call that states none (mra-serve's server-wide default)
+        self.default_budget: tuple[int | None, float | None] = (None, None)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, vision: str = "auto", llm_quant: str | None = None,
@@ -239,19 +250,25 @@ class Pipeline:
                     n_batch: int = 512, flash_attn: bool | None = None, image_cache: int = 16,
                     exif_transpose: bool = False, prompt_cache: str | os.PathLike | None = None,
                     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-                    allow_fallback: bool | None = None) -> "Pipeline":
+                    allow_fallback: bool | None = None, max_image_tokens: int | None = None,
+                    vision_budget_ms: float | None = None) -> "Pipeline":
         """Open a bundle: check the artifacts it uses (size; sha256 unless ``verify_hash=False``,
         for very large files), pick the vision backend and load the GGUF. ``prompt_cache``: a
         folder where image prefixes' KV states persist across processes (at most
         ``prompt_cache_bytes``, least recently used evicted). ``allow_fallback``: whether named
         GPU ``providers`` that fail to load may leave onnxruntime on the CPU (default: only when
-        no providers were named)."""
+        no providers were named). ``max_image_tokens`` / ``vision_budget_ms``: the image budget
+        of a call that states none (a bundle of several input sizes)."""
+        check_budget(max_image_tokens, vision_budget_ms)
         bundle = Path(path)
         manifest = Manifest.load(bundle)
         choice = select_vision(manifest, bundle, vision, providers)
         llm_art = select_llm(manifest, bundle, llm_quant)
-        for a in (choice.artifact, llm_art):
+        vision_arts = _size_artifacts(manifest, choice)
+        for a in (*vision_arts, llm_art):
             verify_artifact(bundle, a, check_hash=verify_hash)
+        if n_gpu_layers == 0 or Path("/etc/nv_tegra_release").exists():  # host memory (a Jetson's is shared)
+            check_start_memory(bundle, vision_arts, llm_art, n_ctx, kv_type)
         llm = LlamaSession(bundle / llm_art.file, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                            kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn)
         try:
@@ -259,11 +276,12 @@ class Pipeline:
                 raise MraError(f"{bundle / llm_art.file} | the LLM's embedding width is {llm.n_embd}, the vision "
                                f"projector outputs {manifest.embed_dim}: this GGUF is not this checkpoint's LLM; "
                                "re-export the bundle")
-            if manifest.num_image_tokens >= llm.n_ctx:
-                raise MraError(f"n_ctx | {llm.n_ctx} positions cannot hold one image ({manifest.num_image_tokens} "
+            fewest = min(manifest.image_rows().values())  # a larger size may still be refused per call
+            if fewest >= llm.n_ctx:
+                raise MraError(f"n_ctx | {llm.n_ctx} positions cannot hold one image ({fewest} "
                                f"tokens) and a question; pass a larger n_ctx (the model was trained with "
                                f"{llm.n_ctx_train})")
-            runner = choice.open(bundle, threads=n_threads, allow_fallback=allow_fallback)
+            runner = VisionSizes(manifest, bundle, choice, threads=n_threads, allow_fallback=allow_fallback)
         except BaseException:
             llm.close()
             raise
@@ -273,34 +291,61 @@ class Pipeline:
             cache = PromptCache(prompt_cache, prompt_cache_identity(choice.artifact, llm_art, kv_type, llm.n_ctx,
                                                                     use_flash_attn(flash_attn, kv_type, n_gpu_layers)),
                                 prompt_cache_bytes)
-        return cls(manifest, bundle, choice, runner, llm, llm_art, image_cache, exif_transpose, cache)
+        pipe = cls(manifest, bundle, choice, runner, llm, llm_art, image_cache, exif_transpose, cache)
+        pipe.default_budget = (max_image_tokens, vision_budget_ms)
+        return pipe
 
     # --- images -----------------------------------------------------------------------
-    def encode_image(self, image: ImageLike) -> np.ndarray:
-        """float32 [N, D] image embeddings (preprocess + vision backend), cached by content."""
+    def encode_image(self, image: ImageLike, max_image_tokens: int | None = None,
+                     vision_budget_ms: float | None = None, detail: str | None = None) -> np.ndarray:
+        """float32 [N, D] image embeddings (preprocess + vision backend), cached by content, at
+        the largest input size that fits the budget (``timings.image_size`` says which; ``detail``:
+        see ``vision_sizes.choose_size``)."""
         with self.lock:
             self._check_open()
-            t = self.timings = Timings()
+            t = self.timings = self.budget_timings(max_image_tokens, vision_budget_ms, detail)
             emb = self._embed(image, t)
             t.stamp()
             return emb.rows
 
+    def budget_timings(self, max_image_tokens: int | None = None, vision_budget_ms: float | None = None,
+                       detail: str | None = None) -> Timings:
+        """A call's Timings, carrying the input size its budget chose to every image it encodes.
+        A call that names no budget gets the pipeline's default one (``default_budget``)."""
+        check_budget(max_image_tokens, vision_budget_ms)
+        if max_image_tokens is None and vision_budget_ms is None:
+            max_image_tokens, vision_budget_ms = self.default_budget
+        if self.sizes is None:
+            return Timings()
+        if self.llm is not None:  # never a size whose image alone fills the context
+            max_image_tokens = min(max_image_tokens or self.llm.n_ctx - 1, self.llm.n_ctx - 1)
+        s = self.sizes.choose(max_image_tokens, vision_budget_ms, detail)
+        return Timings(image_size=s.size, image_rows=s.rows)
+
+    def _size_of(self, t: Timings) -> tuple[int, int, str]:
+        """(input size, image rows, cache-key suffix) of a call: a bundle of one size keys as always."""
+        if self.sizes is None or not t.image_size:
+            t.image_size, t.image_rows = self.image_size, self.n_image_tokens
+        multi = self.sizes is not None and len(self.sizes.sizes) > 1
+        return t.image_size, t.image_rows, f"@{t.image_size}" if multi else ""
+
     def _embed(self, image: ImageLike, t: Timings) -> Embeddings:
-        key = image_key(image, self.exif_transpose)
+        size, n_rows, suffix = self._size_of(t)
+        key = image_key(image, self.exif_transpose) + suffix
         rows = self.cache.get(key)
         if rows is not None:
             t.image_cache_hits += 1
             return Embeddings(key, rows)
         t0 = time.perf_counter()
-        x = preprocess_image(image, self.image_size, self.exif_transpose)
+        x = preprocess_image(image, size, self.exif_transpose)
         t1 = time.perf_counter()
-        out = self.runner.infer(x[None])
+        out = (self.runner if self.sizes is None else self.sizes.runner(size)).infer(x[None])
         t.preprocess_s += t1 - t0
         t.vision_s += time.perf_counter() - t1
         t.images_encoded += 1
-        expected = (1, self.n_image_tokens, self.manifest.embed_dim)
+        expected = (1, n_rows, self.manifest.embed_dim)
         if tuple(out.shape) != expected:
-            raise MraError(f"vision {self.vision.artifact.file} | output shape {tuple(out.shape)}, expected "
+            raise MraError(f"vision at size {size} | output shape {tuple(out.shape)}, expected "
                            f"{expected} from the manifest; re-export the bundle")
         rows = np.ascontiguousarray(out[0], dtype=np.float32)
         rows.setflags(write=False)
@@ -310,35 +355,41 @@ class Pipeline:
     def _embed_pending(self, image: ImageLike, t: Timings) -> Embeddings:
         """The cached embeddings, else a placeholder the prompt cache resolves only if it must
         (issue 12: a prefix loaded from disk needs no vision run)."""
-        key = image_key(image, self.exif_transpose)
+        _, n_rows, suffix = self._size_of(t)
+        key = image_key(image, self.exif_transpose) + suffix
         rows = self.cache.get(key)
         if rows is not None:
             t.image_cache_hits += 1
             return Embeddings(key, rows)
-        shape = (self.n_image_tokens, int(self.manifest.embed_dim))
+        shape = (n_rows, int(self.manifest.embed_dim))
         return PendingEmbeddings(key, np.broadcast_to(np.zeros((), np.float32), shape), image)
 
     # --- one-turn API ---------------------------------------------------------------
     def ask(self, image: ImageLike | None, question: str, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
             ignore_eos: bool = False, json_schema: dict | str | None = None,
-            grammar: str | None = None) -> str | Iterator[str]:
+            grammar: str | None = None, max_image_tokens: int | None = None,
+            vision_budget_ms: float | None = None, detail: str | None = None) -> str | Iterator[str]:
         """Answer one question about one image (or none): a string, or text pieces when ``stream``.
         ``json_schema`` (a dict or its JSON) or ``grammar`` (GBNF) constrain the answer's form
-        (llguidance, bounded by :class:`~mra.runtime.constraint.ConstraintLimits`)."""
+        (llguidance, bounded by :class:`~mra.runtime.constraint.ConstraintLimits`).
+        ``max_image_tokens`` / ``vision_budget_ms``: the image runs at the largest input size of the
+        bundle whose rows and recorded vision latency fit (``timings.image_size``)."""
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
                                   grammar_for(json_schema, grammar))
         conv = Conversation(self.template)
         conv.add_user(question, with_image=image is not None)
         with self.lock:
-            pieces = self._answer(conv, [image] if image is not None else [], params)
+            t = self.budget_timings(max_image_tokens, vision_budget_ms, detail)
+            pieces = self._answer(conv, [image] if image is not None else [], params, t=t)
             return pieces if stream else "".join(pieces)
 
     # --- issue 12: a whole conversation, as the server receives it ---------------------------
     def answer(self, conversation: Conversation, image: ImageLike | None = None, max_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
                stream: bool = False, json_schema: dict | str | None = None, grammar: str | Grammar | None = None,
-               ignore_eos: bool = False) -> str | Iterator[str]:
+               ignore_eos: bool = False, max_image_tokens: int | None = None,
+               vision_budget_ms: float | None = None, detail: str | None = None) -> str | Iterator[str]:
         """Answer the open assistant turn of ``conversation`` (built by the caller, e.g. from an
         OpenAI message list); ``image`` belongs to the turn marked ``image``. A conversation
         that extends the previous call's re-uses the KV cache."""
@@ -349,7 +400,8 @@ class Pipeline:
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
                                   grammar_for(json_schema, grammar))
         with self.lock:
-            pieces = self._answer(conversation, [image] if image is not None else [], params)
+            t = self.budget_timings(max_image_tokens, vision_budget_ms, detail)
+            pieces = self._answer(conversation, [image] if image is not None else [], params, t=t)
             return pieces if stream else "".join(pieces)
     # --- end issue 12 ---
 
@@ -369,9 +421,12 @@ class Pipeline:
 
         return watch_pipeline(self, source, questions, **options)  # OpenCV is imported only here
 
-    def chat(self, image: ImageLike | None = None) -> "ChatSession":
-        """A conversation that keeps its history and KV cache between turns."""
-        return ChatSession(self, image)
+    def chat(self, image: ImageLike | None = None, max_image_tokens: int | None = None,
+             vision_budget_ms: float | None = None) -> "ChatSession":
+        """A conversation that keeps its history and KV cache between turns; its images run at the
+        largest input size that fits the budget (each ``ask`` may set its own)."""
+        check_budget(max_image_tokens, vision_budget_ms)
+        return ChatSession(self, image, max_image_tokens, vision_budget_ms)
 
     # --- internals ----------------------------------------------------------------------
     def _prefill(self, conv: Conversation, images: Sequence[ImageLike | Embeddings],
@@ -385,14 +440,16 @@ class Pipeline:
         if conv.n_images != len(embs):
             raise MraError(f"prompt | {conv.n_images} image turns but {len(embs)} images")
         parts = conv.parts()
-        self._check_fits(parts, len(embs))
+        sizes = [len(e.rows) for e in embs]  # images of a chat's turns may have run at different sizes
+        self._check_fits(parts, len(embs), sum(sizes))
         units = tokenize_parts(parts, self.llm.tokenize, self.llm.bos, self.llm.eos, self.template.add_bos)
-        positions = count_positions(units, self.n_image_tokens)
+        positions = count_positions(units, 0) + sum(sizes)
         if positions > self.llm.n_ctx:
-            n_img = len(embs) * self.n_image_tokens
-            raise ContextOverflow(f"prompt | {positions - n_img} text tokens + {n_img} image tokens ({len(embs)} x "
-                           f"{self.n_image_tokens}) = {positions} positions, but the context holds {self.llm.n_ctx}; "
-                           f"shorten the prompt, start a new chat, or raise n_ctx (trained: {self.llm.n_ctx_train})")
+            n_img = sum(sizes)
+            each = f"{len(sizes)} x {sizes[0]}" if len(set(sizes)) == 1 else " + ".join(map(str, sizes))
+            raise ContextOverflow(f"prompt | {positions - n_img} text tokens + {n_img} image tokens ({each}) = "
+                                  f"{positions} positions, but the context holds {self.llm.n_ctx}; shorten the prompt, "
+                                  f"start a new chat, or raise n_ctx (trained: {self.llm.n_ctx_train})")
         items = [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
         t0 = time.perf_counter()
         if self.prompt_cache is not None:  # issue 12: the image prefix from disk when it was saved
@@ -406,14 +463,14 @@ class Pipeline:
         t.stamp()
         return t
 
-    def _check_fits(self, parts: list, n_images: int) -> None:
+    def _check_fits(self, parts: list, n_images: int, image_rows: int) -> None:
         """Refuse a prompt that cannot fit before tokenizing it (a 30 MB prompt took 15 s and 2 GB to
         be refused after): no token is longer than the vocabulary's longest piece, so its bytes
         give a lower bound of its positions."""
         if self._longest_piece is None:
             self._longest_piece = max(len(self.llm.token_bytes(t)) for t in range(self.llm.n_vocab)) or 1
         n_bytes = sum(len(p.encode("utf-8", "surrogatepass")) for p in parts if isinstance(p, str))
-        least = -(-n_bytes // self._longest_piece) + n_images * self.n_image_tokens
+        least = -(-n_bytes // self._longest_piece) + image_rows
         if least > self.llm.n_ctx:
             raise ContextOverflow(f"prompt | {n_bytes} bytes of text and {n_images} image(s) need at least {least} "
                                   f"positions, but the context holds {self.llm.n_ctx}; shorten the prompt, start a "
@@ -487,6 +544,9 @@ class Pipeline:
     def close(self) -> None:
         with self.lock:
             self._call += 1  # an open stream becomes stale, not a reader of freed memory
+            if getattr(self, "sizes", None) is not None:
+                self.sizes.close()  # the runner of every size
+                self.sizes = self.runner = None
             if getattr(self, "runner", None) is not None:
                 self.runner.__exit__(None, None, None)
                 self.runner = None
@@ -507,6 +567,8 @@ class ChatSession:
     session) goes with that turn, ``<image>`` first, as in LLaVA; earlier images stay."""
     pipe: Pipeline
     image: ImageLike | None = None  # attached to the next turn
+    max_image_tokens: int | None = None  # the session's image budget (Pipeline.ask)
+    vision_budget_ms: float | None = None
     conversation: Conversation = field(init=False)
     images: list[Embeddings] = field(init=False, default_factory=list)
     _turn: object = field(init=False, default=None, repr=False)
@@ -524,10 +586,12 @@ class ChatSession:
     def history(self) -> list[tuple[str, str | None]]:
         return list(self.conversation.messages)
 
-    def _open_turn(self, question: str, image: ImageLike | None) -> tuple[list[Embeddings], Timings]:
+    def _open_turn(self, question: str, image: ImageLike | None, max_image_tokens: int | None = None,
+                   vision_budget_ms: float | None = None) -> tuple[list[Embeddings], Timings]:
         self.conversation.drop_open_turn()  # an answer that was never read is not history
         image = image if image is not None else self.image
-        t = Timings()
+        t = self.pipe.budget_timings(self.max_image_tokens if max_image_tokens is None else max_image_tokens,
+                                     self.vision_budget_ms if vision_budget_ms is None else vision_budget_ms)
         images = list(self.images)
         if image is not None:  # embedded before the turn is added: a bad image changes nothing
             images.append(self.pipe._embed(image, t))
@@ -537,12 +601,14 @@ class ChatSession:
 
     def ask(self, question: str, image: ImageLike | None = None, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
-            ignore_eos: bool = False) -> str | Iterator[str]:
-        """Answer the next question; ``image`` (or the session's pending one) goes with this turn."""
+            ignore_eos: bool = False, max_image_tokens: int | None = None,
+            vision_budget_ms: float | None = None) -> str | Iterator[str]:
+        """Answer the next question; ``image`` (or the session's pending one) goes with this turn,
+        at the size the turn's budget (else the session's) chooses."""
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos)
         check_text(question, "question")
         with self.pipe.lock:
-            images, t = self._open_turn(question, image)
+            images, t = self._open_turn(question, image, max_image_tokens, vision_budget_ms)
             try:
                 pieces = self.pipe._answer(self.conversation, images, params, self._close_turn(images), t)
             except BaseException:
@@ -571,3 +637,29 @@ class ChatSession:
                 self.images = images
                 self.image = None
         return done
+
+
+def _size_artifacts(manifest: Manifest, choice: VisionChoice) -> list[Artifact]:
+    """The chosen vision artifact at every input size of the bundle (one size: just it)."""
+    from .vision_sizes import size_table
+
+    return [s.artifact for s in size_table(manifest, choice)]
+
+
+def check_start_memory(bundle: Path, vision: list[Artifact], llm: Artifact, n_ctx: int | None, kv_type: str) -> None:
+    """Refuse at start, with the numbers, a configuration whose vision graphs (their shared
+    weights once), GGUF and KV cache need more memory than this machine has available."""
+    from .llm import available_memory
+    from .memory_fit import check_memory_fits, kv_cache_bytes
+
+    files = {a.file: a.size for a in vision}
+    files.update({f: (bundle / f).stat().st_size for a in vision for f in a.info.external_data})
+    parts = {"vision graphs": sum(files.values()), f"LLM {llm.precision}": llm.size}
+    i = llm.info
+    if all(isinstance(i.get(k), int) and i[k] > 0 for k in ("n_layer", "n_embd", "n_head")):
+        n = n_ctx or int(i.get("n_ctx_train") or 4096)
+        n_kv = i["n_embd"] * int(i.get("n_head_kv") or i["n_head"]) // i["n_head"]
+        if kv_type in KV_TYPES:
+            parts[f"{kv_type} KV cache of {n} positions"] = kv_cache_bytes(i["n_layer"], n_kv, n, kv_type)
+    check_memory_fits(parts, available_memory(), "pass a smaller n_ctx, a quantized kv_type, a smaller GGUF type "
+                      "or vision precision, or see `mra-export plan-memory --bundle B --fit GB`")

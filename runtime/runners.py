@@ -9,6 +9,7 @@ function at export time, in tests and in benchmarks.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -34,13 +35,17 @@ class VisionRunner(Protocol):
 
 def open_runner(backend: str, path: str | os.PathLike, *, artifact: Artifact | None = None,
                 providers: list | None = None, threads: int | None = None, allow_fallback: bool | None = None,
-                device: int = 0, dla_core: int | None = None) -> VisionRunner:
+                device: int = 0, dla_core: int | None = None, weights=None) -> VisionRunner:
     """A runner for ``path`` (an ONNX graph or a TensorRT engine) on ``backend``. ``artifact``
-    (the manifest entry) lets the TensorRT runner check the engine's GPU and version."""
+    (the manifest entry) lets the TensorRT runner check the engine's GPU and version.
+    ``weights``: the bundle's ``MappedWeights``, for a graph of several sizes that reads them."""
     if backend == "onnxruntime":
         from .ort_backend import OrtRunner
 
-        return OrtRunner(path, providers=providers, threads=threads, allow_fallback=allow_fallback)
+        table = artifact.info.get("initializers") if artifact is not None else None
+        inits = weights.initializers(table, Path(path).name) if weights is not None and table else None
+        return OrtRunner(path, providers=providers, threads=threads, allow_fallback=allow_fallback,
+                         initializers=inits)
     if backend == "tensorrt":
         from .trt_backend import TrtRunner
 

@@ -34,9 +34,9 @@ class VisionChoice:
     providers: list[str] | None = None
 
     def open(self, bundle: str | Path, threads: int | None = None,
-             allow_fallback: bool | None = None) -> VisionRunner:
+             allow_fallback: bool | None = None, weights=None) -> VisionRunner:
         return open_runner(self.backend, Path(bundle) / self.artifact.file, artifact=self.artifact,
-                           providers=self.providers, threads=threads, allow_fallback=allow_fallback)
+                           providers=self.providers, threads=threads, allow_fallback=allow_fallback, weights=weights)
 
     @property
     def label(self) -> str:
@@ -111,7 +111,8 @@ def _select_engine(manifest: Manifest, bundle: str | Path, precision: str | None
 
 def _select_onnx(manifest: Manifest, bundle: str | Path, precision: str | None,
                  providers: list[str] | None) -> VisionChoice:
-    graphs = manifest.find("vision", "onnx")
+    # the largest size decides; vision_sizes.py takes the same precision and flavour at the others
+    graphs = [a for a in manifest.vision_at(manifest.image_size) if a.format == "onnx"]
     if not graphs:
         raise BadBundle(f"bundle {bundle} | has no vision ONNX graph; export one with "
                        "`mra-export --model CKPT --target onnx`")

@@ -237,13 +237,17 @@ class _Run:
     def _finish(self, status: int, done: Done | None) -> None:
         t = done.timings if done else {}
         self.metrics.finished(status, time.perf_counter() - self.start, self.ttft, t.get("decode_tokens_per_s"),
-                              done.completion_tokens if done else 0)
+                              done.completion_tokens if done else 0, t.get("image_size") if t.get("images_encoded") or
+                              t.get("image_cache_hits") else None)
 
     def _usage(self, done: Done) -> dict:
         usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                  "total_tokens": done.prompt_tokens + done.completion_tokens}
         if "reused" in done.timings:  # positions served from the KV cache (earlier turns, the image prefix)
             usage["prompt_tokens_details"] = {"cached_tokens": int(done.timings["reused"])}
+        if done.timings.get("image_size"):  # the input size the image's budget chose (docs/resolution.md)
+            usage["image_size"] = int(done.timings["image_size"])
+            usage["image_tokens"] = int(done.timings["image_rows"])
         return usage
 
     async def collect(self, request: Request) -> dict:

@@ -88,6 +88,8 @@ class ChatJob:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     meta: dict[str, Any] = field(default_factory=dict)  # free for backends (e.g. a routing hint)
+    detail: str | None = None  # the image's image_url.detail: low | high | auto (docs/resolution.md)
+    max_image_tokens: int | None = None  # extension field: the image's row budget
 
     @property
     def system(self) -> str | None:
@@ -196,7 +198,27 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy(),
         messages.append(Message(role, text, found is not None))
     _check_order(messages)
     return ChatJob(tuple(messages), image, params, str(body.get("model") or ""),
-                   _flag(body, "stream"), _flag(options or {}, "include_usage", "stream_options.include_usage"))
+                   _flag(body, "stream"), _flag(options or {}, "include_usage", "stream_options.include_usage"),
+                   detail=_detail(raw), max_image_tokens=_max_image_tokens(body))
+
+
+def _detail(raw: list) -> str | None:
+    """The image part's ``image_url.detail`` (low | high | auto), None where not given."""
+    for m in raw:
+        for part in m.get("content") if isinstance(m.get("content"), list) else ():
+            url = part.get("image_url") if isinstance(part, dict) else None
+            if isinstance(url, dict) and url.get("detail") is not None:
+                if url["detail"] not in ("low", "high", "auto"):
+                    raise bad(f"image_url.detail | got {_show(url['detail'])}, expected low, high or auto", "messages")
+                return url["detail"]
+    return None
+
+
+def _max_image_tokens(body: dict) -> int | None:
+    v = body.get("max_image_tokens")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise bad(f"max_image_tokens | got {_show(v)}, expected a positive integer", "max_image_tokens")
+    return v
 
 
 def _flag(body: dict, name: str, where: str | None = None) -> bool:

@@ -65,7 +65,8 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
                                   "all; ask for fewer")
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         pieces = pipe.answer(conv, image, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed,
-                             stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos)
+                             stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos,
+                             max_image_tokens=job.max_image_tokens, detail=job.detail)
     except MraError as e:  # the request cannot run (too long for the context, bad grammar): the client's to fix
         raise client_error(e) from None
     try:

@@ -49,10 +49,13 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.decode = Histogram(TOKENS_PER_S_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
+        self.image_sizes: collections.Counter[int] = collections.Counter()  # images by the input size chosen
 
     def finished(self, status: int, latency_s: float | None = None, ttft_s: float | None = None,
-                 decode_tokens_per_s: float | None = None, tokens: int = 0) -> None:
+                 decode_tokens_per_s: float | None = None, tokens: int = 0, image_size: int | None = None) -> None:
         with self._lock:
+            if image_size:
+                self.image_sizes[int(image_size)] += 1
             self.requests[status] += 1
             self.tokens += tokens
             if latency_s is not None:
@@ -67,6 +70,9 @@ class Metrics:
             lines = ["# TYPE mra_requests_total counter"]
             lines += [f'mra_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
             lines += ["# TYPE mra_completion_tokens_total counter", f"mra_completion_tokens_total {self.tokens}"]
+            lines += ["# HELP mra_images_total images encoded or reused, by the input size their budget chose",
+                      "# TYPE mra_images_total counter"]
+            lines += [f'mra_images_total{{size="{s}"}} {n}' for s, n in sorted(self.image_sizes.items())]
             for name, h, unit in (("mra_ttft_seconds", self.ttft, "time to first token (HTTP request in -> "
                                    "first token)"), ("mra_decode_tokens_per_second", self.decode, "decode speed"),
                                   ("mra_request_seconds", self.latency, "request latency")):

@@ -74,6 +74,20 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
                                 llm_quants=["F32"], progress=False))
 
 
+TINY_SIZES = (384, 768, 1024)  # rows 576, 576, 1024: two sizes of one row count, and a larger one
+
+
+@pytest.fixture(scope="session")
+def tiny_sizes_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    """A tiny bundle of three input sizes (FP32 ONNX at 384, 768 and 1024 sharing one weight
+    file, F32 GGUF), exported once per session: what the resolution-budget tests choose in."""
+    from mra.export.bundle import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("sizes-bundle") / "tiny3"
+    return export(ExportOptions(out=out, model=tiny_ckpt, image_size=list(TINY_SIZES), precisions=["fp32"],
+                                llm_quants=["F32"], progress=False))
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx_bundle(tiny_ckpt, tmp_path_factory) -> Path:
     """`mra-export --target onnx --precision fp32,fp16,int8 --llm-quant none` of the tiny

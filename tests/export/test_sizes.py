@@ -1,0 +1,118 @@
+"""mra-export --image-size 384,768,1024: one bundle whose graphs (one per size and precision)
+read their weights from one shared file, each size validated against torch at that size,
+INT8 calibrated on every size; the manifest records rows, FLOPs and latency per size; a
+one-size bundle is written as before."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+
+from mra.core.manifest import Manifest
+from mra.core.names import VISION_WEIGHTS
+from mra.export.bundle import bundle_files
+from mra.export.cli import main
+from mra.runtime.compare import compare
+from mra.runtime.ort_backend import OrtRunner
+from mra.runtime.preprocess import preprocess_batch
+
+SIZES = (384, 768, 1024)
+
+
+@pytest.fixture(scope="module")
+def torch_at(tiny_ckpt):
+    """Embeddings of the torch tower, built at each size independently of the export."""
+    import torch
+
+    from mra.model import load_vision
+
+    def run(size: int, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return load_vision(tiny_ckpt, size)(torch.from_numpy(x)).numpy()
+    return run
+
+
+def test_manifest_records_every_size(tiny_sizes_bundle):
+    m = Manifest.load(tiny_sizes_bundle)
+    assert m.sizes == list(SIZES) and m.image_size == 1024 and m.num_image_tokens == 1024
+    assert m.image_rows() == {384: 576, 768: 576, 1024: 1024}  # max(S/32, 24)^2
+    graphs = {a.info.image_size: a for a in m.find("vision", "onnx")}
+    assert sorted(graphs) == list(SIZES) and all(a.file == f"vision.{s}.onnx" for s, a in graphs.items())
+    flops = [graphs[s].info.vision_flops for s in SIZES]
+    assert 0 < flops[0] < flops[1] < flops[2]
+    assert all(graphs[s].info.latency_ms(1) > 0 for s in SIZES)
+    for a in graphs.values():  # validated against torch at its own size, on the usual bar
+        assert a.passed and a.validation["rel_err"] < 1e-5 and a.info.external_data == [VISION_WEIGHTS]
+    files = bundle_files(tiny_sizes_bundle)
+    assert files == {"mra.json", VISION_WEIGHTS, "llm.F32.gguf", *(f"vision.{s}.onnx" for s in SIZES)}
+    assert main(["verify", "--bundle", str(tiny_sizes_bundle)]) == 0
+
+
+def test_weights_are_stored_once(tiny_sizes_bundle, tiny_bundle):
+    """The shared file holds each distinct tensor once: about one size's weights, not three."""
+    m = Manifest.load(tiny_sizes_bundle)
+    shared = (tiny_sizes_bundle / VISION_WEIGHTS).stat().st_size
+    tables = [a.info["initializers"] for a in m.find("vision")]
+    referenced = sum(ln for t in tables for _, ln, _, _ in t.values())
+    distinct = sum(ln for _, ln in {(off, ln) for t in tables for off, ln, _, _ in t.values()})
+    assert referenced > 2.9 * distinct  # the three graphs' sessions are handed the same bytes
+    one = Manifest.load(tiny_bundle).find("vision", "onnx")[0]
+    assert shared < 1.1 * one.size  # one size's graph with its weights inline
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_each_size_equals_torch(tiny_sizes_bundle, torch_at, photo_paths, size):
+    """A graph of the bundle, run by onnxruntime from the shared file, equals torch at its size."""
+    x = preprocess_batch(photo_paths[4:6], size)
+    with OrtRunner(tiny_sizes_bundle / f"vision.{size}.onnx") as r:
+        got = r.infer(x)
+    ref = torch_at(size, x)
+    assert got.shape == ref.shape == (2, 576 if size < 1024 else 1024, got.shape[2])
+    assert compare(got, ref)["rel_err"] < 1e-5
+
+
+def test_int8_is_calibrated_and_validated_on_every_size(tiny_ckpt, tmp_path):
+    out = tmp_path / "b"
+    assert main(["--model", str(tiny_ckpt), "--out", str(out), "--image-size", "384,1024", "--precision", "fp32,int8",
+                 "--llm-quant", "none", "-q"]) == 0
+    m = Manifest.load(out)
+    int8 = [a for a in m.find("vision", "onnx", "int8")]
+    assert sorted({a.info.image_size for a in int8}) == [384, 1024] and all(a.passed for a in int8)
+    scales = {}  # activation ranges come from each size's own calibration: they differ between sizes
+    for a in int8:
+        assert a.validation["cosine"] >= a.validation["threshold"]["min_cosine"]
+        scales.setdefault(a.info.int8_flavour, {})[a.info.image_size] = a.sha256
+    assert all(v[384] != v[1024] for v in scales.values())
+
+
+def test_cli_sizes_and_one_size_manifest(tiny_bundle, tiny_ckpt, tmp_path, capsys):
+    raw = json.loads((tiny_bundle / "mra.json").read_text())
+    assert "image_sizes" not in raw  # a one-size bundle is written as before
+    assert Manifest.load(tiny_bundle).sizes == [raw["image_size"]]
+    assert main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--image-size", "384,100",
+                 "--llm-quant", "none", "-q"]) != 0
+    assert "100" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "y"), "--image-size", "384,1024",
+                 "--target", "trt", "--llm-quant", "none", "-q"]) != 0
+
+
+def test_damaged_manifests_are_named(tiny_sizes_bundle, tmp_path):
+    import shutil
+
+    from mra.core.errors import BadBundle, MraError
+    from mra.runtime import Pipeline
+
+    raw = json.loads((tiny_sizes_bundle / "mra.json").read_text())
+    for bad in ([384, "768", 1024], [384, 768], [0, 1024], "384"):
+        with pytest.raises(MraError, match="image_sizes"):
+            Manifest.from_dict({**raw, "image_sizes": bad})
+    b = tmp_path / "b"
+    shutil.copytree(tiny_sizes_bundle, b)
+    m = Manifest.load(b)
+    a = m.vision_at(768)[0]
+    name = next(iter(a.info["initializers"]))
+    a.info["initializers"][name] = [10 ** 12, 4, "float32", [1]]  # past the end of the weight file
+    m.save(b)
+    with pytest.raises(BadBundle, match=name):
+        Pipeline.from_bundle(b, n_ctx=2048, n_threads=1)
