@@ -11,7 +11,7 @@ import pytest
 
 from mra.core.manifest import Manifest
 from mra.core.names import VISION_WEIGHTS
-from mra.export.bundle import bundle_files
+from mra.export.out_folder import bundle_files
 from mra.export.cli import main
 from mra.runtime.compare import compare
 from mra.runtime.ort_backend import OrtRunner
