@@ -11,10 +11,7 @@ top-p -> seeded draw, the order HF ``generate`` applies them in).
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import ctypes
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +21,9 @@ import numpy as np
 
 from mra.core.errors import MraError
 
-from .llama_enums import KV_TYPES, constant, flash_attn_type, kv_type as kv_type_value
+from .llama_enums import KV_TYPES, flash_attn_type, kv_type as kv_type_value
+from .llama_lib import extra_buffers_default, last_error, llama_lib
 
-log = logging.getLogger("mra.runtime.llama")
 
 
 def use_flash_attn(flash_attn: bool | None, kv_type: str, n_gpu_layers: int) -> bool:
@@ -36,99 +33,6 @@ def use_flash_attn(flash_attn: bool | None, kv_type: str, n_gpu_layers: int) -> 
     if flash_attn is not None:
         return flash_attn
     return kv_type.startswith("q") or n_gpu_layers != 0
-
-def extra_buffers_default() -> bool:
-    """llama.cpp's extra CPU weight buffers (AMX, repacked layouts) unless this build uses AMX:
-    ``ggml_backend_amx_mul_mat`` segfaults on some Sapphire-Rapids-class CPUs (llama.cpp issue
-    #20824; measured here: every Q8_0 / Q4_0 decode of the tiny model killed the process), and a
-    crashed process is worse than the speed AMX gives. ``MRA_LLAMA_EXTRA_BUFFERS=1|0`` overrides."""
-    env = os.environ.get("MRA_LLAMA_EXTRA_BUFFERS")
-    if env in ("0", "1"):
-        return env == "1"
-    return b"AMX_INT8 = 1" not in llama_lib().llama_print_system_info()
-
-
-@contextlib.contextmanager
-def model_params_for_llama_class():
-    """Make ``llama_cpp.Llama`` load with the same extra-buffer choice as :class:`LlamaSession`
-    (it has no argument for it), so the benchmarks' bare llama-cpp-python side runs the same
-    kernels and does not crash where the runtime would not."""
-    import llama_cpp.llama_cpp as low
-
-    orig = low.llama_model_default_params
-    extra = extra_buffers_default()
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = extra
-        return p
-
-    low.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        low.llama_model_default_params = orig
-
-
-_lib: Any = None
-_recent_errors: collections.deque[str] = collections.deque(maxlen=4)  # ERROR and WARN lines, newest last
-_listeners: list[list[str]] = []  # capture_llama_log() blocks in progress
-_log_callback: Any = None  # kept referenced: llama.cpp calls it for the life of the process
-
-
-def llama_lib():
-    """Import llama_cpp once, route its log to Python logging, init the backend. This is the
-    one owner of llama.cpp's process-wide log callback: code that wants the log lines uses
-    :func:`capture_llama_log` instead of installing its own (which would deafen this one)."""
-    global _lib, _log_callback
-    if _lib is None:
-        try:
-            import llama_cpp
-        except ImportError as e:
-            raise MraError(f"llama-cpp-python | cannot import it ({e}); install it with "
-                           "`pip install 'mra-edge[llm]'` (it compiles llama.cpp)") from None
-        warn, error, cont = (constant(f"GGML_LOG_LEVEL_{n}") for n in ("WARN", "ERROR", "CONT"))
-        last = [0]
-
-        @llama_cpp.llama_log_callback
-        def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-            msg = text.decode("utf-8", "replace")
-            level = last[0] if level == cont else level
-            last[0] = level
-            for lines in list(_listeners):
-                lines.append(msg)
-            msg = msg.strip()
-            if msg and level in (warn, error):  # kept for the MraError message
-                _recent_errors.append(msg)
-            if msg:
-                log.debug("%s", msg)
-
-        _log_callback = _on_log
-        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        _lib = llama_cpp
-    return _lib
-
-
-@contextlib.contextmanager
-def capture_llama_log():
-    """Collect llama.cpp's log lines (all levels) while the block runs, beside the runtime's own
-    error capture."""
-    llama_lib()
-    lines: list[str] = []
-    _listeners.append(lines)
-    try:
-        yield lines
-    finally:
-        _listeners.remove(lines)
-
-
-def _last_error() -> str:
-    """llama.cpp's latest error or warning lines (a failed allocation is logged as a warning)."""
-    if not _recent_errors:
-        return "no message from llama.cpp"
-    return " / ".join(list(_recent_errors)[-2:])
-
 
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation (Linux MemAvailable), None where unknown."""
@@ -209,7 +113,7 @@ class Sampler:
             g = lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root") if vocab else None
             if not g:
                 self.close()
-                raise MraError(f"grammar | llama.cpp cannot parse it ({_last_error()}); check the GBNF (a "
+                raise MraError(f"grammar | llama.cpp cannot parse it ({last_error()}); check the GBNF (a "
                                "`root ::= ...` rule) or the JSON schema it came from")
             lib.llama_sampler_chain_add(self.chain, g)
         # --- end issue 12 ---
@@ -258,7 +162,7 @@ class LlamaSession:
         mp.use_extra_bufts = extra_buffers_default() if extra_buffers is None else extra_buffers
         self.model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
-            raise MraError(f"{self.path} | llama.cpp cannot load it: {_last_error()}")
+            raise MraError(f"{self.path} | llama.cpp cannot load it: {last_error()}")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_embd = int(lib.llama_model_n_embd(self.model))
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
@@ -282,7 +186,7 @@ class LlamaSession:
         if not self.ctx:
             self.close()
             raise MraError(f"{self.path} | llama.cpp cannot create a context (n_ctx={n_ctx}, kv_type={kv_type}): "
-                           f"{_last_error()}")
+                           f"{last_error()}")
         self.n_ctx = int(lib.llama_n_ctx(self.ctx))
         self.n_batch = int(lib.llama_n_batch(self.ctx))
         self.memory = lib.llama_get_memory(self.ctx)
@@ -329,7 +233,7 @@ class LlamaSession:
         rc = self._lib.llama_decode(self.ctx, batch)
         if rc != 0:
             raise MraError(f"llama_decode | returned {rc} at positions {start}..{start + n - 1} of n_ctx "
-                           f"{self.n_ctx}: {_last_error()}")
+                           f"{self.n_ctx}: {last_error()}")
         self.evaluated_total += n
 
     def eval_token(self, token: int) -> None:
@@ -342,7 +246,7 @@ class LlamaSession:
         rc = self._lib.llama_decode(self.ctx, batch)
         if rc != 0:
             raise MraError(f"llama_decode | returned {rc} at position {len(self.keys)} of n_ctx {self.n_ctx}: "
-                           f"{_last_error()}")
+                           f"{last_error()}")
         self.evaluated_total += 1
         self.keys.append(token)
 
@@ -429,7 +333,7 @@ class LlamaSession:
         buf = (ctypes.c_uint8 * size)()
         got = int(lib.llama_state_seq_get_data(self.ctx, buf, size, 0))
         if got == 0:
-            raise MraError(f"llama_state_seq_get_data | copied nothing of {size} bytes: {_last_error()}")
+            raise MraError(f"llama_state_seq_get_data | copied nothing of {size} bytes: {last_error()}")
         return ctypes.string_at(buf, got)
 
     def load_state(self, data: bytes, keys: Sequence[Hashable]) -> bool:
