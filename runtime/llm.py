@@ -125,8 +125,9 @@ class Sampler:
                 lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_top_p(top_p, 1))
             lib.llama_sampler_chain_add(self.chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
-    def sample(self, ctx) -> int:
-        return int(self._lib.llama_sampler_sample(self.chain, ctx, -1))
+    def sample(self, ctx, index: int = -1) -> int:
+        """Draw from the logits of row ``index`` of the context's last batch (-1: its last row)."""
+        return int(self._lib.llama_sampler_sample(self.chain, ctx, index))
 
     def close(self) -> None:
         if self.chain:
@@ -138,11 +139,15 @@ class Sampler:
 
 
 class LlamaSession:
-    """One GGUF model and one context with a single, prefix-reusing sequence."""
+    """One GGUF model and one context with a single, prefix-reusing sequence (the methods below).
+    ``n_seq_max`` > 1 makes a context for :class:`~mra.runtime.engine.Engine`, which drives its
+    sequences itself: one unified KV cache of ``n_ctx`` positions per sequence, shared by all of
+    them, so a prefix several sequences hold is stored once and a long conversation may use the
+    room the others do not."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", n_batch: int = 512,
-                 flash_attn: bool | None = None, extra_buffers: bool | None = None):
+                 flash_attn: bool | None = None, extra_buffers: bool | None = None, n_seq_max: int = 1):
         lib = self._lib = llama_lib()
         self.path = Path(path)
         self.model = self.ctx = None
@@ -153,6 +158,9 @@ class LlamaSession:
             if (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 24):
                 continue
             raise MraError(f"{name} | got {v!r}, expected a positive integer")
+        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= min(n_batch, 256):
+            raise MraError(f"parallel | got {n_seq_max!r} sequences, expected an integer from 1 to "
+                           f"{min(n_batch, 256)} (at most n_batch, llama.cpp's limit 256)")
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
             raise MraError(f"n_gpu_layers | got {n_gpu_layers!r}, expected an integer (-1: all)")
         if not self.path.is_file():
@@ -169,14 +177,16 @@ class LlamaSession:
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.model))
         self.bos = int(lib.llama_vocab_bos(self.vocab))
         self.eos = int(lib.llama_vocab_eos(self.vocab))
+        n_ctx = n_ctx or self.n_ctx_train
         if n_gpu_layers == 0:
-            self._check_kv_memory(n_ctx or self.n_ctx_train, kv_type)
+            self._check_kv_memory(n_ctx * n_seq_max, kv_type)
 
         threads, threads_batch = default_threads()
         cp = lib.llama_context_default_params()
-        cp.n_ctx = n_ctx or self.n_ctx_train
+        cp.n_ctx = n_ctx * n_seq_max
         cp.n_batch = cp.n_ubatch = n_batch
-        cp.n_seq_max = 1
+        cp.n_seq_max = n_seq_max
+        cp.kv_unified = True
         cp.n_threads = n_threads or threads
         cp.n_threads_batch = n_threads or threads_batch
         cp.type_k = cp.type_v = kv_type_value(kv_type)

@@ -6,28 +6,24 @@
     pipe.next_token_logits(img, q)                              # [n_vocab], for scoring
     chat = pipe.chat("photo.jpg"); chat.ask(q1); chat.ask(q2)   # KV cache kept between turns
 
-One llama.cpp sequence serves every call; its KV cache is matched against each new prompt,
-so the system prompt, an image already seen and earlier chat turns are not evaluated again.
-Image embeddings are cached by the image's content. No torch anywhere.
+The Pipeline is a thin front: prompts are built here, images go through the
+:class:`~mra.runtime.vision_encoder.VisionEncoder` (cached by content), and the LLM is an
+:class:`~mra.runtime.engine.Engine`, whose sequences keep their KV caches, so the system
+prompt, an image already seen and earlier chat turns are not evaluated again. No torch.
 
-Concurrency: a Pipeline may be shared by threads; one ``threading.RLock`` serialises every
-call that touches the llama.cpp context (or the vision runner and the caches). ``ask``,
-``next_token_logits``, ``encode_image`` and a chat turn run whole under it, so two threads
-get the answers each would get alone. A stream prefills under the lock at the call and then
-takes it for each token; a later call on the Pipeline (any thread) makes an unfinished
-stream stale, and its next read raises ``MraError`` instead of reading someone else's
-context. For parallel answers, use one Pipeline per thread (each has its own context).
+Concurrency: a Pipeline may be shared by threads. Every call is a request to the engine, whose
+one scheduler thread owns the llama.cpp context; with ``parallel=N`` up to N calls run at once
+as separate sequences decoded in one batch, further calls wait for a sequence. Streams stay
+valid whatever other threads do; a stream left unread keeps generating to its end (or until
+closed), so it holds a sequence meanwhile.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import logging
 import math
 import numbers
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,19 +31,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mra.core.errors import MraError
-from mra.core.files import sha256_stream
+from mra.core.errors import BadBundle, Closed, ContextOverflow, MraError
 from mra.core.manifest import Artifact, Manifest, verify_artifact
 
+from .engine import Engine, Request
 from .gguf_types import LLM_QUANT_ORDER
 from .grammar import grammar_for
-from .llm import Embeddings, LlamaSession, Sampler, use_flash_attn
-from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
+from .llm import Embeddings, Sampler, use_flash_attn
+from .preprocess import ImageLike
 from .prompt import Conversation, ImageSlot, Template, check_text, count_positions, tokenize_parts
 from .prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
-from .prompt_cache import PendingEmbeddings, PromptCache
-from .textstream import TextStream
-from .vision_select import VisionChoice, select_vision
+from .prompt_cache import PendingEmbeddings, PromptCache, image_prefix, item_keys
+from .vision_encoder import VisionEncoder, image_key  # noqa: F401 (image_key: part of this module's API)
 
 log = logging.getLogger("mra.runtime")
 
@@ -130,45 +125,6 @@ def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def image_key(image: ImageLike, exif_transpose: bool = False) -> str:
-    """sha256 of the image content (file bytes, or mode/size/pixels), the embedding cache key.
-    A file is checked first (a regular file PIL recognises) and hashed in a stream."""
-    h = hashlib.sha256(b"exif" if exif_transpose else b"raw")
-    if isinstance(image, (str, os.PathLike)):
-        p = Path(image)
-        check_image_file(p)  # missing, broken link, folder, FIFO, device, empty: one clear error
-        try:
-            with open(p, "rb") as f:
-                if not _looks_like_image(f):
-                    load_image(p)  # raises PIL's precise complaint
-                f.seek(0)
-                h.update(b"file:")
-                sha256_stream(f, h)
-        except OSError as e:
-            raise MraError(f"image {p} | cannot read it: {e.strerror or e}") from None
-    elif isinstance(image, np.ndarray):
-        h.update(f"array:{image.dtype}:{image.shape}:".encode() + np.ascontiguousarray(image).tobytes())
-    else:
-        im = load_image(image)  # type check
-        h.update(f"pil:{im.mode}:{im.size}:".encode() + im.tobytes())
-    return h.hexdigest()
-
-
-def _looks_like_image(f) -> bool:
-    """Whether PIL identifies the file from its header (without decoding the pixels)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .preprocess import image_formats
-
-    try:
-        with Image.open(f, formats=image_formats()) as im:
-            return im.size is not None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
-        return False
-    except Exception:  # a decompression-bomb error and the like: load_image words it
-        return False
-
-
 def prompt_cache_identity(vision: Artifact, llm: Artifact, kv_type: str, n_ctx: int, flash_attn: bool) -> dict:
     """What a saved KV state depends on besides the prompt (issue 12's prompt cache key)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -179,34 +135,6 @@ def prompt_cache_identity(vision: Artifact, llm: Artifact, kv_type: str, n_ctx: 
         llama_version = "unknown"
     return {"gguf_sha256": llm.sha256, "vision": f"{vision.file}:{vision.sha256}", "kv_type": kv_type,
             "n_ctx": int(n_ctx), "flash_attn": bool(flash_attn), "llama_cpp": llama_version}
-
-
-class EmbeddingCache:
-    """The last ``size`` images' embeddings, least recently used dropped first."""
-
-    def __init__(self, size: int = 16):
-        self.size = size
-        self._d: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-
-    def get(self, key: str) -> np.ndarray | None:
-        if key in self._d:
-            self._d.move_to_end(key)
-            return self._d[key]
-        return None
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        if self.size <= 0:
-            return
-        self._d[key] = value
-        self._d.move_to_end(key)
-        while len(self._d) > self.size:
-            self._d.popitem(last=False)
-
-    def clear(self) -> None:
-        self._d.clear()
-
-    def __len__(self) -> int:
-        return len(self._d)
 
 
 def select_llm(manifest: Manifest, bundle: str | Path, llm_quant: str | None) -> Artifact:
@@ -223,24 +151,49 @@ def select_llm(manifest: Manifest, bundle: str | Path, llm_quant: str | None) ->
     return min(ggufs, key=lambda a: LLM_QUANT_ORDER.index(a.precision) if a.precision in LLM_QUANT_ORDER else 99)
 
 
-class Pipeline:
-    """Vision backend + llama.cpp LLM + the v1 prompt. Build it with :meth:`from_bundle`."""
+@dataclass
+class Generation:
+    """How one answer ended: what a server reports without reading the Pipeline's internals."""
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens or the context full), "cancelled"
+    prompt_tokens: int  # positions of the prompt (text tokens and image rows)
+    cached_tokens: int  # of those, taken from a KV cache
+    completion_tokens: int  # tokens sampled (an EOS included)
+    tokens: list[int]
+    timings: Timings
 
-    def __init__(self, manifest: Manifest, bundle: Path, vision: VisionChoice, runner, llm: LlamaSession,
-                 llm_artifact: Artifact, image_cache: int = 16, exif_transpose: bool = False,
-                 prompt_cache: PromptCache | None = None):
-        self.manifest, self.bundle, self.vision, self.runner = manifest, bundle, vision, runner
+
+class Answer:
+    """A streamed answer: iterate for text pieces; ``result`` (a :class:`Generation`) is set when
+    the answer has ended. ``close()`` cancels the rest of it."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: Generation | None = None
+
+    def __iter__(self) -> "Answer":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
+class Pipeline:
+    """Vision encoder + LLM engine + the v1 prompt. Build it with :meth:`from_bundle`."""
+
+    def __init__(self, manifest: Manifest, bundle: Path, encoder: VisionEncoder | None, llm: Engine,
+                 llm_artifact: Artifact, prompt_cache: PromptCache | None = None):
+        self.manifest, self.bundle, self.encoder = manifest, bundle, encoder
+        self.vision = encoder.choice if encoder is not None else None
         self.llm, self.llm_artifact = llm, llm_artifact
         self.template = Template.from_manifest(manifest.prompt)
         self.image_size = int(manifest.image_size)
         self.n_image_tokens = int(manifest.num_image_tokens)
-        self.exif_transpose = exif_transpose
-        self.cache = EmbeddingCache(image_cache)
-        self.timings = Timings()
-        self.last_tokens: list[int] = []  # token ids sampled by the last ask (EOS included)
-        self._call = 0  # bumped by every call: a stream left open notices it is stale
-        self.lock = threading.RLock()  # one caller at a time on the llama.cpp context (see the module doc)
-        self.prompt_cache = prompt_cache  # persistent image-prefix KV states (issue 12), or None
+        self.timings = Timings()  # of the latest call (any thread's)
+        self.last_tokens: list[int] = []  # token ids sampled by the latest answer to end (EOS included)
+        self.prompt_cache = prompt_cache  # persistent image-prefix KV states, or None
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, vision: str = "auto", llm_quant: str | None = None,
@@ -249,229 +202,264 @@ class Pipeline:
                     n_batch: int = 512, flash_attn: bool | None = None, image_cache: int = 16,
                     exif_transpose: bool = False, prompt_cache: str | os.PathLike | None = None,
                     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-                    allow_fallback: bool | None = None) -> "Pipeline":
+                    allow_fallback: bool | None = None, parallel: int = 1, chunk: int | None = None,
+                    with_vision: bool = True) -> "Pipeline":
         """Open a bundle: check the artifacts it uses (size; sha256 unless ``verify_hash=False``,
         for very large files), pick the vision backend and load the GGUF. ``prompt_cache``: a
         folder where image prefixes' KV states persist across processes (at most
         ``prompt_cache_bytes``, least recently used evicted). ``allow_fallback``: whether named
         GPU ``providers`` that fail to load may leave onnxruntime on the CPU (default: only when
-        no providers were named)."""
+        no providers were named). ``parallel``: sequences the LLM serves at once (one copy of the
+        weights, ``n_ctx`` positions each); ``chunk``: rows per prefill step between two decode
+        steps (default ``n_batch``). ``with_vision=False``: the LLM only, for images that arrive
+        as :class:`~mra.runtime.llm.Embeddings` made elsewhere (their keys name the graph)."""
         bundle = Path(path)
         manifest = Manifest.load(bundle)
-        choice = select_vision(manifest, bundle, vision, providers)
         llm_art = select_llm(manifest, bundle, llm_quant)
-        for a in (choice.artifact, llm_art):
-            verify_artifact(bundle, a, check_hash=verify_hash)
-        llm = LlamaSession(bundle / llm_art.file, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                           kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn)
+        choice = None
+        if with_vision:
+            from .vision_select import select_vision
+
+            choice = select_vision(manifest, bundle, vision, providers)
+            verify_artifact(bundle, choice.artifact, check_hash=verify_hash)
+        verify_artifact(bundle, llm_art, check_hash=verify_hash)
+        llm = Engine(bundle / llm_art.file, n_ctx=n_ctx, parallel=parallel, chunk=chunk, n_threads=n_threads,
+                     n_gpu_layers=n_gpu_layers, kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn)
         try:
             if llm.n_embd != manifest.embed_dim:
-                raise MraError(f"{bundle / llm_art.file} | the LLM's embedding width is {llm.n_embd}, the vision "
-                               f"projector outputs {manifest.embed_dim}: this GGUF is not this checkpoint's LLM; "
-                               "re-export the bundle")
+                raise BadBundle(f"{bundle / llm_art.file} | the LLM's embedding width is {llm.n_embd}, the vision "
+                                f"projector outputs {manifest.embed_dim}: this GGUF is not this checkpoint's LLM; "
+                                "re-export the bundle")
             if manifest.num_image_tokens >= llm.n_ctx:
-                raise MraError(f"n_ctx | {llm.n_ctx} positions cannot hold one image ({manifest.num_image_tokens} "
-                               f"tokens) and a question; pass a larger n_ctx (the model was trained with "
-                               f"{llm.n_ctx_train})")
-            runner = choice.open(bundle, threads=n_threads, allow_fallback=allow_fallback)
+                raise ContextOverflow(f"n_ctx | {llm.n_ctx} positions cannot hold one image "
+                                      f"({manifest.num_image_tokens} tokens) and a question; pass a larger n_ctx "
+                                      f"(the model was trained with {llm.n_ctx_train})")
+            encoder = None
+            if choice is not None:
+                encoder = VisionEncoder(choice, choice.open(bundle, threads=n_threads, allow_fallback=allow_fallback),
+                                        manifest, exif_transpose=exif_transpose, cache=image_cache)
         except BaseException:
             llm.close()
             raise
-        log.info("vision %s (%s), llm %s, n_ctx %d", choice.artifact.file, choice.label, llm_art.file, llm.n_ctx)
+        log.info("vision %s, llm %s, n_ctx %d x %d sequences", choice.label if choice else "elsewhere",
+                 llm_art.file, llm.n_ctx, parallel)
         cache = None
         if prompt_cache is not None:
-            cache = PromptCache(prompt_cache, prompt_cache_identity(choice.artifact, llm_art, kv_type, llm.n_ctx,
+            vision_art = choice.artifact if choice is not None else \
+                Artifact("vision elsewhere", "vision", "remote", "", 0, "named in each image's key")
+            cache = PromptCache(prompt_cache, prompt_cache_identity(vision_art, llm_art, kv_type, llm.n_ctx,
                                                                     use_flash_attn(flash_attn, kv_type, n_gpu_layers)),
                                 prompt_cache_bytes)
-        return cls(manifest, bundle, choice, runner, llm, llm_art, image_cache, exif_transpose, cache)
+        return cls(manifest, bundle, encoder, llm, llm_art, cache)
+
+    @property
+    def runner(self):
+        """The vision backend's runner (None without a vision encoder)."""
+        return self.encoder.runner if self.encoder is not None else None
 
     # --- images -----------------------------------------------------------------------
     def encode_image(self, image: ImageLike) -> np.ndarray:
         """float32 [N, D] image embeddings (preprocess + vision backend), cached by content."""
-        with self.lock:
-            t = self.timings = Timings()
-            emb = self._embed(image, t)
-            t.stamp()
-            return emb.rows
+        t = self.timings = Timings()
+        emb = self._embed(image, t)
+        t.stamp()
+        return emb.rows
 
-    def _embed(self, image: ImageLike, t: Timings) -> Embeddings:
-        key = image_key(image, self.exif_transpose)
-        rows = self.cache.get(key)
-        if rows is not None:
-            t.image_cache_hits += 1
-            return Embeddings(key, rows)
-        t0 = time.perf_counter()
-        x = preprocess_image(image, self.image_size, self.exif_transpose)
-        t1 = time.perf_counter()
-        out = self.runner.infer(x[None])
-        t.preprocess_s += t1 - t0
-        t.vision_s += time.perf_counter() - t1
-        t.images_encoded += 1
-        expected = (1, self.n_image_tokens, self.manifest.embed_dim)
-        if tuple(out.shape) != expected:
-            raise MraError(f"vision {self.vision.artifact.file} | output shape {tuple(out.shape)}, expected "
-                           f"{expected} from the manifest; re-export the bundle")
-        rows = np.ascontiguousarray(out[0], dtype=np.float32)
-        rows.setflags(write=False)
-        self.cache.put(key, rows)
-        return Embeddings(key, rows)
-
-    def _embed_pending(self, image: ImageLike, t: Timings) -> Embeddings:
-        """The cached embeddings, else a placeholder the prompt cache resolves only if it must
-        (issue 12: a prefix loaded from disk needs no vision run)."""
-        key = image_key(image, self.exif_transpose)
-        rows = self.cache.get(key)
-        if rows is not None:
-            t.image_cache_hits += 1
-            return Embeddings(key, rows)
-        shape = (self.n_image_tokens, int(self.manifest.embed_dim))
-        return PendingEmbeddings(key, np.broadcast_to(np.zeros((), np.float32), shape), image)
+    def _embed(self, image: ImageLike | Embeddings, t: Timings) -> Embeddings:
+        if isinstance(image, Embeddings):
+            return image
+        if self.encoder is None:
+            raise MraError("pipeline | has no vision encoder (opened with with_vision=False); pass Embeddings")
+        return self.encoder.encode(image, t)
 
     # --- one-turn API ---------------------------------------------------------------
     def ask(self, image: ImageLike | None, question: str, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
             ignore_eos: bool = False, json_schema: dict | str | None = None,
-            grammar: str | None = None) -> str | Iterator[str]:
-        """Answer one question about one image (or none): a string, or text pieces when ``stream``.
-        ``json_schema`` (a dict or its JSON) or ``grammar`` (GBNF) constrain the answer's form."""
+            grammar: str | None = None) -> str | Answer:
+        """Answer one question about one image (or none): a string, or an :class:`Answer` (text
+        pieces) when ``stream``. ``json_schema`` (a dict or its JSON) or ``grammar`` (GBNF)
+        constrain the answer's form."""
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
                                   grammar_for(json_schema, grammar))
         conv = Conversation(self.template)
         conv.add_user(question, with_image=image is not None)
-        with self.lock:
-            pieces = self._answer(conv, [image] if image is not None else [], params)
-            return pieces if stream else "".join(pieces)
+        pieces = self._answer(conv, [image] if image is not None else [], params)
+        return pieces if stream else "".join(pieces)
 
-    # --- issue 12: a whole conversation, as the server receives it ---------------------------
-    def answer(self, conversation: Conversation, image: ImageLike | None = None, max_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-               stream: bool = False, json_schema: dict | str | None = None, grammar: str | None = None,
-               ignore_eos: bool = False) -> str | Iterator[str]:
+    def answer(self, conversation: Conversation, image: ImageLike | Embeddings | None = None,
+               max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               stop: Sequence[str] = (), stream: bool = False, json_schema: dict | str | None = None,
+               grammar: str | None = None, ignore_eos: bool = False,
+               images: Sequence[ImageLike | Embeddings] | None = None) -> str | Answer:
         """Answer the open assistant turn of ``conversation`` (built by the caller, e.g. from an
-        OpenAI message list); ``image`` belongs to the turn marked ``image``. A conversation
-        that extends the previous call's re-uses the KV cache."""
-        n_images = 0 if image is None else 1
-        if conversation.n_images != n_images:
-            raise MraError(f"conversation | {conversation.n_images} image turns but {n_images} image; mark the "
-                           "user turn the image goes with")
+        OpenAI message list); ``images`` (or the one ``image``) belong to the turns marked
+        ``image``, in order. A conversation that extends an earlier one re-uses the KV cache."""
+        if images is None:
+            images = [] if image is None else [image]
+        elif image is not None:
+            raise MraError("answer | got both image and images; pass the images as one list")
+        if conversation.n_images != len(images):
+            raise MraError(f"conversation | {conversation.n_images} image turns but {len(images)} images; mark "
+                           "the user turns the images go with")
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
                                   grammar_for(json_schema, grammar))
-        with self.lock:
-            pieces = self._answer(conversation, [image] if image is not None else [], params)
-            return pieces if stream else "".join(pieces)
-    # --- end issue 12 ---
+        pieces = self._answer(conversation, list(images), params)
+        return pieces if stream else "".join(pieces)
 
     def next_token_logits(self, image: ImageLike | None, question: str) -> np.ndarray:
         """float32 [n_vocab] logits after the full prompt (scoring, multiple choice)."""
         conv = Conversation(self.template)
         conv.add_user(question, with_image=image is not None)
-        with self.lock:
-            self._prefill(conv, [image] if image is not None else [])
-            return self.llm.logits()
+        return self._logits(conv, [image] if image is not None else [])
 
     def chat(self, image: ImageLike | None = None) -> "ChatSession":
         """A conversation that keeps its history and KV cache between turns."""
         return ChatSession(self, image)
 
     # --- internals ----------------------------------------------------------------------
-    def _prefill(self, conv: Conversation, images: Sequence[ImageLike | Embeddings],
-                 t: Timings | None = None) -> Timings:
-        """Encode images, tokenize, check the context, evaluate what the KV cache lacks."""
-        if self.llm is None:
-            raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
-        self._call += 1
-        t = self.timings = t or Timings()
-        embed = self._embed if self.prompt_cache is None else self._embed_pending  # issue 12: vision only if needed
-        embs = [im if isinstance(im, Embeddings) else embed(im, t) for im in images]
-        units = tokenize_parts(conv.parts(), self.llm.tokenize, self.llm.bos, self.llm.eos, self.template.add_bos)
+    def _engine(self) -> Engine:
+        llm = self.llm
+        if llm is None:
+            raise Closed("pipeline | closed; open a new one with Pipeline.from_bundle")
+        return llm
+
+    def _submit(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], t: Timings,
+                sampler: Sampler | None, p: GenerationParams | None) -> Request:
+        """Encode images, tokenize, check the context, and hand the prompt to the engine; returns
+        once the engine has evaluated it (so errors surface at the call)."""
+        llm = self._engine()
+        cache = self.prompt_cache
+        embed = self._embed
+        if cache is not None and self.encoder is not None:
+            embed = lambda im, t: im if isinstance(im, Embeddings) else self.encoder.placeholder(im, t)  # noqa: E731
+        embs = [embed(im, t) for im in images]
+        units = tokenize_parts(conv.parts(), llm.tokenize, llm.bos, llm.eos, self.template.add_bos)
         if conv.n_images != len(embs):
             raise MraError(f"prompt | {conv.n_images} image turns but {len(embs)} images")
         positions = count_positions(units, self.n_image_tokens)
-        if positions > self.llm.n_ctx:
+        if positions > llm.n_ctx:
             n_img = len(embs) * self.n_image_tokens
-            raise MraError(f"prompt | {positions - n_img} text tokens + {n_img} image tokens ({len(embs)} x "
-                           f"{self.n_image_tokens}) = {positions} positions, but the context holds {self.llm.n_ctx}; "
-                           f"shorten the prompt, start a new chat, or raise n_ctx (trained: {self.llm.n_ctx_train})")
+            raise ContextOverflow(f"prompt | {positions - n_img} text tokens + {n_img} image tokens ({len(embs)} x "
+                                  f"{self.n_image_tokens}) = {positions} positions, but the context holds "
+                                  f"{llm.n_ctx}; shorten the prompt, start a new chat, or raise n_ctx (trained: "
+                                  f"{llm.n_ctx_train})")
         items = [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
+        plan = self._plan_prompt_cache(items, t) if cache is not None else None
+        kw = {} if p is None else dict(max_tokens=p.max_tokens, ignore_eos=p.ignore_eos,
+                                       stops=(self.template.sep2, *p.stop))
+        if plan is not None:
+            items, prefix, payload = plan
+            if payload is not None:
+                kw["restore"] = (payload, item_keys(prefix))
+            else:
+                kw["save_at"] = len(item_keys(prefix))
+        # a placeholder's rows, when the engine finds it must evaluate them after all
+        req = Request(items, sampler, resolve=lambda e: self._embed(e.image, t), **kw)
         t0 = time.perf_counter()
-        if self.prompt_cache is not None:  # issue 12: the image prefix from disk when it was saved
-            stats, hit = self.prompt_cache.prefill(self.llm, items, lambda p: self._embed(p.image, t))
+        llm.submit(req)
+        try:
+            for ev in req.events():
+                if ev[0] == "state":
+                    cache.store(plan[1], ev[1])
+                elif ev[0] == "prefilled":
+                    stats, hit = ev[1], ev[2]
+                    break
+        except BaseException:
+            req.cancel()
+            raise
+        if plan is not None:
             t.prompt_cache_hits += hit is True
             t.prompt_cache_misses += hit is False
-        else:
-            stats = self.llm.prefill(items)
         t.prefill_s = time.perf_counter() - t0
         t.prompt_positions, t.reused, t.prefilled = stats.positions, stats.reused, stats.evaluated
         t.stamp()
-        return t
+        return req
+
+    def _plan_prompt_cache(self, items: list, t: Timings) -> tuple[list, list, bytes | None] | None:
+        """How the persistent cache takes part: None when it does not (no image, nothing after
+        it, or the image prefix already in a sequence's KV cache: placeholders then stay
+        unresolved unless the engine must evaluate them); else (items, the image prefix, its
+        saved state to restore or None: evaluate it and save it)."""
+        end = image_prefix(items)
+        real = lambda its: [self._embed(i.image, t) if isinstance(i, PendingEmbeddings) else i  # noqa: E731
+                            for i in its]
+        if end == 0 or len(items) == end:
+            items[:] = real(items)
+            return None
+        prefix = items[:end]
+        if self._engine().cached_prefix(item_keys(prefix)) >= len(item_keys(prefix)):
+            items[end:] = real(items[end:])
+            return None
+        payload = self.prompt_cache.lookup(prefix)
+        if payload is not None:
+            return prefix + real(items[end:]), prefix, payload
+        return real(items), prefix, None
+
+    def _logits(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], t: Timings | None = None) -> np.ndarray:
+        t = self.timings = t or Timings()
+        req = self._submit(conv, images, t, None, None)
+        result = next(ev[1] for ev in req.events() if ev[0] == "done")
+        return result.logits
 
     def _answer(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], p: GenerationParams,
-                on_done=None, t: Timings | None = None) -> Iterator[str]:
+                on_done=None, t: Timings | None = None) -> Answer:
         """Prefill now (errors surface at the call), then stream the answer lazily."""
         p.check()
-        if self.llm is None:
-            raise MraError("pipeline | closed; open a new one with Pipeline.from_bundle")
-        sampler = Sampler(p.temperature, p.top_p, p.seed, p.grammar, self.llm.vocab)  # bad settings fail first
+        llm = self._engine()
+        sampler = Sampler(p.temperature, p.top_p, p.seed, p.grammar, llm.vocab)  # bad settings fail first
+        t = self.timings = t or Timings()
         try:
-            t = self._prefill(conv, images, t)
+            req = self._submit(conv, images, t, sampler, p)
         except BaseException:
             sampler.close()
             raise
-        return self._stream(self._call, t, sampler, p, on_done)
+        answer = Answer(iter(()))
+        answer._pieces = self._stream(req, t, answer, on_done)
+        return answer
 
-    def _stream(self, call: int, t: Timings, sampler: Sampler, p: GenerationParams, on_done) -> Iterator[str]:
-        text = TextStream(stops=(self.template.sep2, *p.stop))
+    def _stream(self, req: Request, t: Timings, answer: Answer, on_done) -> Iterator[str]:
         out: list[str] = []
-        tokens = self.last_tokens = []
+        tokens: list[int] = []
         first = last = None
+        reason = "cancelled"
         try:
-            while t.generated < p.max_tokens:
-                with self.lock:
-                    self._check_current(call)
-                    tok = self.llm.sample(sampler)
-                last = time.perf_counter()
-                if first is None:
-                    first = last
-                    t.ttft_s = t.stamp()
-                t.generated += 1
-                tokens.append(tok)
-                if self.llm.is_eog(tok) and not p.ignore_eos:
-                    break
-                piece = text.feed(self.llm.token_bytes(tok))
+            for ev in req.events():
+                if self.llm is None:
+                    raise Closed("stream | the pipeline was closed; open a new one")
+                if ev[0] == "token":
+                    last = time.perf_counter()
+                    if first is None:
+                        first = last
+                        t.ttft_s = t.stamp()
+                    tokens.append(ev[1])
+                    t.generated += 1
+                    piece = ev[2]
+                elif ev[0] == "text":
+                    piece = ev[1]
+                else:  # done
+                    reason = ev[1].finish_reason
+                    piece = ""
                 if piece:
                     out.append(piece)
                     yield piece
-                if (text.stopped and not p.ignore_eos) or self.llm.full or t.generated >= p.max_tokens:
-                    break
-                with self.lock:
-                    self._check_current(call)
-                    self.llm.eval_token(tok)
-            tail = text.finish()
-            if tail:
-                out.append(tail)
-                yield tail
         finally:
-            sampler.close()
+            req.cancel()  # no effect when it has ended
             t.decode_s = (last - first) if first is not None else 0.0
             t.stamp()
+            self.last_tokens = tokens
+            answer.result = Generation(reason, t.prompt_positions, t.reused, len(tokens), tokens, t)
             if on_done is not None:
                 on_done("".join(out))
 
-    def _check_current(self, call: int) -> None:
-        if call != self._call or self.llm is None:
-            raise MraError("stream | another call was made on this Pipeline since this answer started; "
-                           "read a streamed answer to the end before the next call")
-
     # --- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
-        with self.lock:
-            self._call += 1  # an open stream becomes stale, not a reader of freed memory
-            if getattr(self, "runner", None) is not None:
-                self.runner.__exit__(None, None, None)
-                self.runner = None
-            if getattr(self, "llm", None) is not None:
-                self.llm.close()
-                self.llm = None
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()  # requests still running end with Closed
+        encoder, self.encoder = getattr(self, "encoder", None), None
+        if encoder is not None:
+            encoder.close()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -516,29 +504,27 @@ class ChatSession:
 
     def ask(self, question: str, image: ImageLike | None = None, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
-            ignore_eos: bool = False) -> str | Iterator[str]:
+            ignore_eos: bool = False) -> str | Answer:
         """Answer the next question; ``image`` (or the session's pending one) goes with this turn."""
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos)
         check_text(question, "question")
-        with self.pipe.lock:
-            images, t = self._open_turn(question, image)
-            try:
-                pieces = self.pipe._answer(self.conversation, images, params, self._close_turn(images), t)
-            except BaseException:
-                self.conversation.drop_open_turn()
-                raise
-            return pieces if stream else "".join(pieces)
+        images, t = self._open_turn(question, image)
+        try:
+            pieces = self.pipe._answer(self.conversation, images, params, self._close_turn(images), t)
+        except BaseException:
+            self.conversation.drop_open_turn()
+            raise
+        return pieces if stream else "".join(pieces)
 
     def next_token_logits(self, question: str, image: ImageLike | None = None) -> np.ndarray:
         """Logits after this question, without adding it to the conversation."""
         check_text(question, "question")
-        with self.pipe.lock:
-            images, t = self._open_turn(question, image)
-            try:
-                self.pipe._prefill(self.conversation, images, t)
-                return self.pipe.llm.logits()
-            finally:
-                self.conversation.drop_open_turn()
+        images, t = self._open_turn(question, image)
+        try:
+            self.pipe.timings = t
+            return self.pipe._logits(self.conversation, images, t)
+        finally:
+            self.conversation.drop_open_turn()
 
     def _close_turn(self, images: list[Embeddings]):
         turn = self._turn

@@ -1,0 +1,205 @@
+"""The vision side of a bundle as one public object: backend selection, preprocessing, the
+runner, and the embedding cache keyed by image content.
+
+Used by the Pipeline and by the Ray vision replica. Thread-safe: images that several threads
+ask for at once run as one batch over the graph's batch axis (the first caller to find the
+runner idle takes every image waiting, up to ``max_batch``), and an image already encoded is a
+cache hit.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mra.core.errors import BadBundle, MraError
+from mra.core.files import sha256_stream
+from mra.core.manifest import Manifest
+
+from .llm import Embeddings
+from .preprocess import ImageLike, check_image_file, load_image, preprocess_image
+from .prompt_cache import PendingEmbeddings
+from .vision_select import VisionChoice, select_vision
+
+if TYPE_CHECKING:
+    from .pipeline import Timings
+
+
+def image_key(image: ImageLike, exif_transpose: bool = False) -> str:
+    """sha256 of the image content (file bytes, or mode/size/pixels), the embedding cache key.
+    A file is checked first (a regular file PIL recognises) and hashed in a stream."""
+    h = hashlib.sha256(b"exif" if exif_transpose else b"raw")
+    if isinstance(image, (str, os.PathLike)):
+        p = Path(image)
+        check_image_file(p)  # missing, broken link, folder, FIFO, device, empty: one clear error
+        try:
+            with open(p, "rb") as f:
+                if not _looks_like_image(f):
+                    load_image(p)  # raises PIL's precise complaint
+                f.seek(0)
+                h.update(b"file:")
+                sha256_stream(f, h)
+        except OSError as e:
+            raise MraError(f"image {p} | cannot read it: {e.strerror or e}") from None
+    elif isinstance(image, np.ndarray):
+        h.update(f"array:{image.dtype}:{image.shape}:".encode() + np.ascontiguousarray(image).tobytes())
+    else:
+        im = load_image(image)  # type check
+        h.update(f"pil:{im.mode}:{im.size}:".encode() + im.tobytes())
+    return h.hexdigest()
+
+
+def _looks_like_image(f) -> bool:
+    """Whether PIL identifies the file from its header (without decoding the pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .preprocess import image_formats
+
+    try:
+        with Image.open(f, formats=image_formats()) as im:
+            return im.size is not None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return False
+    except Exception:  # a decompression-bomb error and the like: load_image words it
+        return False
+
+
+class EmbeddingCache:
+    """The last ``size`` images' embeddings, least recently used dropped first."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._d: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def get(self, key: str) -> np.ndarray | None:
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        return None
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class VisionEncoder:
+    """Images -> float32 [N, D] embedding rows for the LLM. Open it with :meth:`from_bundle`."""
+
+    def __init__(self, choice: VisionChoice, runner: Any, manifest: Manifest, exif_transpose: bool = False,
+                 cache: int = 16, max_batch: int = 4):
+        self.choice, self.runner = choice, runner
+        self.image_size = int(manifest.image_size)
+        self.n_image_tokens = int(manifest.num_image_tokens)
+        self.embed_dim = int(manifest.embed_dim)
+        self.exif_transpose = exif_transpose
+        self.cache = EmbeddingCache(cache)
+        self.max_batch = max(1, max_batch)
+        self._lock = threading.Lock()  # the cache and the queue below
+        self._waiting: list[tuple[np.ndarray, Future]] = []
+        self._running = False
+
+    @classmethod
+    def from_bundle(cls, manifest: Manifest, bundle: Path, vision: str = "auto", providers: list[str] | None = None,
+                    threads: int | None = None, allow_fallback: bool | None = None, **kw) -> "VisionEncoder":
+        choice = select_vision(manifest, bundle, vision, providers)
+        return cls(choice, choice.open(bundle, threads=threads, allow_fallback=allow_fallback), manifest, **kw)
+
+    @property
+    def artifact(self):
+        return self.choice.artifact
+
+    def key(self, image: ImageLike) -> str:
+        return image_key(image, self.exif_transpose)
+
+    def encode(self, image: ImageLike, t: "Timings | None" = None) -> Embeddings:
+        """The image's embedding rows (read-only), from the cache or the vision backend."""
+        key = self.key(image)
+        with self._lock:
+            rows = self.cache.get(key)
+        if rows is not None:
+            if t is not None:
+                t.image_cache_hits += 1
+            return Embeddings(key, rows)
+        t0 = time.perf_counter()
+        x = preprocess_image(image, self.image_size, self.exif_transpose)
+        t1 = time.perf_counter()
+        rows = self.infer(x)
+        if t is not None:
+            t.preprocess_s += t1 - t0
+            t.vision_s += time.perf_counter() - t1
+            t.images_encoded += 1
+        with self._lock:
+            self.cache.put(key, rows)
+        return Embeddings(key, rows)
+
+    def placeholder(self, image: ImageLike, t: "Timings | None" = None) -> Embeddings:
+        """The cached embeddings, else a placeholder that :meth:`encode` resolves only if the rows
+        must really be evaluated (a prefix loaded from the prompt cache needs no vision run)."""
+        key = self.key(image)
+        with self._lock:
+            rows = self.cache.get(key)
+        if rows is not None:
+            if t is not None:
+                t.image_cache_hits += 1
+            return Embeddings(key, rows)
+        shape = (self.n_image_tokens, self.embed_dim)
+        return PendingEmbeddings(key, np.broadcast_to(np.zeros((), np.float32), shape), image)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """One preprocessed image [3, S, S] through the backend, batched with the images other
+        threads submit meanwhile; float32 [N, D], read-only."""
+        fut: Future = Future()
+        with self._lock:
+            self._waiting.append((x, fut))
+            lead = not self._running
+            if lead:
+                self._running = True
+        while lead:
+            with self._lock:
+                batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
+                if not batch:
+                    self._running = False
+                    break
+            try:
+                out = self._run(np.stack([b[0] for b in batch]))
+                for i, (_, f) in enumerate(batch):
+                    f.set_result(out[i])
+            except BaseException as e:  # every image of the failed batch gets the error
+                for _, f in batch:
+                    f.set_exception(e)
+        return fut.result()
+
+    def _run(self, xs: np.ndarray) -> np.ndarray:
+        if self.runner is None:
+            raise MraError("vision encoder | closed; open a new one")
+        out = self.runner.infer(xs)
+        expected = (len(xs), self.n_image_tokens, self.embed_dim)
+        if tuple(out.shape) != expected:
+            raise BadBundle(f"vision {self.choice.artifact.file} | output shape {tuple(out.shape)}, expected "
+                            f"{expected} from the manifest; re-export the bundle")
+        rows = np.ascontiguousarray(out, dtype=np.float32)
+        rows.setflags(write=False)
+        return rows
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.__exit__(None, None, None)
+            self.runner = None
