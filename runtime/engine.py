@@ -299,10 +299,10 @@ class Engine:
                 if self._closing:
                     break
                 inbox, self._inbox = self._inbox, []
-            for fn in inbox:
-                fn()
             try:
-                self._drop_cancelled()
+                self._drop_cancelled()  # first: a command in the inbox sees a cancelled request gone
+                for fn in inbox:
+                    fn()
                 self._admit()
                 if self._active:
                     self._step()

@@ -324,14 +324,16 @@ class Pipeline:
             raise Closed("pipeline | closed; open a new one with Pipeline.from_bundle")
         return llm
 
-    def _submit(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], t: Timings,
-                sampler: Sampler | None, p: GenerationParams | None) -> Request:
-        """Encode images, tokenize, check the context, and hand the prompt to the engine; returns
-        once the engine has evaluated it (so errors surface at the call)."""
+    def prompt_items(self, conversation: Conversation, images: Sequence[ImageLike | Embeddings] = ()) -> list:
+        """The prompt as the engine evaluates it: token ids, and the images' Embeddings at their
+        ``<image>`` places (a :class:`~mra.runtime.engine.Request` takes it)."""
+        return self._prompt_items(conversation, images, Timings(), placeholders=False)
+
+    def _prompt_items(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], t: Timings,
+                      placeholders: bool) -> list:
         llm = self._engine()
-        cache = self.prompt_cache
         embed = self._embed
-        if cache is not None and self.encoder is not None:
+        if placeholders and self.encoder is not None:
             embed = lambda im, t: im if isinstance(im, Embeddings) else self.encoder.placeholder(im, t)  # noqa: E731
         embs = [embed(im, t) for im in images]
         units = tokenize_parts(conv.parts(), llm.tokenize, llm.bos, llm.eos, self.template.add_bos)
@@ -344,7 +346,15 @@ class Pipeline:
                                   f"{self.n_image_tokens}) = {positions} positions, but the context holds "
                                   f"{llm.n_ctx}; shorten the prompt, start a new chat, or raise n_ctx (trained: "
                                   f"{llm.n_ctx_train})")
-        items = [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
+        return [embs[u.index] if isinstance(u, ImageSlot) else u for u in units]
+
+    def _submit(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], t: Timings,
+                sampler: Sampler | None, p: GenerationParams | None) -> Request:
+        """Encode images, tokenize, check the context, and hand the prompt to the engine; returns
+        once the engine has evaluated it (so errors surface at the call)."""
+        llm = self._engine()
+        cache = self.prompt_cache
+        items = self._prompt_items(conv, images, t, placeholders=cache is not None)
         plan = self._plan_prompt_cache(items, t) if cache is not None else None
         kw = {} if p is None else dict(max_tokens=p.max_tokens, ignore_eos=p.ignore_eos,
                                        stops=(self.template.sep2, *p.stop))
