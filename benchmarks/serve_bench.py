@@ -295,9 +295,9 @@ def run(o: Options) -> dict:
     bundle = o.bundle or tiny_bundle(o.work)
     threads = o.threads or default_threads()[0]
 
-    def open_pipeline():
+    def open_pipeline(parallel: int = 1):
         return Pipeline.from_bundle(bundle, llm_quant=o.llm_quant, n_ctx=o.n_ctx, n_threads=threads,
-                                    verify_hash=False)
+                                    verify_hash=False, parallel=parallel)
 
     photos = photo_paths()[:4]
     r = {"benchmark": "serve_bench", "mode": o.mode,

@@ -166,8 +166,8 @@ class Answer:
     """A streamed answer: iterate for text pieces; ``result`` (a :class:`Generation`) is set when
     the answer has ended. ``close()`` cancels the rest of it."""
 
-    def __init__(self, pieces: Iterator[str]):
-        self._pieces = pieces
+    def __init__(self, pieces: Iterator[str], request: Request):
+        self._pieces, self._request = pieces, request
         self.result: Generation | None = None
 
     def __iter__(self) -> "Answer":
@@ -178,6 +178,7 @@ class Answer:
 
     def close(self) -> None:
         self._pieces.close()
+        self._request.cancel()  # also when no piece was ever read (the generator never started)
 
 
 class Pipeline:
@@ -246,7 +247,7 @@ class Pipeline:
         cache = None
         if prompt_cache is not None:
             vision_art = choice.artifact if choice is not None else \
-                Artifact("vision elsewhere", "vision", "remote", "", 0, "named in each image's key")
+                Artifact("vision deployment", "vision", "ray", "", 0, "named in each image's key")
             cache = PromptCache(prompt_cache, prompt_cache_identity(vision_art, llm_art, kv_type, llm.n_ctx,
                                                                     use_flash_attn(flash_attn, kv_type, n_gpu_layers)),
                                 prompt_cache_bytes)
@@ -424,7 +425,7 @@ class Pipeline:
         except BaseException:
             sampler.close()
             raise
-        answer = Answer(iter(()))
+        answer = Answer(iter(()), req)
         answer._pieces = self._stream(req, t, answer, on_done)
         return answer
 

@@ -139,7 +139,7 @@ class VisionEncoder:
                 t.image_cache_hits += 1
             return Embeddings(key, rows)
         t0 = time.perf_counter()
-        x = preprocess_image(image, self.image_size, self.exif_transpose)
+        x = self.preprocess(image)
         t1 = time.perf_counter()
         rows = self.infer(x)
         if t is not None:
@@ -163,6 +163,10 @@ class VisionEncoder:
         shape = (self.n_image_tokens, self.embed_dim)
         return PendingEmbeddings(key, np.broadcast_to(np.zeros((), np.float32), shape), image)
 
+    def preprocess(self, image: ImageLike) -> np.ndarray:
+        """float32 [3, S, S]: the image as the vision graph takes it."""
+        return preprocess_image(image, self.image_size, self.exif_transpose)
+
     def infer(self, x: np.ndarray) -> np.ndarray:
         """One preprocessed image [3, S, S] through the backend, batched with the images other
         threads submit meanwhile; float32 [N, D], read-only."""
@@ -179,7 +183,7 @@ class VisionEncoder:
                     self._running = False
                     break
             try:
-                out = self._run(np.stack([b[0] for b in batch]))
+                out = self.infer_batch(np.stack([b[0] for b in batch]))
                 for i, (_, f) in enumerate(batch):
                     f.set_result(out[i])
             except BaseException as e:  # every image of the failed batch gets the error
@@ -187,7 +191,9 @@ class VisionEncoder:
                     f.set_exception(e)
         return fut.result()
 
-    def _run(self, xs: np.ndarray) -> np.ndarray:
+    def infer_batch(self, xs: np.ndarray) -> np.ndarray:
+        """float32 [B, N, D], read-only, of preprocessed images [B, 3, S, S], in one backend run
+        (the caller batches; :meth:`infer` is the thread-safe way)."""
         if self.runner is None:
             raise MraError("vision encoder | closed; open a new one")
         out = self.runner.infer(xs)

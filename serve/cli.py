@@ -58,10 +58,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def open_pipeline(a: argparse.Namespace):
+def open_pipeline(a: argparse.Namespace, parallel: int = 1):
     from mra.runtime import Pipeline
 
     return Pipeline.from_bundle(a.bundle, vision=a.vision, llm_quant=a.llm_quant, n_ctx=a.n_ctx, n_threads=a.threads,
+                                parallel=parallel,
                                 n_gpu_layers=a.n_gpu_layers, kv_type=a.kv_type, verify_hash=not a.no_hash,
                                 prompt_cache=a.prompt_cache, prompt_cache_bytes=int(a.prompt_cache_gb * (1 << 30)))
 

@@ -83,6 +83,7 @@ class ChatJob:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     meta: dict[str, Any] = field(default_factory=dict)  # free for backends (e.g. a routing hint)
+    image_embeddings: Any = None  # the image already through a vision encoder elsewhere (a runtime Embeddings)
 
     @property
     def system(self) -> str | None:

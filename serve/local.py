@@ -1,12 +1,14 @@
-"""The in-process backend: ``--parallel N`` slots, each a Pipeline with its own llama.cpp
-context, behind a bounded queue.
+"""The in-process backend: one Pipeline whose engine serves ``--parallel N`` sequences in one
+llama.cpp context (one copy of the weights), behind a bounded queue.
 
-A slot serves one request at a time, in a worker thread (llama.cpp calls release the GIL, so
-N slots decode in parallel); it goes back to the free list only when its thread has finished,
-so no two requests ever share a context. A request waits for a free slot (at most ``queue``
-may wait: the next gets 429); closing its event stream sets a flag the worker checks between
-tokens, which stops the generation. A conversation is sent to the free slot that saw its
-image last, so a follow-up turn finds its prefix in that slot's KV cache.
+A slot is the right to run one request: N slots for the N sequences, each request read in a
+worker thread while the engine's scheduler decodes every running sequence in one batch; a slot
+goes back to the free list only when its thread has finished. A request waits for a free slot
+(at most ``queue`` may wait: the next gets 429); closing its event stream sets a flag the
+worker checks between tokens, which cancels the request: its sequence is freed and its KV
+cleared between two engine steps. The engine gives each request the sequence whose KV cache
+shares the longest prefix with it (or copies that prefix from another sequence), so a
+follow-up turn finds its image and history cached.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from mra.core.errors import MraError
+from mra.core.errors import ContextOverflow, MraError
 from mra.runtime.prompt import Conversation
 
 from .jobs import ChatJob
@@ -33,8 +35,7 @@ log = logging.getLogger("mra.serve")
 @dataclass
 class Slot:
     index: int
-    pipe: Any  # a mra.runtime.Pipeline
-    last_image: str | None = None  # content key of the image its KV cache holds
+    pipe: Any  # the mra.runtime.Pipeline all slots share
 
 
 def conversation(job: ChatJob, template) -> Conversation:
@@ -57,14 +58,14 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
     p = job.params
     try:
         conv = conversation(job, pipe.template)
-        # issue 16: the Ray backend sends the image already embedded by its vision deployment
-        image = job.meta.get("image_embeddings") or (job.image.open() if job.image is not None else None)
+        # the Ray backend sends the image already embedded by its vision deployment
+        image = job.image_embeddings or (job.image.open() if job.image is not None else None)
         max_tokens = p.max_tokens or pipe.llm.n_ctx
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         pieces = pipe.answer(conv, image, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed,
                              stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos)
     except MraError as e:  # the request cannot run (too long for the context, bad grammar): the client's to fix
-        code = "context_length_exceeded" if "context holds" in str(e) else None
+        code = "context_length_exceeded" if isinstance(e, ContextOverflow) else None
         raise ApiError(400, str(e), code=code) from None
     try:
         for piece in pieces:
@@ -73,17 +74,16 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
             emit(Text(piece))
     finally:
         pieces.close()
-    t = pipe.timings
-    tokens = pipe.last_tokens
-    ended = bool(tokens) and pipe.llm.is_eog(tokens[-1]) and not p.ignore_eos
-    length = not ended and (t.generated >= max_tokens or pipe.llm.full)
-    emit(Done("length" if length else "stop", t.prompt_positions, t.generated, t.as_dict()))
+    r = pieces.result
+    emit(Done("length" if r.finish_reason == "length" else "stop", r.prompt_tokens, r.completion_tokens,
+              r.timings.as_dict()))
 
 
 class LocalBackend:
-    """N Pipelines loaded in this process (see the module docstring)."""
+    """One Pipeline of ``parallel`` sequences, loaded in this process (see the module docstring).
+    ``open_pipeline(parallel)`` opens it."""
 
-    def __init__(self, open_pipeline: Callable[[], Any], parallel: int = 1, queue: int = 8, model_id: str = "mra"):
+    def __init__(self, open_pipeline: Callable[[int], Any], parallel: int = 1, queue: int = 8, model_id: str = "mra"):
         if parallel < 1 or queue < 0:
             raise MraError(f"serve | parallel={parallel}, queue={queue}; expected parallel >= 1 and queue >= 0")
         self.open_pipeline, self.parallel, self.queue, self.model_id = open_pipeline, parallel, queue, model_id
@@ -105,12 +105,10 @@ class LocalBackend:
 
     async def _load(self) -> None:
         try:
-            for i in range(self.parallel):
-                pipe = await asyncio.to_thread(self.open_pipeline)
-                slot = Slot(i, pipe)
-                self.slots.append(slot)
-                self._free.append(slot)
-            log.info("mra-serve: %d slot(s) ready", self.parallel)
+            pipe = await asyncio.to_thread(self.open_pipeline, self.parallel)
+            self.slots = [Slot(i, pipe) for i in range(self.parallel)]
+            self._free = list(self.slots)
+            log.info("mra-serve: %d sequence(s) ready", self.parallel)
         except Exception as e:  # the server keeps answering: /health says why
             self.error = str(e) if isinstance(e, MraError) else f"{type(e).__name__}: {e}"
             log.error("mra-serve: loading failed: %s", self.error)
@@ -121,8 +119,8 @@ class LocalBackend:
         if self._loader is not None:
             self._loader.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        for s in self.slots:
-            s.pipe.close()
+        if self.slots:
+            self.slots[0].pipe.close()
         self.slots, self._free = [], []
 
     def gauges(self) -> dict[str, float]:
@@ -139,10 +137,7 @@ class LocalBackend:
         try:
             async with self._wakeup:
                 await self._wakeup.wait_for(lambda: bool(self._free))
-                key = job.image.key if job.image is not None else None
-                slot = next((s for s in self._free if s.last_image == key), self._free[0])
-                self._free.remove(slot)
-                return slot
+                return self._free.pop(0)
         finally:
             self._waiting -= 1
 
@@ -168,9 +163,7 @@ class LocalBackend:
         def work() -> None:
             try:
                 run_job(slot.pipe, job, emit, cancelled)
-                slot.last_image = job.image.key if job.image is not None else None
             except BaseException as e:  # handed to the request; the slot stays usable
-                slot.last_image = None
                 emit(e if isinstance(e, Exception) else RuntimeError(repr(e)))
 
         future = loop.run_in_executor(self._pool, work)

@@ -59,14 +59,13 @@ class VisionReplica:
     def __init__(self, bundle: str, fingerprint: BundleFingerprint, vision: str = "auto",
                  providers: list[str] | None = None, threads: int | None = None, max_batch: int = 4,
                  batch_wait_s: float = 0.01, cache: int = 64):
-        from mra.runtime.pipeline import EmbeddingCache
+        from mra.runtime.vision_encoder import EmbeddingCache, VisionEncoder
         from mra.runtime.vision_select import select_vision
 
         manifest = fingerprint.check_manifest(bundle)
         self.choice = select_vision(manifest, bundle, vision, providers)
         fingerprint.check_artifact(bundle, self.choice.artifact)
-        self.runner = self.choice.open(bundle, threads=threads)
-        self.size, self.n, self.d = int(manifest.image_size), int(manifest.num_image_tokens), int(manifest.embed_dim)
+        self.encoder = VisionEncoder(self.choice, self.choice.open(bundle, threads=threads), manifest, cache=0)
         # Names the embeddings' origin in their key: the LLM's KV and prompt caches never mix graphs.
         self.label = f"{self.choice.artifact.file}:{self.choice.artifact.sha256[:16]}"
         self.cache = EmbeddingCache(cache)
@@ -81,9 +80,7 @@ class VisionReplica:
         rows = self.cache.get(key)
         if rows is not None:
             return key, rows, 0
-        from mra.runtime.preprocess import preprocess_image
-
-        x = await asyncio.to_thread(lambda: preprocess_image(image.open(), self.size))
+        x = await asyncio.to_thread(lambda: self.encoder.preprocess(image.open()))
         rows, batch = await self._infer_batch(x)
         self.cache.put(key, rows)
         return key, rows, batch
@@ -91,12 +88,9 @@ class VisionReplica:
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def _infer_batch(self, xs: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(self.runner.infer, np.stack(xs))
+        out = await asyncio.to_thread(self.encoder.infer_batch, np.stack(xs))
         self.batches.append((len(xs), time.perf_counter() - t0))
-        if out.shape != (len(xs), self.n, self.d):
-            raise MraError(f"vision {self.choice.artifact.file} | output shape {tuple(out.shape)}, expected "
-                           f"{(len(xs), self.n, self.d)}; re-export the bundle")
-        return [(np.ascontiguousarray(o, dtype=np.float32), len(xs)) for o in out]
+        return [(o, len(xs)) for o in out]
 
     def stats(self) -> dict:
         """Every batch this replica ran, (images, seconds): what the benchmark reads."""
@@ -112,14 +106,15 @@ class VisionReplica:
 
 @serve.deployment(name="llm")
 class LlmReplica:
-    """One llama.cpp context: a one-slot :class:`~mra.serve.local.LocalBackend` on an LLM-only
-    Pipeline, fed the image embeddings the vision deployment computed."""
+    """One engine: a :class:`~mra.serve.local.LocalBackend` on an LLM-only Pipeline (one llama.cpp
+    context), fed the image embeddings the vision deployment computed."""
 
     async def __init__(self, bundle: str, fingerprint: BundleFingerprint, pipeline: dict[str, Any]):
         from .local import LocalBackend
 
         self.name = replica_name()
-        self.local = LocalBackend(lambda: llm_pipeline(bundle, fingerprint, **pipeline), parallel=1, queue=1)
+        self.local = LocalBackend(lambda n: llm_pipeline(bundle, fingerprint, parallel=n, **pipeline), parallel=1,
+                                  queue=1)
         await self.local.start()
         while not self.local.ready():  # Ray counts the replica healthy when __init__ returns
             if self.local.error:
@@ -130,7 +125,7 @@ class LlmReplica:
         from mra.runtime.llm import Embeddings
 
         if image is not None:
-            job = dataclasses.replace(job, meta={**job.meta, "image_embeddings": Embeddings(*image)})
+            job = dataclasses.replace(job, image_embeddings=Embeddings(*image))
         yield Headers({"x-mra-replica": self.name})
         async for ev in self.local.generate(job):
             yield ev
@@ -145,35 +140,20 @@ class LlmReplica:
 
 
 def llm_pipeline(bundle: str | Path, fingerprint: BundleFingerprint, llm_quant: str | None = None,
-                 n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 kv_type: str = "f16", flash_attn: bool | None = None, prompt_cache: str | Path | None = None,
-                 prompt_cache_bytes: int | None = None):
-    """A Pipeline with the bundle's LLM and no vision backend: images arrive as Embeddings whose
-    keys name the vision graph that made them (so the KV and prompt caches never mix graphs)."""
-    from mra.core.manifest import Artifact
+                 prompt_cache_bytes: int | None = None, **pipeline):
+    """A Pipeline with the bundle's LLM and no vision encoder, once this node's bundle matches the
+    driver's: images arrive as Embeddings whose keys name the vision graph that made them (so
+    the KV and prompt caches never mix graphs). ``pipeline``: :meth:`Pipeline.from_bundle`'s
+    arguments (n_ctx, n_threads, kv_type, prompt_cache, parallel, ...)."""
     from mra.runtime import Pipeline
-    from mra.runtime.llm import LlamaSession, use_flash_attn
-    from mra.runtime.pipeline import prompt_cache_identity, select_llm
-    from mra.runtime.prompt_cache import DEFAULT_MAX_BYTES, PromptCache
+    from mra.runtime.pipeline import select_llm
 
     bundle = Path(bundle)
     manifest = fingerprint.check_manifest(bundle)
-    art = select_llm(manifest, bundle, llm_quant)
-    fingerprint.check_artifact(bundle, art)
-    llm = LlamaSession(bundle / art.file, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                       kv_type=kv_type, flash_attn=flash_attn)
-    if llm.n_embd != manifest.embed_dim or manifest.num_image_tokens >= llm.n_ctx:
-        llm.close()
-        raise MraError(f"{bundle / art.file} | n_embd {llm.n_embd} (projector: {manifest.embed_dim}), n_ctx "
-                       f"{llm.n_ctx} (one image: {manifest.num_image_tokens} tokens); re-export the bundle or "
-                       "raise --n-ctx")
-    cache = None
-    if prompt_cache is not None:
-        remote = Artifact("vision deployment", "vision", "ray", "", 0, "named in each image's key")
-        cache = PromptCache(prompt_cache, prompt_cache_identity(remote, art, kv_type, llm.n_ctx,
-                                                                use_flash_attn(flash_attn, kv_type, n_gpu_layers)),
-                            prompt_cache_bytes or DEFAULT_MAX_BYTES)
-    return Pipeline(manifest, bundle, None, None, llm, art, prompt_cache=cache)
+    fingerprint.check_artifact(bundle, select_llm(manifest, bundle, llm_quant))
+    if prompt_cache_bytes:
+        pipeline["prompt_cache_bytes"] = prompt_cache_bytes
+    return Pipeline.from_bundle(bundle, llm_quant=llm_quant, with_vision=False, verify_hash=False, **pipeline)
 
 
 class RayBackend:

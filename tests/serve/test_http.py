@@ -84,9 +84,9 @@ def test_503_until_loaded(tiny_bundle, photo):
 
     gate = threading.Event()
 
-    def slow_open():
+    def slow_open(parallel):
         assert gate.wait(120)
-        return Pipeline.from_bundle(tiny_bundle, **PIPE_KW)
+        return Pipeline.from_bundle(tiny_bundle, parallel=parallel, **PIPE_KW)
 
     backend = LocalBackend(slow_open, 1, 4, "tiny")
     with ServerThread(build_app(backend, ServerSettings())) as s:
@@ -142,7 +142,7 @@ def test_queue_full_is_429_with_retry_after(tiny_bundle, photo):
                               "temperature": 0})
 
     async def scenario():
-        backend = LocalBackend(lambda: Pipeline.from_bundle(tiny_bundle, **PIPE_KW), parallel=1, queue=1)
+        backend = LocalBackend(lambda n: Pipeline.from_bundle(tiny_bundle, parallel=n, **PIPE_KW), parallel=1, queue=1)
         await backend.start()
         while not backend.ready():
             await asyncio.sleep(0.02)
