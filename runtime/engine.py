@@ -120,7 +120,8 @@ class Request:
 
     # --- the caller's ------------------------------------------------------------------
     def events(self) -> Iterator[tuple]:
-        """("state", bytes), ("prefilled", PrefillStats, prompt-cache hit), ("token", id, text piece),
+        """("state", bytes), ("prefilled", PrefillStats, prompt-cache hit),
+        ("token", id, text piece, when sampled: perf_counter),
         ("text", tail), then ("done", Result); an error is raised here instead."""
         while True:
             ev = self._events.get()
@@ -339,7 +340,11 @@ class Engine:
             r = self._waiting.popleft()
             keys = r.keys
             limit = len(keys) - 1  # the last position is always evaluated: its logits are needed
-            slot = max(free, key=lambda s: (common_prefix(s.keys, keys, limit), -s.used))
+            # A prefix can be copied from any sequence, so the free sequence chosen is the one whose
+            # cache loses least (positions past the shared prefix), then the longest shared prefix
+            # (no copy needed), then the least recently used.
+            shared = {id(s): common_prefix(s.keys, keys, limit) for s in free}
+            slot = min(free, key=lambda s: (len(s.keys) - shared[id(s)], -shared[id(s)], s.used))
             self._tick += 1
             slot.used, slot.request, r._slot = self._tick, r, slot
             r._times["admitted"] = time.perf_counter()
@@ -522,11 +527,11 @@ class Engine:
         r._times["last"] = now
         r._tokens.append(tok)
         if self.is_eog(tok) and not r.ignore_eos:
-            r._events.put(("token", tok, ""))
+            r._events.put(("token", tok, "", now))
             self._finish(r, "stop")
             return
         text = r._text
-        r._events.put(("token", tok, text.feed(self.token_bytes(tok))))
+        r._events.put(("token", tok, text.feed(self.token_bytes(tok)), now))
         if text.stopped and not r.ignore_eos:
             self._finish(r, "stop")
         elif len(r._tokens) >= r.max_tokens or len(r._slot.keys) >= self.n_ctx:

@@ -210,16 +210,20 @@ class LlamaSession:
     def _check_kv_memory(self, n_ctx: int, kv_type: str) -> None:
         """Refuse a KV cache larger than the memory available: llama.cpp allocates and zeroes it
         all at once, so an oversized n_ctx would take the machine's memory (or be OOM-killed)."""
-        lib = self._lib
-        n_layer, n_head = int(lib.llama_model_n_layer(self.model)), int(lib.llama_model_n_head(self.model))
-        n_kv = self.n_embd * int(lib.llama_model_n_head_kv(self.model)) // max(n_head, 1)
-        need = int(2 * n_layer * n_ctx * n_kv * KV_TYPES[kv_type].bytes_per_element)
+        need = self.kv_bytes(n_ctx, kv_type)
         free = available_memory()
         if free is not None and need > free:
             self.close()
             raise MraError(f"n_ctx | {n_ctx} positions need a {need / 2**30:.1f} GiB {kv_type} KV cache, "
                            f"{free / 2**30:.1f} GiB of memory is available; pass a smaller n_ctx (trained: "
                            f"{self.n_ctx_train}) or a quantized kv_type")
+
+    def kv_bytes(self, n_ctx: int, kv_type: str) -> int:
+        """Bytes of a KV cache of ``n_ctx`` positions of this model."""
+        lib = self._lib
+        n_layer, n_head = int(lib.llama_model_n_layer(self.model)), int(lib.llama_model_n_head(self.model))
+        n_kv = self.n_embd * int(lib.llama_model_n_head_kv(self.model)) // max(n_head, 1)
+        return int(2 * n_layer * n_ctx * n_kv * KV_TYPES[kv_type].bytes_per_element)
 
     # --- batches ------------------------------------------------------------------
     def _new_batch(self, embd: int):

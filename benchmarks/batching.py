@@ -1,0 +1,325 @@
+"""The batching engine: one model, N conversations.
+
+Four measurements on one bundle (default: the tiny one, 576 image rows):
+
+- **memory**: a fresh process per setting opens the bundle with ``parallel`` 1 and 4 and answers
+  one request per sequence at once: peak RSS (VmHWM), bytes of the GGUF mapped (from
+  /proc/self/maps) and the KV cache per sequence. Target: parallel 4 costs at most the three
+  extra sequences' KV cache plus 0.6x the GGUF's size over parallel 1; the GGUF mapped once.
+- **throughput**: aggregate decode tokens/s of 4 concurrent text-only streams against one
+  stream, on one engine of 4 sequences, the two sides alternating. Target: 4 streams >= 2x.
+- **fairness**: the longest gap between two tokens of a running stream while another
+  request's image prefill (576 rows, embeddings already cached) is admitted, per prefill chunk
+  size, against one chunk plus one decode step (measured in the same run).
+- **shared_image**: TTFT of a second conversation about the image a running sequence holds
+  (its prefix copied by ``llama_memory_seq_cp``) against a cold image, under the same running
+  stream, alternating. Target: shared <= 10 % of cold.
+
+  python -m mra.benchmarks.batching --quick        tiny bundle, one run each: a smoke test
+  python -m mra.benchmarks.batching --bundle B     a real bundle
+
+Writes batching-MODE.json and .md into --out (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mra.core.files import atomic_write_text
+
+log = logging.getLogger("mra.benchmarks")
+
+SECTIONS = ("memory", "throughput", "fairness", "shared_image")
+TARGETS = {"memory_gguf_share": 0.6, "throughput_ratio": 2.0, "shared_ttft_ratio": 0.10}
+
+
+@dataclass
+class Options:
+    out: Path = Path("benchmarks/results")
+    bundle: Path | None = None
+    work: Path = Path.home() / ".cache" / "mra-bench" / "serve_bench"  # the tiny bundle serve_bench builds
+    n_ctx: int = 2048
+    threads: int | None = None
+    repeats: int = 3
+    tokens: int = 64
+    chunks: tuple[int, ...] = (64, 128, 512)
+    quick: bool = False
+    sections: tuple[str, ...] = SECTIONS
+
+    @property
+    def mode(self) -> str:
+        return "quick" if self.quick else (self.bundle.name if self.bundle else "tiny")
+
+
+# --- memory: one process per setting --------------------------------------------------------
+CHILD = """
+import json, sys, threading
+from pathlib import Path
+from mra.runtime import Pipeline
+bundle, parallel, n_ctx, threads, image = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+with Pipeline.from_bundle(bundle, parallel=parallel, n_ctx=n_ctx, n_threads=threads, verify_hash=False) as p:
+    gguf = str((Path(bundle) / p.llm_artifact.file).resolve())
+    ts = [threading.Thread(target=p.ask, args=(image, f"Question {i}?"), kwargs={"max_tokens": 8}) for i in range(parallel)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    mapped = 0
+    for line in open("/proc/self/maps"):
+        f = line.split(maxsplit=5)
+        if len(f) == 6 and f[5].strip() == gguf:
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            mapped += hi - lo
+    status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+    kb = lambda k: int(status[k].split()[0]) * 1024
+    print(json.dumps({"parallel": parallel, "peak_rss": kb("VmHWM"), "rss": kb("VmRSS"), "gguf_mapped": mapped,
+                      "gguf_size": Path(gguf).stat().st_size, "kv_per_sequence": p.llm.session.kv_bytes(p.llm.n_ctx, "f16")}))
+"""
+
+
+def measure_memory(bundle: Path, image: Path, o: Options, threads: int) -> dict:
+    runs = {}
+    for parallel in (1, 4):
+        r = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(parallel), str(o.n_ctx), str(threads),
+                            str(image)], capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"memory child (parallel {parallel}) failed: {r.stderr[-2000:]}")
+        runs[str(parallel)] = json.loads(r.stdout.splitlines()[-1])
+    one, four = runs["1"], runs["4"]
+    extra = four["peak_rss"] - one["peak_rss"]
+    allowed = 3 * one["kv_per_sequence"] + TARGETS["memory_gguf_share"] * one["gguf_size"]
+    return {"runs": runs, "extra_rss": extra, "allowed_extra": allowed, "within_target": extra <= allowed,
+            "gguf_mapped_once": four["gguf_mapped"] <= one["gguf_size"] + 8192}
+
+
+# --- throughput ------------------------------------------------------------------------------
+def _streams(pipe, n: int, tokens: int) -> float:
+    """Aggregate tokens/s of ``n`` text-only greedy streams started together (wall clock)."""
+    start = threading.Barrier(n + 1)
+    counts = [0] * n
+
+    def worker(i: int) -> None:
+        start.wait()
+        for _ in pipe.ask(None, f"Tell me a long story number {i}.", max_tokens=tokens, ignore_eos=True, stream=True):
+            pass
+        counts[i] = tokens
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def measure_throughput(pipe, o: Options) -> dict:
+    runs: dict[str, list[float]] = {"1": [], "4": []}
+    for i in range(o.repeats):
+        for n in (1, 4) if i % 2 == 0 else (4, 1):  # alternate: load drifts hit both sides alike
+            pipe.llm.reset()
+            runs[str(n)].append(_streams(pipe, n, o.tokens))
+    one, four = statistics.median(runs["1"]), statistics.median(runs["4"])
+    return {"runs": runs, "one_stream_tokens_per_s": one, "four_streams_tokens_per_s": four, "ratio": four / one,
+            "target_ratio": TARGETS["throughput_ratio"], "within_target": four / one >= TARGETS["throughput_ratio"]}
+
+
+# --- fairness and shared image: a running stream, another request admitted ----------------------
+def _running_stream(pipe, tokens: int):
+    """Start a long text-only greedy stream on the engine; returns (the times its tokens were
+    sampled, the engine's own clock, filled as they come; the reading thread) once 8 are out."""
+    from mra.runtime.engine import Request
+    from mra.runtime.llm import Sampler
+    from mra.runtime.prompt import Conversation
+
+    conv = Conversation(pipe.template)
+    conv.add_user("Tell me a very long story.")
+    req = pipe.llm.submit(Request(pipe.prompt_items(conv), Sampler(), max_tokens=tokens, ignore_eos=True))
+    times: list[float] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for ev in req.events():
+            if ev[0] == "token":
+                times.append(ev[3])
+                if len(times) == 8:
+                    started.set()
+        started.set()
+
+    t = threading.Thread(target=read)
+    t.start()
+    started.wait()
+    return times, t
+
+
+def measure_fairness(bundle: Path, image: Path, o: Options, threads: int) -> dict:
+    from mra.runtime import Pipeline
+
+    out = {}
+    for chunk in o.chunks:
+        with Pipeline.from_bundle(bundle, parallel=2, chunk=chunk, n_ctx=o.n_ctx, n_threads=threads,
+                                  verify_hash=False) as pipe:
+            pipe.encode_image(image)  # the vision run is not the engine's: only the prefill is measured
+            rows = []
+            for _ in range(o.repeats):
+                pipe.llm.reset()
+                times, t = _running_stream(pipe, 4 * o.tokens)
+                before = len(times)
+                t0 = time.perf_counter()
+                pipe.ask(image, "What is in the image?", max_tokens=1)
+                prefill = pipe.timings.prefill_s
+                t1 = time.perf_counter()
+                t.join()
+                gaps_before = [b - a for a, b in zip(times[1:before], times[2:before])]
+                window = [b - a for a, b in zip(times, times[1:]) if b > t0 and a < t1]
+                n_chunks = math.ceil(pipe.timings.prefilled / chunk)
+                step = statistics.median(gaps_before) if gaps_before else float("nan")
+                rows.append({"max_gap_s": max(window) if window else float("nan"), "decode_step_s": step,
+                             "prefill_s": prefill, "chunks": n_chunks, "bound_s": prefill / n_chunks + step})
+            med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            out[str(chunk)] = {"runs": rows, **med, "within_bound": med["max_gap_s"] <= med["bound_s"] * 1.25}
+    return out
+
+
+def measure_shared_image(pipe, images: list[Path], o: Options) -> dict:
+    runs: dict[str, list[float]] = {"shared": [], "cold": []}
+    for im in images[:2]:
+        pipe.encode_image(im)  # both sides find their embeddings cached: TTFT is the engine's
+    for i in range(o.repeats):
+        for side in ("shared", "cold") if i % 2 == 0 else ("cold", "shared"):
+            pipe.llm.reset()
+            pipe.ask(images[0], "Describe it.", max_tokens=1)  # a sequence holds image 0
+            times, t = _running_stream(pipe, 4 * o.tokens)  # and runs on (another sequence decodes meanwhile)
+            pipe.ask(images[0] if side == "shared" else images[1], "What colour is it?", max_tokens=1)
+            runs[side].append(pipe.timings.ttft_s)
+            t.join()
+    shared, cold = statistics.median(runs["shared"]), statistics.median(runs["cold"])
+    return {"runs": runs, "shared_ttft_s": shared, "cold_ttft_s": cold, "ratio": shared / cold,
+            "target_ratio": TARGETS["shared_ttft_ratio"], "within_target": shared / cold <= TARGETS["shared_ttft_ratio"]}
+
+
+def run(o: Options) -> dict:
+    from mra.benchmarks.machine import describe_machine
+    from mra.benchmarks.serve_bench import tiny_bundle
+    from mra.quantize.photos import photo_paths
+    from mra.runtime import Pipeline
+    from mra.runtime.llm import default_threads
+
+    if o.quick:
+        o.repeats, o.tokens, o.chunks = 1, 16, (64, 512)
+    bundle = o.bundle or tiny_bundle(o.work)
+    threads = o.threads or default_threads()[0]
+    photos = photo_paths()[:2]
+    r = {"benchmark": "batching", "mode": o.mode, "command": " ".join(["python -m mra.benchmarks.batching", *sys.argv[1:]]),
+         "machine": describe_machine(threads), "machine_loaded": True,
+         "settings": {"bundle": str(bundle), "n_ctx": o.n_ctx, "threads": threads, "repeats": o.repeats,
+                      "tokens": o.tokens}}
+    if "memory" in o.sections:
+        log.info("memory")
+        r["memory"] = measure_memory(bundle, photos[0], o, threads)
+    if {"throughput", "shared_image"} & set(o.sections):
+        with Pipeline.from_bundle(bundle, parallel=4, n_ctx=o.n_ctx, n_threads=threads, verify_hash=False) as pipe:
+            r["settings"].update(gguf=pipe.llm_artifact.file, image_tokens=pipe.n_image_tokens)
+            if "throughput" in o.sections:
+                log.info("throughput")
+                r["throughput"] = measure_throughput(pipe, o)
+            if "shared_image" in o.sections:
+                log.info("shared image")
+                r["shared_image"] = measure_shared_image(pipe, photos, o)
+    if "fairness" in o.sections:
+        log.info("fairness")
+        r["fairness"] = measure_fairness(bundle, photos[1], o, threads)
+    return r
+
+
+def to_markdown(r: dict) -> str:
+    ms = lambda x: f"{x * 1e3:.1f} ms"  # noqa: E731
+    mb = lambda x: f"{x / 2**20:.1f} MB"  # noqa: E731
+    ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+    s, m = r["settings"], r["machine"]
+    lines = [f"# The batching engine ({r['mode']})", "", f"`{r['command']}`", "",
+             f"- Machine: {m['cpu']}, {m['usable_cores']} usable cores, {s['threads']} threads; the machine was "
+             "shared with other jobs while this ran (timings are noisy; ratios are measured side by side)",
+             f"- n_ctx {s['n_ctx']} per sequence, median of {s['repeats']} runs", ""]
+    if "memory" in r:
+        me = r["memory"]
+        one, four = me["runs"]["1"], me["runs"]["4"]
+        lines += ["| memory | parallel 1 | parallel 4 |", "|---|---|---|",
+                  f"| peak RSS | {mb(one['peak_rss'])} | {mb(four['peak_rss'])} |",
+                  f"| GGUF mapped (file {mb(one['gguf_size'])}) | {mb(one['gguf_mapped'])} | {mb(four['gguf_mapped'])} |",
+                  "", f"parallel 4 costs {mb(me['extra_rss'])} over parallel 1; allowed: 3 sequences' KV + 0.6x GGUF = "
+                  f"{mb(me['allowed_extra'])}: {ok(me['within_target'])}; GGUF mapped once: "
+                  f"{ok(me['gguf_mapped_once'])}.", ""]
+    if "throughput" in r:
+        th = r["throughput"]
+        lines += [f"Aggregate decode: 1 stream {th['one_stream_tokens_per_s']:.1f} tokens/s, 4 streams "
+                  f"{th['four_streams_tokens_per_s']:.1f} tokens/s: {th['ratio']:.2f}x (target >= "
+                  f"{th['target_ratio']}x: {ok(th['within_target'])}).", ""]
+    if "fairness" in r:
+        lines += ["| prefill chunk | longest token gap of a running stream | decode step | image prefill | "
+                  "one chunk + one step | within |", "|---|---|---|---|---|---|"]
+        for chunk, f in r["fairness"].items():
+            lines.append(f"| {chunk} rows | {ms(f['max_gap_s'])} | {ms(f['decode_step_s'])} | {ms(f['prefill_s'])} "
+                         f"({f['chunks']:.0f} chunks) | {ms(f['bound_s'])} | {ok(f['within_bound'])} |")
+        lines.append("")
+    if "shared_image" in r:
+        sh = r["shared_image"]
+        lines += [f"Shared image: TTFT {ms(sh['shared_ttft_s'])} about the image a running sequence holds vs "
+                  f"{ms(sh['cold_ttft_s'])} cold = {sh['ratio']:.1%} (target <= {sh['target_ratio']:.0%}: "
+                  f"{ok(sh['within_target'])}).", ""]
+    return "\n".join(lines)
+
+
+def write(r: dict, out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"batching-{r['mode']}"
+    js, md = out / f"{stem}.json", out / f"{stem}.md"
+    atomic_write_text(js, json.dumps(r, indent=2) + "\n")
+    atomic_write_text(md, to_markdown(r))
+    return js, md
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mra.benchmarks.batching", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Options()
+    p.add_argument("--out", type=Path, default=d.out, help=f"results folder (default {d.out})")
+    p.add_argument("--bundle", type=Path, help="measure this bundle (default: the tiny one, built under --work)")
+    p.add_argument("--work", type=Path, default=d.work, help=f"where the tiny bundle is kept (default {d.work})")
+    p.add_argument("--n-ctx", type=int, default=d.n_ctx, help="positions per sequence")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: cores / 2)")
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per stream of the throughput measurement")
+    p.add_argument("--quick", action="store_true", help="one run each, few tokens: a smoke test")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default {','.join(SECTIONS)})")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    o = Options(out=a.out, bundle=a.bundle, work=a.work, n_ctx=a.n_ctx, threads=a.threads, repeats=a.repeats,
+                tokens=a.tokens, quick=a.quick, sections=tuple(a.only.split(",")))
+    unknown = set(o.sections) - set(SECTIONS)
+    if unknown:
+        print(f"batching: error: --only {a.only} | unknown {', '.join(sorted(unknown))}; expected some of "
+              f"{', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    r = run(o)
+    js, md = write(r, o.out)
+    print(to_markdown(r))
+    print(f"written: {js}, {md}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
