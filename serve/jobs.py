@@ -2,9 +2,9 @@
 how it will run (local slots, Ray Serve). Everything a client can get wrong is an
 :class:`ApiError` here, before any model work.
 
-One image per conversation (LLaVA-HR was trained with one): a second ``image_url`` part is a
-400. The image goes with the user turn that carries it, ``<image>`` first, as LLaVA places it.
-A system message replaces the bundle's system prompt.
+Images: at most one per user message (LLaVA places it first in its turn, ``<image>\n``) and
+at most ``MAX_IMAGES`` per conversation, each with the user turn that carries it, in order;
+more is a 400. A system message replaces the bundle's system prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from .protocol import ApiError
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_IMAGES = 8  # per conversation: each is decoded, encoded and fills its rows of the context
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class ImageInput:
 class Message:
     role: str  # "system" | "user" | "assistant"
     text: str
-    image: bool = False  # this user turn carries the conversation's image
+    image: bool = False  # this user turn carries an image (the job's next one)
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,18 @@ class SamplingParams:
 class ChatJob:
     """One chat completion to run: what the backend needs and nothing about HTTP."""
     messages: tuple[Message, ...]
-    image: ImageInput | None
+    images: tuple[ImageInput, ...]  # in the order of the user turns that carry them
     params: SamplingParams
     model: str = ""
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     meta: dict[str, Any] = field(default_factory=dict)  # free for backends (e.g. a routing hint)
-    image_embeddings: Any = None  # the image already through a vision encoder elsewhere (a runtime Embeddings)
+    image_embeddings: tuple[Any, ...] | None = None  # the images already encoded elsewhere (runtime Embeddings)
+
+    @property
+    def image(self) -> ImageInput | None:
+        """The conversation's first image (its follow-ups carry it too: a routing key)."""
+        return self.images[0] if self.images else None
 
     @property
     def system(self) -> str | None:
@@ -116,7 +122,7 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy()) -> ChatJo
         raise bad("tools | function calling is not supported; use response_format json_schema", "tools")
 
     messages: list[Message] = []
-    image: ImageInput | None = None
+    images: list[ImageInput] = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -128,13 +134,13 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy()) -> ChatJo
             raise bad(f"{where}.role | got {role!r}, expected system, user or assistant", "messages")
         text, found = _content(m.get("content"), where, role, policy)
         if found is not None:
-            if image is not None:
-                raise bad(f"{where} | a second image; LLaVA-HR takes one image per conversation: start a new "
-                          "conversation for another image", "messages", "too_many_images")
-            image = found
+            if len(images) == MAX_IMAGES:
+                raise bad(f"{where} | image {MAX_IMAGES + 1}; a conversation takes at most {MAX_IMAGES}: start a new "
+                          "conversation", "messages", "too_many_images")
+            images.append(found)
         messages.append(Message(role, text, found is not None))
     _check_order(messages)
-    return ChatJob(tuple(messages), image, _sampling(body), str(body.get("model") or ""),
+    return ChatJob(tuple(messages), tuple(images), _sampling(body), str(body.get("model") or ""),
                    _flag(body, "stream"), bool((body.get("stream_options") or {}).get("include_usage")))
 
 
@@ -180,8 +186,8 @@ def _content(content: Any, where: str, role: str, policy: ImagePolicy) -> tuple[
             if role != "user":
                 raise bad(f"{where}.content[{j}] | images go in user messages", "messages")
             if image is not None:
-                raise bad(f"{where}.content[{j}] | a second image; LLaVA-HR takes one image per conversation",
-                          "messages", "too_many_images")
+                raise bad(f"{where}.content[{j}] | a second image in one message; LLaVA places one image first in "
+                          "its user turn: put the next image in a later user message", "messages", "too_many_images")
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):

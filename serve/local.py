@@ -58,11 +58,11 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
     p = job.params
     try:
         conv = conversation(job, pipe.template)
-        # the Ray backend sends the image already embedded by its vision deployment
-        image = job.image_embeddings or (job.image.open() if job.image is not None else None)
+        # the Ray backend sends the images already embedded by its vision deployment
+        images = job.image_embeddings or [im.open() for im in job.images]
         max_tokens = p.max_tokens or pipe.llm.n_ctx
         seed = p.seed if p.seed is not None else random.getrandbits(32)
-        pieces = pipe.answer(conv, image, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed,
+        pieces = pipe.answer(conv, images=images, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed,
                              stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos)
     except MraError as e:  # the request cannot run (too long for the context, bad grammar): the client's to fix
         code = "context_length_exceeded" if isinstance(e, ContextOverflow) else None

@@ -121,11 +121,11 @@ class LlmReplica:
                 raise MraError(self.local.error)  # names the node and the file
             await asyncio.sleep(0.02)
 
-    async def generate(self, job: ChatJob, image: tuple[str, np.ndarray] | None) -> AsyncIterator[Event]:
+    async def generate(self, job: ChatJob, images: list[tuple[str, np.ndarray]]) -> AsyncIterator[Event]:
         from mra.runtime.llm import Embeddings
 
-        if image is not None:
-            job = dataclasses.replace(job, image_embeddings=Embeddings(*image))
+        if images:
+            job = dataclasses.replace(job, image_embeddings=tuple(Embeddings(*im) for im in images))
         yield Headers({"x-mra-replica": self.name})
         async for ev in self.local.generate(job):
             yield ev
@@ -180,13 +180,14 @@ class RayBackend:
         self.in_flight += 1
         stream, ended = None, False
         try:
-            image = None
-            if job.image is not None:
-                key, rows, batch = await self.vision.embed.remote(job.image)
-                image = (key, rows)
-                yield Headers({"x-mra-vision-batch": str(batch)})
-                job = dataclasses.replace(job, image=ImageInput(b"", job.image.key))  # the LLM needs no pixels
-            stream = self.llm.options(session_id=route_key(job)).generate.remote(job, image)
+            images = []
+            if job.images:
+                done = await asyncio.gather(*(self.vision.embed.remote(im) for im in job.images))
+                images = [(key, rows) for key, rows, _ in done]
+                yield Headers({"x-mra-vision-batch": str(max(batch for _, _, batch in done))})
+                # the LLM needs no pixels
+                job = dataclasses.replace(job, images=tuple(ImageInput(b"", im.key) for im in job.images))
+            stream = self.llm.options(session_id=route_key(job)).generate.remote(job, images)
             async for ev in stream:
                 yield ev
             ended = True
@@ -200,7 +201,7 @@ class RayBackend:
 
 
 def route_key(job: ChatJob) -> str:
-    """The conversation's image (its follow-ups carry the same one), else its first user turn."""
+    """The conversation's first image (its follow-ups carry the same one), else its first user turn."""
     if job.image is not None:
         return job.image.key
     first = next((m.text for m in job.turns if m.role == "user"), "")

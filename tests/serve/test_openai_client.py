@@ -77,6 +77,21 @@ def test_follow_up_turn_reuses_the_kv_cache_and_equals_a_chat(client, reference,
     assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
 
 
+def test_two_images_in_one_conversation_equal_the_pipeline(client, reference, photo):
+    a, b = photo("astronaut.png"), photo("coffee.png")
+    conv = Conversation(reference.template)
+    conv.add_user("Who is this?", with_image=True)
+    conv.set_answer("A person.")
+    conv.add_user("And what is this?", with_image=True)
+    expected = reference.answer(conv, images=[a, b], max_tokens=8)
+    t = reference.timings
+    r = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=[
+        user_message("Who is this?", a), {"role": "assistant", "content": "A person."},
+        user_message("And what is this?", b)])
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == t.prompt_positions > 2 * reference.n_image_tokens  # both images' rows
+
+
 def test_system_message_replaces_the_system_prompt(client, reference, photo):
     import dataclasses
 
@@ -132,7 +147,7 @@ def test_errors_are_openai_errors(client, server, photo):
         wrong.chat.completions.create(model="tiny", messages=[user_message("Hi")], max_tokens=4)
     two = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": user_message("", photo(n))[
         "content"][0]["image_url"]["url"]}} for n in ("coffee.png", "chelsea.png")]}
-    with pytest.raises(openai.BadRequestError, match="one image per conversation"):
+    with pytest.raises(openai.BadRequestError, match="a second image in one message"):
         client.chat.completions.create(model="tiny", messages=[two], max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="context holds 2048") as e:
         client.chat.completions.create(model="tiny", messages=[user_message("word " * 2500)], max_tokens=4)
