@@ -89,7 +89,9 @@ class Request:
     prompt's first ``len(restore[1])`` positions (the prompt cache), used when no sequence holds
     them. ``save_at``: after evaluating that many positions, emit the sequence's state (to save
     it). ``resolve``: turns a placeholder image (not yet through the vision encoder) into real
-    rows, called only if those rows must be evaluated."""
+    rows, called only if those rows must be evaluated. ``logprobs``: None, or k: each token
+    event carries (its log-probability, the k most likely [(token, log-probability)]) under the
+    model's distribution (log-softmax of the raw logits, before any sampling setting)."""
     items: Sequence[Item]
     sampler: Sampler | None = None
     max_tokens: int = 256
@@ -98,6 +100,7 @@ class Request:
     restore: tuple[bytes, list[Hashable]] | None = None
     save_at: int = 0
     resolve: Callable[[Embeddings], Embeddings] | None = None
+    logprobs: int | None = None  # with each token its log-probability and this many top alternatives
 
     # --- the scheduler's ---------------------------------------------------------------
     keys: list[Hashable] = field(init=False, repr=False)
@@ -121,7 +124,7 @@ class Request:
     # --- the caller's ------------------------------------------------------------------
     def events(self) -> Iterator[tuple]:
         """("state", bytes), ("prefilled", PrefillStats, prompt-cache hit),
-        ("token", id, text piece, when sampled: perf_counter),
+        ("token", id, text piece, when sampled: perf_counter, logprobs or None),
         ("text", tail), then ("done", Result); an error is raised here instead."""
         while True:
             ev = self._events.get()
@@ -527,17 +530,29 @@ class Engine:
         r._times["last"] = now
         r._tokens.append(tok)
         if self.is_eog(tok) and not r.ignore_eos:
-            r._events.put(("token", tok, "", now))
+            r._events.put(("token", tok, "", now, None))
             self._finish(r, "stop")
             return
+        lp = self._logprobs(row, tok, r.logprobs) if r.logprobs is not None else None
         text = r._text
-        r._events.put(("token", tok, text.feed(self.token_bytes(tok)), now))
+        r._events.put(("token", tok, text.feed(self.token_bytes(tok)), now, lp))
         if text.stopped and not r.ignore_eos:
             self._finish(r, "stop")
         elif len(r._tokens) >= r.max_tokens or len(r._slot.keys) >= self.n_ctx:
             self._finish(r, "length")
         else:
             r._next = tok
+
+    def _logprobs(self, row: int, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+        x = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
+        m = float(x.max())
+        lse = m + float(np.log(np.exp(x - m, dtype=np.float64).sum()))
+        top: list[tuple[int, float]] = []
+        if k > 0:
+            idx = np.argpartition(-x, min(k, self.n_vocab) - 1)[:k]
+            idx = idx[np.argsort(-x[idx], kind="stable")]
+            top = [(int(i), float(x[i]) - lse) for i in idx]
+        return float(x[tok]) - lse, top
 
     def _release(self, r: Request) -> None:
         if r in self._active:

@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mra.core.errors import BadBundle, Closed, ContextOverflow, MraError
+from mra.core.errors import BadBundle, Closed, ContextOverflow, LimitExceeded, MraError
 from mra.core.manifest import Artifact, Manifest, verify_artifact
 
 from .engine import Engine, Request
@@ -87,6 +87,19 @@ class Timings:
                 f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated} tokens)")
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's bound too)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (log-softmax of its logits), and the
+    most likely alternatives at that step: (token id, its bytes, log-probability)."""
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
 @dataclass
 class GenerationParams:
     max_tokens: int = 256
@@ -96,6 +109,7 @@ class GenerationParams:
     stop: Sequence[str] = ()
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     grammar: str | None = None  # GBNF for llama.cpp's grammar sampler (issue 12: structured answers)
+    logprobs: int | None = None  # None: off; k: each token's log-probability and its k most likely alternatives
 
     def check(self) -> None:
         """Every field typed and in range: nan, a bytes stop or a str where a list belongs would
@@ -112,6 +126,10 @@ class GenerationParams:
         for s in self.stop:
             if not check_text(s, "stop"):
                 raise MraError("stop | got an empty string, expected non-empty stop strings")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise LimitExceeded(f"logprobs | got {self.logprobs!r}, expected None or an integer from 0 to "
+                                f"{MAX_TOP_LOGPROBS} (alternatives per token)")
 
 
 def stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -169,6 +187,7 @@ class Answer:
     def __init__(self, pieces: Iterator[str], request: Request):
         self._pieces, self._request = pieces, request
         self.result: Generation | None = None
+        self.logprobs: list[TokenLogprob] = []  # with ``logprobs``: one per token read so far (no EOS)
 
     def __iter__(self) -> "Answer":
         return self
@@ -277,12 +296,12 @@ class Pipeline:
     def ask(self, image: ImageLike | None, question: str, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), stream: bool = False,
             ignore_eos: bool = False, json_schema: dict | str | None = None,
-            grammar: str | None = None) -> str | Answer:
+            grammar: str | None = None, logprobs: int | None = None) -> str | Answer:
         """Answer one question about one image (or none): a string, or an :class:`Answer` (text
         pieces) when ``stream``. ``json_schema`` (a dict or its JSON) or ``grammar`` (GBNF)
-        constrain the answer's form."""
+        constrain the answer's form; ``logprobs`` (k) fills the Answer's ``logprobs``."""
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
-                                  grammar_for(json_schema, grammar))
+                                  grammar_for(json_schema, grammar), logprobs)
         conv = Conversation(self.template)
         conv.add_user(question, with_image=image is not None)
         pieces = self._answer(conv, [image] if image is not None else [], params)
@@ -292,7 +311,7 @@ class Pipeline:
                max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                stop: Sequence[str] = (), stream: bool = False, json_schema: dict | str | None = None,
                grammar: str | None = None, ignore_eos: bool = False,
-               images: Sequence[ImageLike | Embeddings] | None = None) -> str | Answer:
+               images: Sequence[ImageLike | Embeddings] | None = None, logprobs: int | None = None) -> str | Answer:
         """Answer the open assistant turn of ``conversation`` (built by the caller, e.g. from an
         OpenAI message list); ``images`` (or the one ``image``) belong to the turns marked
         ``image``, in order. A conversation that extends an earlier one re-uses the KV cache."""
@@ -304,7 +323,7 @@ class Pipeline:
             raise MraError(f"conversation | {conversation.n_images} image turns but {len(images)} images; mark "
                            "the user turns the images go with")
         params = GenerationParams(max_tokens, temperature, top_p, seed, stop_strings(stop), ignore_eos,
-                                  grammar_for(json_schema, grammar))
+                                  grammar_for(json_schema, grammar), logprobs)
         pieces = self._answer(conversation, list(images), params)
         return pieces if stream else "".join(pieces)
 
@@ -358,7 +377,7 @@ class Pipeline:
         items = self._prompt_items(conv, images, t, placeholders=cache is not None)
         plan = self._plan_prompt_cache(items, t) if cache is not None else None
         kw = {} if p is None else dict(max_tokens=p.max_tokens, ignore_eos=p.ignore_eos,
-                                       stops=(self.template.sep2, *p.stop))
+                                       stops=(self.template.sep2, *p.stop), logprobs=p.logprobs)
         if plan is not None:
             items, prefix, payload = plan
             if payload is not None:
@@ -446,6 +465,8 @@ class Pipeline:
                     tokens.append(ev[1])
                     t.generated += 1
                     piece = ev[2]
+                    if ev[4] is not None:
+                        answer.logprobs.append(self._token_logprob(ev[1], ev[4]))
                 elif ev[0] == "text":
                     piece = ev[1]
                 else:  # done
@@ -462,6 +483,12 @@ class Pipeline:
             answer.result = Generation(reason, t.prompt_positions, t.reused, len(tokens), tokens, t)
             if on_done is not None:
                 on_done("".join(out))
+
+    def _token_logprob(self, token: int, lp: tuple) -> TokenLogprob:
+        llm = self._engine()
+        logprob, top = lp
+        return TokenLogprob(token, llm.token_bytes(token), logprob,
+                            tuple((i, llm.token_bytes(i), v) for i, v in top))
 
     # --- lifetime -----------------------------------------------------------------------
     def close(self) -> None:

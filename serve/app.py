@@ -217,9 +217,12 @@ class _Run:
             async for ev in self._rest():
                 if isinstance(ev, Text):
                     parts.append(ev.text)
+                    logprobs.extend(ev.logprobs or ())
                 elif isinstance(ev, Done):
                     return "".join(parts), ev
             raise AssertionError("unreachable")
+
+        logprobs: list[dict] = []
 
         task = asyncio.ensure_future(gather())
         gone = asyncio.ensure_future(_disconnected(request))
@@ -241,13 +244,15 @@ class _Run:
             await self.close()
         self._finish(200, done)
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None if self.job.params.logprobs is None else {"content": logprobs},
                              "finish_reason": done.finish_reason}],
                 "usage": self._usage(done)}
 
-    def _chunk(self, delta: dict, finish: str | None = None, **extra) -> bytes:
+    def _chunk(self, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None, **extra) -> bytes:
         c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+             "choices": [{"index": 0, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
+                          "finish_reason": finish}], **extra}
         return b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n"
 
     async def sse(self) -> AsyncIterator[bytes]:
@@ -258,7 +263,7 @@ class _Run:
             yield self._chunk({"role": "assistant", "content": ""})
             async for ev in self._rest():
                 if isinstance(ev, Text):
-                    yield self._chunk({"content": ev.text})
+                    yield self._chunk({"content": ev.text}, logprobs=ev.logprobs)
                 elif isinstance(ev, Done):
                     done = ev
                     yield self._chunk({}, ev.finish_reason)

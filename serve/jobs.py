@@ -72,6 +72,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF (response_format json_object / json_schema, converted)
     ignore_eos: bool = False  # llama.cpp server's extension: generate exactly max_tokens (benchmarks)
+    logprobs: int | None = None  # None: off; k: each token's log-probability and k alternatives (top_logprobs)
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,6 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy()) -> ChatJo
         raise bad("messages | expected a non-empty list of {role, content}", "messages")
     if body.get("n", 1) != 1:
         raise bad(f"n | got {body.get('n')!r}, only n=1 is supported", "n")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise bad("logprobs | not supported by mra-serve; leave it unset", "logprobs")
     if body.get("tools") or body.get("functions"):
         raise bad("tools | function calling is not supported; use response_format json_schema", "tools")
 
@@ -279,7 +278,21 @@ def _sampling(body: dict) -> SamplingParams:
     if ignore_eos and max_tokens is None:
         raise bad("ignore_eos | needs max_tokens (it generates exactly that many tokens)", "ignore_eos")
     return SamplingParams(max_tokens, temperature, top_p, seed, stops, _grammar(body.get("response_format")),
-                          ignore_eos)
+                          ignore_eos, _logprobs(body))
+
+
+def _logprobs(body: dict) -> int | None:
+    from mra.runtime.pipeline import MAX_TOP_LOGPROBS
+
+    on = _flag(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if on else None
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad(f"top_logprobs | got {top!r}, expected an integer from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
+    if not on:
+        raise bad("top_logprobs | needs logprobs: true", "top_logprobs")
+    return top
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:

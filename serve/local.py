@@ -51,6 +51,13 @@ def conversation(job: ChatJob, template) -> Conversation:
     return conv
 
 
+def logprob_entry(lp) -> dict:
+    """A runtime TokenLogprob as an item of OpenAI's ``logprobs.content``."""
+    def one(piece: bytes, logprob: float) -> dict:
+        return {"token": piece.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(piece)}
+    return {**one(lp.piece, lp.logprob), "top_logprobs": [one(b, v) for _, b, v in lp.top]}
+
+
 def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: threading.Event) -> None:
     """Generate one job on one Pipeline (in a worker thread), emitting Text pieces then Done;
     a request without a seed samples with a random one, as OpenAI does. Any backend that owns a
@@ -63,17 +70,29 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
         max_tokens = p.max_tokens or pipe.llm.n_ctx
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         pieces = pipe.answer(conv, images=images, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed,
-                             stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos)
+                             stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos,
+                             logprobs=p.logprobs)
     except MraError as e:  # the request cannot run (too long for the context, bad grammar): the client's to fix
         code = "context_length_exceeded" if isinstance(e, ContextOverflow) else None
         raise ApiError(400, str(e), code=code) from None
+    sent = 0  # logprob entries emitted
+
+    def entries() -> list[dict] | None:
+        nonlocal sent
+        if p.logprobs is None:
+            return None
+        new, sent = pieces.logprobs[sent:], len(pieces.logprobs)
+        return [logprob_entry(lp) for lp in new]
     try:
         for piece in pieces:
             if cancelled.is_set():
                 break
-            emit(Text(piece))
+            emit(Text(piece, entries()))
     finally:
         pieces.close()
+    rest = entries()
+    if rest:  # tokens whose text was held back (a stop string's start) or was whitespace
+        emit(Text("", rest))
     r = pieces.result
     emit(Done("length" if r.finish_reason == "length" else "stop", r.prompt_tokens, r.completion_tokens,
               r.timings.as_dict()))
@@ -178,10 +197,11 @@ class LocalBackend:
                 while pending:
                     ev = pending.popleft()
                     if isinstance(ev, Text):  # pieces that piled up while the client was sent the last
-                        parts = [ev.text]     # go out as one chunk: a slow reader never slows the slot
+                        parts = [ev]          # go out as one chunk: a slow reader never slows the slot
                         while pending and isinstance(pending[0], Text):
-                            parts.append(pending.popleft().text)
-                        ev = Text("".join(parts))
+                            parts.append(pending.popleft())
+                        lps = None if ev.logprobs is None else [e for t in parts for e in t.logprobs or ()]
+                        ev = Text("".join(t.text for t in parts), lps)
                     if isinstance(ev, ApiError):
                         raise ev
                     if isinstance(ev, Exception):

@@ -49,12 +49,7 @@ def _cases(photo_paths) -> list[dict]:
 
 def _near_tie(pipe: Pipeline, case: dict, tokens: list[int]) -> float:
     """The gap between the top two logits after the prompt and ``tokens`` (one request alone)."""
-    conv = Conversation(pipe.template)
-    conv.add_user(case["question"], with_image=case["image"] is not None)
-    items = pipe.prompt_items(conv, [case["image"]] if case["image"] is not None else [])
-    req = pipe.llm.submit(Request(items + list(tokens)))
-    logits = next(ev[1] for ev in req.events() if ev[0] == "done").logits
-    top = np.sort(logits)[-2:]
+    top = np.sort(_logits_after(pipe, case["image"], case["question"], tokens))[-2:]
     return float(top[1] - top[0])
 
 
@@ -144,3 +139,28 @@ def test_three_threads_about_one_image_get_the_same_greedy_answer(tiny_bundle, p
         for t in threads:
             t.join(timeout=300)
         assert got == [expected] * 3
+
+
+def _logits_after(pipe: Pipeline, image, question: str, tokens: list[int]) -> np.ndarray:
+    conv = Conversation(pipe.template)
+    conv.add_user(question, with_image=image is not None)
+    req = pipe.llm.submit(Request(pipe.prompt_items(conv, [image] if image is not None else []) + list(tokens)))
+    return next(ev[1] for ev in req.events() if ev[0] == "done").logits
+
+
+def test_logprobs_are_the_log_softmax_of_the_next_token_logits(alone, photo_paths):
+    image, q = photo_paths[2], "Describe it in detail."
+    answer = alone.ask(image, q, max_tokens=6, ignore_eos=True, stream=True, logprobs=3)
+    text = "".join(answer)
+    tokens = answer.result.tokens
+    assert len(answer.logprobs) == len(tokens) == 6 and text
+    first = alone.next_token_logits(image, q)
+    for k, lp in enumerate(answer.logprobs):
+        x = (first if k == 0 else _logits_after(alone, image, q, tokens[:k])).astype(np.float64)
+        ref = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+        assert lp.token == tokens[k] and lp.piece == alone.llm.token_bytes(tokens[k])
+        assert abs(lp.logprob - ref[tokens[k]]) < 1e-4
+        order = np.argsort(-ref)[:3]
+        assert [t for t, _, _ in lp.top] == list(order) and lp.top[0][0] == tokens[k]  # greedy: the top one
+        np.testing.assert_allclose([v for _, _, v in lp.top], ref[order], atol=1e-4)
+    assert alone.ask(image, q, max_tokens=6, ignore_eos=True) == text  # logprobs change nothing else

@@ -53,7 +53,8 @@ def test_malformed_requests(server, photo):
     error_of(post(url, {"messages": [{"role": "assistant", "content": "hi"}]}), 400)
     error_of(post(url, {"messages": [user_message("hi")], "max_tokens": 0}), 400)
     error_of(post(url, {"messages": [user_message("hi")], "stop": ["a", "b", "c", "d", "e"]}), 400)
-    error_of(post(url, {"messages": [user_message("hi")], "logprobs": True}), 400)
+    error_of(post(url, {"messages": [user_message("hi")], "top_logprobs": 2}), 400)  # needs logprobs: true
+    error_of(post(url, {"messages": [user_message("hi")], "logprobs": True, "top_logprobs": 21}), 400)
     assert error_of(post(url, {"messages": [image_message("data:image/png;base64,@@@@")]}), 400)["code"] == "bad_image"
     not_an_image = "data:image/png;base64," + base64.b64encode(b"just some text, not a PNG").decode()
     assert error_of(post(url, {"messages": [image_message(not_an_image)]}), 400)["code"] == "bad_image"

@@ -77,6 +77,34 @@ def test_follow_up_turn_reuses_the_kv_cache_and_equals_a_chat(client, reference,
     assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_are_the_log_softmax_of_the_pipelines_logits(client, reference, photo, stream):
+    import numpy as np
+
+    image, q = photo("chelsea.png"), "Describe the animal in detail."
+    answer = reference.ask(image, q, max_tokens=8, stream=True, logprobs=2)
+    text = "".join(answer)
+    x = reference.next_token_logits(image, q).astype(np.float64)
+    first = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    r = client.chat.completions.create(model="tiny", messages=[user_message(q, image)], max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=2, stream=stream)
+    if stream:
+        chunks = list(r)
+        got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        content = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    else:
+        got, content = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert got == text and len(content) == len(answer.logprobs) > 0
+    assert abs(content[0].logprob - first[answer.result.tokens[0]]) < 1e-4  # the Pipeline's own logits
+    for e, lp in zip(content, answer.logprobs):
+        assert bytes(e.bytes) == lp.piece and abs(e.logprob - lp.logprob) < 1e-5
+        assert [abs(a.logprob - v) < 1e-5 and bytes(a.bytes) == b for a, (_, b, v) in zip(e.top_logprobs, lp.top)] \
+            == [True, True]
+    plain = client.chat.completions.create(model="tiny", messages=[user_message(q, image)], max_tokens=2,
+                                           temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_two_images_in_one_conversation_equal_the_pipeline(client, reference, photo):
     a, b = photo("astronaut.png"), photo("coffee.png")
     conv = Conversation(reference.template)
