@@ -123,7 +123,7 @@ class Request:
 
     # --- the caller's ------------------------------------------------------------------
     def events(self) -> Iterator[tuple]:
-        """("state", bytes), ("prefilled", PrefillStats, prompt-cache hit),
+        """("state", bytes), ("prefilled", PrefillStats, prompt-cache hit, queued s, prefill s),
         ("token", id, text piece, when sampled: perf_counter, logprobs or None),
         ("text", tail), then ("done", Result); an error is raised here instead."""
         while True:
@@ -504,8 +504,9 @@ class Engine:
             r.save_at = 0
         if row is None:
             return
-        r._times["prefilled"] = time.perf_counter()
-        r._events.put(("prefilled", r._stats, r._hit))
+        t = r._times
+        t["prefilled"] = time.perf_counter()
+        r._events.put(("prefilled", r._stats, r._hit, t["admitted"] - t["submitted"], t["prefilled"] - t["admitted"]))
         if r.sampler is None:
             ptr = self._lib.llama_get_logits_ith(self.ctx, row)
             logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()

@@ -52,11 +52,13 @@ class Timings:
     """Where the time of the last call went (seconds), and what was re-used."""
     preprocess_s: float = 0.0
     vision_s: float = 0.0
-    prefill_s: float = 0.0
+    queued_s: float = 0.0  # waiting for a free sequence of the engine
+    prefill_s: float = 0.0  # the engine evaluating the prompt (its chunks interleaved with other sequences' steps)
     ttft_s: float = 0.0  # call start -> first token sampled (preprocess + vision + prefill + sample)
     decode_s: float = 0.0  # first token -> last token
     total_s: float = 0.0
     prompt_positions: int = 0  # tokens + image rows of the prompt
+    image_rows: int = 0  # of those, image-embedding rows
     prefilled: int = 0  # positions evaluated by this call
     reused: int = 0  # positions taken from the KV cache
     generated: int = 0  # tokens sampled (an EOS included)
@@ -386,14 +388,13 @@ class Pipeline:
                 kw["save_at"] = len(item_keys(prefix))
         # a placeholder's rows, when the engine finds it must evaluate them after all
         req = Request(items, sampler, resolve=lambda e: self._embed(e.image, t), **kw)
-        t0 = time.perf_counter()
         llm.submit(req)
         try:
             for ev in req.events():
                 if ev[0] == "state":
                     cache.store(plan[1], ev[1])
                 elif ev[0] == "prefilled":
-                    stats, hit = ev[1], ev[2]
+                    _, stats, hit, t.queued_s, t.prefill_s = ev
                     break
         except BaseException:
             req.cancel()
@@ -401,8 +402,8 @@ class Pipeline:
         if plan is not None:
             t.prompt_cache_hits += hit is True
             t.prompt_cache_misses += hit is False
-        t.prefill_s = time.perf_counter() - t0
         t.prompt_positions, t.reused, t.prefilled = stats.positions, stats.reused, stats.evaluated
+        t.image_rows = sum(it.rows.shape[0] for it in items if isinstance(it, Embeddings))
         t.stamp()
         return req
 

@@ -201,13 +201,17 @@ class _Run:
     def _finish(self, status: int, done: Done | None) -> None:
         t = done.timings if done else {}
         self.metrics.finished(status, time.perf_counter() - self.start, self.ttft, t.get("decode_tokens_per_s"),
-                              done.completion_tokens if done else 0)
+                              done.completion_tokens if done else 0, t)
 
     def _usage(self, done: Done) -> dict:
         usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                  "total_tokens": done.prompt_tokens + done.completion_tokens}
-        if "reused" in done.timings:  # positions served from the KV cache (earlier turns, the image prefix)
-            usage["prompt_tokens_details"] = {"cached_tokens": int(done.timings["reused"])}
+        t = done.timings
+        if "reused" in t:  # positions served from the KV cache (earlier turns, the image prefix)
+            usage["prompt_tokens_details"] = {"cached_tokens": int(t["reused"])}
+        if "image_rows" in t:  # where the time to first token went, which other servers do not show
+            usage["mra"] = {"image_rows": int(t["image_rows"]), "queued_ms": round(t["queued_s"] * 1e3, 3),
+                            "vision_ms": round(t["vision_s"] * 1e3, 3), "prefill_ms": round(t["prefill_s"] * 1e3, 3)}
         return usage
 
     async def collect(self, request: Request) -> dict:

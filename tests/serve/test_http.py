@@ -173,6 +173,31 @@ async def _collect(events) -> list:
     return out
 
 
+def _metric(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_usage_and_metrics_say_where_the_time_went(server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    url, backend = server
+    path = tmp_path / "drawn.png"  # drawn here: no earlier request has cached its embeddings
+    Image.fromarray(np.random.default_rng(21).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(path)
+    before = httpx.get(f"{url}/metrics").text
+    body = {"messages": [image_message(data_url(path))], "max_tokens": 2, "temperature": 0}
+    cold, warm = post(url, body).json()["usage"]["mra"], post(url, body).json()["usage"]["mra"]
+    n = backend.slots[0].pipe.n_image_tokens
+    assert cold["image_rows"] == warm["image_rows"] == n
+    assert cold["vision_ms"] > 0 and warm["vision_ms"] == 0  # the second found the embeddings cached
+    assert cold["prefill_ms"] > 0 and cold["queued_ms"] >= 0
+    after = httpx.get(f"{url}/metrics").text
+    for name in ("mra_vision_seconds", "mra_prefill_seconds", "mra_queue_seconds"):
+        assert _metric(after, f"{name}_count") == _metric(before, f"{name}_count") + 2
+    vision = _metric(after, "mra_vision_seconds_sum") - _metric(before, "mra_vision_seconds_sum")
+    assert abs(vision - cold["vision_ms"] / 1e3) < 1e-3
+
+
 def test_metrics(server):
     url, _ = server
     post(url, {"messages": [user_message("Hi")], "max_tokens": 3})
