@@ -395,7 +395,7 @@ class Engine:
             return keep
         data, prefix = r.restore
         r.restore = None
-        if keep >= len(prefix):
+        if keep >= len(prefix) or len(prefix) >= len(r.keys):  # the last position is evaluated in any case
             return keep
         lib = self._lib
         self._clear(slot)

@@ -20,6 +20,7 @@ closed), so it holds a sequence meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -329,6 +330,21 @@ class Pipeline:
         pieces = self._answer(conversation, list(images), params)
         return pieces if stream else "".join(pieces)
 
+    def prefill_image(self, image: ImageLike | Embeddings, system: str | None = None) -> Timings:
+        """Encode ahead: the image through the vision encoder, and its prompt prefix (BOS, the
+        system prompt, the user turn's start, the image rows) into a sequence's KV cache and,
+        when there is one, the prompt cache; a first question about the image then starts from
+        there. ``system`` replaces the template's system prompt, as a conversation's would."""
+        template = self.template if system is None else dataclasses.replace(self.template, system=system)
+        conv = Conversation(template)
+        conv.add_user("?", with_image=True)
+        t = self.timings = Timings()
+        items = self._prompt_items(conv, [image], t, placeholders=False)
+        # the prefix and the one position after it: the engine evaluates a prompt's last position
+        # in any case, so a restored prefix needs one more
+        self._logits_of(items[:image_prefix(items) + 1], t)
+        return t
+
     def next_token_logits(self, image: ImageLike | None, question: str) -> np.ndarray:
         """float32 [n_vocab] logits after the full prompt (scoring, multiple choice)."""
         conv = Conversation(self.template)
@@ -374,9 +390,12 @@ class Pipeline:
                 sampler: Sampler | None, p: GenerationParams | None) -> Request:
         """Encode images, tokenize, check the context, and hand the prompt to the engine; returns
         once the engine has evaluated it (so errors surface at the call)."""
+        items = self._prompt_items(conv, images, t, placeholders=self.prompt_cache is not None)
+        return self._submit_items(items, t, sampler, p)
+
+    def _submit_items(self, items: list, t: Timings, sampler: Sampler | None, p: GenerationParams | None) -> Request:
         llm = self._engine()
         cache = self.prompt_cache
-        items = self._prompt_items(conv, images, t, placeholders=cache is not None)
         plan = self._plan_prompt_cache(items, t) if cache is not None else None
         kw = {} if p is None else dict(max_tokens=p.max_tokens, ignore_eos=p.ignore_eos,
                                        stops=(self.template.sep2, *p.stop), logprobs=p.logprobs)
@@ -429,8 +448,13 @@ class Pipeline:
 
     def _logits(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], t: Timings | None = None) -> np.ndarray:
         t = self.timings = t or Timings()
-        req = self._submit(conv, images, t, None, None)
+        items = self._prompt_items(conv, images, t, placeholders=self.prompt_cache is not None)
+        return self._logits_of(items, t)
+
+    def _logits_of(self, items: list, t: Timings) -> np.ndarray:
+        req = self._submit_items(items, t, None, None)
         result = next(ev[1] for ev in req.events() if ev[0] == "done")
+        t.stamp()
         return result.logits
 
     def _answer(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], p: GenerationParams,

@@ -4,8 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8080)
 
 Routes: ``POST /v1/chat/completions`` (non-streamed, or server-sent events in OpenAI's chunk
-format ending with ``[DONE]``), ``GET /v1/models``, ``GET /health`` (503 until the backend is
-ready), ``GET /metrics`` (Prometheus text). Every error is OpenAI's error JSON with its status.
+format ending with ``[DONE]``), ``POST /v1/mra/encode`` (encode an image ahead: its prompt prefix
+into the cache), ``GET /v1/models``, ``GET /health`` (503 until the backend is ready),
+``GET /metrics`` (Prometheus text). Every error is OpenAI's error JSON with its status.
 The app owns what is HTTP: the API key, the body size cap, the per-request timeout, noticing a
 client that went away (it closes the backend's event stream, which cancels the generation),
 and the metrics; the backend owns running the model.
@@ -29,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .jobs import ChatJob, ImagePolicy, parse_chat_request
+from .jobs import ChatJob, ImagePolicy, load_image_url, parse_chat_request
 from .metrics import Metrics
 from .protocol import ApiError, Backend, Done, Event, Headers, Text, not_ready
 
@@ -90,6 +91,31 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
                                      headers={**headers, "Cache-Control": "no-cache"})
         return JSONResponse(await run.collect(request), headers=headers)
 
+    async def encode(request: Request) -> Response:
+        """Encode ahead: ``{"image_url": {"url": ...}, "system": optional}`` -> the image's prefix
+        evaluated into the cache, so the first question about it is answered at cached speed."""
+        check_key(request)
+        body = await _read_json(request, settings.max_body_bytes)
+        url = body.get("image_url") if isinstance(body, dict) else None
+        url = url.get("url") if isinstance(url, dict) else url
+        system = body.get("system") if isinstance(body, dict) else None
+        if not isinstance(url, str) or not (system is None or isinstance(system, str)):
+            raise ApiError(400, "encode | expected {\"image_url\": {\"url\": \"data:image/...\"}, \"system\": "
+                           "optional text}", param="image_url")
+        image = await asyncio.to_thread(load_image_url, url, settings.images)
+        if not backend.ready():
+            raise not_ready()
+        run = getattr(backend, "encode", None)
+        if run is None:
+            raise ApiError(501, "encode | this backend does not encode ahead (mra-serve --ray); send the image with "
+                           "the first question", code="not_supported")
+        try:
+            done = await asyncio.wait_for(run(image, system), settings.request_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ApiError(504, "timeout | encoding took longer than the server's --timeout", "server_error",
+                           "timeout") from None
+        return JSONResponse({"object": "mra.image_prefix", **done})
+
     async def api_error(request: Request, e: ApiError) -> Response:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -112,6 +138,7 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
             await backend.stop()
 
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models),
+              Route("/v1/mra/encode", encode, methods=["POST"]),
               Route("/health", health), Route("/metrics", prometheus)]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})

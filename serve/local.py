@@ -147,7 +147,7 @@ class LocalBackend:
                 "slots": len(self.slots), "ready": int(self.ready())}
 
     # --- requests ---------------------------------------------------------------------------
-    async def _acquire(self, job: ChatJob) -> Slot:
+    async def _acquire(self) -> Slot:
         if not self.ready():
             raise not_ready(f"loading failed: {self.error}" if self.error else "the model is still loading")
         if not self._free and self._waiting >= self.queue:
@@ -165,8 +165,23 @@ class LocalBackend:
             self._free.append(slot)
             self._wakeup.notify()
 
+    async def encode(self, image, system: str | None = None) -> dict:
+        """Encode ahead (:meth:`Pipeline.prefill_image`): the image's prefix into the KV cache
+        (and the prompt cache); queued like a request."""
+        slot = await self._acquire()
+        try:
+            t = await asyncio.to_thread(slot.pipe.prefill_image, image.open(), system)
+        except MraError as e:
+            raise ApiError(400, str(e), code="context_length_exceeded" if isinstance(e, ContextOverflow) else None) \
+                from None
+        finally:
+            await self._release(slot)
+        return {"key": image.key, "image_rows": t.image_rows, "prefix_tokens": t.prompt_positions,
+                "cached_tokens": t.reused, "vision_ms": round(t.vision_s * 1e3, 3),
+                "prefill_ms": round(t.prefill_s * 1e3, 3)}
+
     async def generate(self, job: ChatJob) -> AsyncIterator[Event]:
-        slot = await self._acquire(job)
+        slot = await self._acquire()
         loop = asyncio.get_running_loop()
         pending: collections.deque = collections.deque()  # filled by the worker, drained here
         ready = asyncio.Event()

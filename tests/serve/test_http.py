@@ -198,6 +198,28 @@ def test_usage_and_metrics_say_where_the_time_went(server, tmp_path):
     assert abs(vision - cold["vision_ms"] / 1e3) < 1e-3
 
 
+def test_encode_ahead_makes_the_first_question_a_cached_one(server, reference, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    url, backend = server
+    path = tmp_path / "ahead.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(path)
+    r = httpx.post(f"{url}/v1/mra/encode", json={"image_url": {"url": data_url(path)}}, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    ahead = r.json()
+    n = backend.slots[0].pipe.n_image_tokens
+    assert ahead["image_rows"] == n and ahead["vision_ms"] > 0 and ahead["prefix_tokens"] > n
+    body = {"messages": [image_message(data_url(path), "What is it?")], "max_tokens": 6, "temperature": 0}
+    first = post(url, body).json()
+    usage = first["usage"]
+    assert usage["mra"]["vision_ms"] == 0  # encoded ahead: embeddings cached
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= ahead["prefix_tokens"] - 1  # the prefix was in the KV
+    assert first["choices"][0]["message"]["content"] == reference.ask(path, "What is it?", max_tokens=6)
+    assert error_of(httpx.post(f"{url}/v1/mra/encode", json={"image_url": 3}, headers=AUTH), 400)
+    assert error_of(httpx.post(f"{url}/v1/mra/encode", json={"image_url": {"url": data_url(path)}}), 401)
+
+
 def test_metrics(server):
     url, _ = server
     post(url, {"messages": [user_message("Hi")], "max_tokens": 3})
