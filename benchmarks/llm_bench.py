@@ -237,7 +237,7 @@ def decode_overhead(bundle: Path, quant: str, threads: int, tokens: int, repeats
 
 def _cold_ask(pipe, image, tokens: int) -> dict:
     """One call from empty KV and embedding caches, so every part of the TTFT is paid."""
-    pipe.cache.clear()
+    pipe.encoder.cache.clear()
     pipe.llm.reset()
     pipe.ask(image, QUESTION, max_tokens=tokens, ignore_eos=True)
     return pipe.timings.as_dict()

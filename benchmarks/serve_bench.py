@@ -163,7 +163,7 @@ def _stream(client, url: str, body: dict) -> dict:
 
 
 def _cold(pipe) -> None:
-    pipe.cache.clear()
+    pipe.encoder.cache.clear()
     pipe.llm.reset()
 
 
