@@ -315,6 +315,9 @@ class Engine:
                 for r in list(self._active):
                     self._clear(r._slot)
                     self._fail(r, e if isinstance(e, MraError) else MraError(f"engine | {type(e).__name__}: {e}"))
+        for fn in self._inbox:  # posted before the close: a caller may wait on it
+            fn()
+        self._inbox = []
         gone = Closed("pipeline | closed while this request ran; open a new one")
         for r in [*self._active, *self._waiting]:
             self._fail(r, gone)
@@ -500,8 +503,11 @@ class Engine:
         last row (``row``: its index in the batch) take the logits or the first token."""
         pos = len(r._slot.keys)
         if r.save_at and pos == r.save_at:
-            r._events.put(("state", self._state_bytes(r._slot)))
             r.save_at = 0
+            try:
+                r._events.put(("state", self._state_bytes(r._slot)))
+            except MraError as e:  # the cache is an optimisation: the answer goes on without it
+                logging.getLogger("mra.runtime.prompt_cache").warning("prompt cache | not saved: %s", e)
         if row is None:
             return
         t = r._times

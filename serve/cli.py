@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--model-name", default=None, help="model id in /v1/models and answers (default: the bundle's "
                    "folder name)")
     h.add_argument("--parallel", type=_positive(int, "--parallel"), default=1,
-                   help="independent llama.cpp contexts (each loads the model once; default 1)")
+                   help="requests decoded at once: sequences of one llama.cpp context, one copy of the weights "
+                   "(default 1)")
     h.add_argument("--queue", type=int, default=8, help="requests that may wait for a slot; more get 429 (default 8)")
     h.add_argument("--timeout", type=_positive(float, "--timeout"), default=600.0,
                    help="seconds per request, queue wait included (default 600)")
@@ -45,8 +46,11 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--vision", default="auto", help="vision backend/precision: auto (default), onnx:fp16, int8, ...")
     g.add_argument("--llm-quant", help="GGUF type to use when the bundle has several (default: Q4_K_M if present)")
-    g.add_argument("--n-ctx", type=_positive(int, "--n-ctx"), help="context length per slot (default: the model's)")
-    g.add_argument("--threads", type=_positive(int, "--threads"), help="CPU threads per slot")
+    g.add_argument("--n-ctx", type=_positive(int, "--n-ctx"), help="context length per sequence (default: the "
+                   "model's)")
+    g.add_argument("--threads", type=_positive(int, "--threads"), help="CPU threads of the LLM and the vision backend")
+    g.add_argument("--chunk", type=_positive(int, "--chunk"), help="prompt rows per prefill step between two decode "
+                   "steps of the running requests (default: the batch size, 512)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers to offload to the GPU (-1: all)")
     g.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16", help="KV cache type (default f16)")
     g.add_argument("--no-hash", action="store_true", help="check artifact sizes only, skip sha256")
@@ -62,7 +66,7 @@ def open_pipeline(a: argparse.Namespace, parallel: int = 1):
     from mra.runtime import Pipeline
 
     return Pipeline.from_bundle(a.bundle, vision=a.vision, llm_quant=a.llm_quant, n_ctx=a.n_ctx, n_threads=a.threads,
-                                parallel=parallel,
+                                parallel=parallel, chunk=a.chunk,
                                 n_gpu_layers=a.n_gpu_layers, kv_type=a.kv_type, verify_hash=not a.no_hash,
                                 prompt_cache=a.prompt_cache, prompt_cache_bytes=int(a.prompt_cache_gb * (1 << 30)))
 
