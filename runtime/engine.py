@@ -282,10 +282,7 @@ class Engine:
             self._closing = True
             self._cv.notify()
         if threading.current_thread() is not self._thread:
-            self._thread.join()
-        for b in (self._tok, self._emb):
-            b.free()
-        self.session.close()
+            self._thread.join()  # the scheduler frees the context itself, as it leaves
 
     def __enter__(self) -> "Engine":
         return self
@@ -322,6 +319,9 @@ class Engine:
         for r in [*self._active, *self._waiting]:
             self._fail(r, gone)
         self._waiting.clear()
+        for b in (self._tok, self._emb):
+            b.free()
+        self.session.close()
 
     def _free_slots(self) -> list[_Slot]:
         return [s for s in self._slots if s.request is None]

@@ -530,6 +530,12 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __del__(self) -> None:  # the engine's thread would keep the model loaded otherwise
+        try:
+            self.close()
+        except Exception:
+            pass
+
 
 @dataclass
 class ChatSession:
