@@ -7,7 +7,8 @@ Four measurements on one bundle (default: the tiny one, 576 image rows):
   /proc/self/maps) and the KV cache per sequence. Target: parallel 4 costs at most the three
   extra sequences' KV cache plus 0.6x the GGUF's size over parallel 1; the GGUF mapped once.
 - **throughput**: aggregate decode tokens/s of 4 concurrent text-only streams against one
-  stream, on one engine of 4 sequences, the two sides alternating. Target: 4 streams >= 2x.
+  stream, on one engine of 4 sequences, the two sides alternating: tokens sampled while all
+  streams decode, over that window (the engine's clock). Target: 4 streams >= 2x.
 - **fairness**: the longest gap between two tokens of a running stream while another
   request's image prefill (576 rows, embeddings already cached) is admitted, per prefill chunk
   size, against one chunk plus one decode step (measured in the same run).
@@ -47,6 +48,7 @@ TARGETS = {"memory_gguf_share": 0.6, "throughput_ratio": 2.0, "shared_ttft_ratio
 class Options:
     out: Path = Path("benchmarks/results")
     bundle: Path | None = None
+    llm_quant: str | None = None
     work: Path = Path.home() / ".cache" / "mra-bench" / "serve_bench"  # the tiny bundle serve_bench builds
     n_ctx: int = 2048
     threads: int | None = None
@@ -67,7 +69,8 @@ import json, sys, threading
 from pathlib import Path
 from mra.runtime import Pipeline
 bundle, parallel, n_ctx, threads, image = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-with Pipeline.from_bundle(bundle, parallel=parallel, n_ctx=n_ctx, n_threads=threads, verify_hash=False) as p:
+with Pipeline.from_bundle(bundle, parallel=parallel, n_ctx=n_ctx, n_threads=threads, verify_hash=False,
+                          llm_quant=sys.argv[6] or None) as p:
     gguf = str((Path(bundle) / p.llm_artifact.file).resolve())
     ts = [threading.Thread(target=p.ask, args=(image, f"Question {i}?"), kwargs={"max_tokens": 8}) for i in range(parallel)]
     [t.start() for t in ts]; [t.join() for t in ts]
@@ -88,7 +91,7 @@ def measure_memory(bundle: Path, image: Path, o: Options, threads: int) -> dict:
     runs = {}
     for parallel in (1, 4):
         r = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(parallel), str(o.n_ctx), str(threads),
-                            str(image)], capture_output=True, text=True, timeout=900)
+                            str(image), o.llm_quant or ""], capture_output=True, text=True, timeout=900)
         if r.returncode != 0:
             raise RuntimeError(f"memory child (parallel {parallel}) failed: {r.stderr[-2000:]}")
         runs[str(parallel)] = json.loads(r.stdout.splitlines()[-1])
@@ -101,24 +104,21 @@ def measure_memory(bundle: Path, image: Path, o: Options, threads: int) -> dict:
 
 # --- throughput ------------------------------------------------------------------------------
 def _streams(pipe, n: int, tokens: int) -> float:
-    """Aggregate tokens/s of ``n`` text-only greedy streams started together (wall clock)."""
-    start = threading.Barrier(n + 1)
-    counts = [0] * n
+    """Aggregate decode tokens/s of ``n`` text-only greedy streams submitted together: tokens
+    sampled (the engine's clock) while all ``n`` were decoding, over that window."""
+    from mra.runtime.engine import Request
+    from mra.runtime.llm import Sampler
+    from mra.runtime.prompt import Conversation
 
-    def worker(i: int) -> None:
-        start.wait()
-        for _ in pipe.ask(None, f"Tell me a long story number {i}.", max_tokens=tokens, ignore_eos=True, stream=True):
-            pass
-        counts[i] = tokens
-
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in ts:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in ts:
-        t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    reqs = []
+    for i in range(n):
+        conv = Conversation(pipe.template)
+        conv.add_user(f"Tell me a long story, number {i}.")
+        reqs.append(pipe.llm.submit(Request(pipe.prompt_items(conv), Sampler(), max_tokens=tokens, ignore_eos=True)))
+    times = [[ev[3] for ev in r.events() if ev[0] == "token"] for r in reqs]
+    start, end = max(t[0] for t in times), min(t[-1] for t in times)
+    count = sum(1 for t in times for x in t if start < x <= end)
+    return count / (end - start) if end > start else float("nan")
 
 
 def measure_throughput(pipe, o: Options) -> dict:
@@ -166,7 +166,7 @@ def measure_fairness(bundle: Path, image: Path, o: Options, threads: int) -> dic
     out = {}
     for chunk in o.chunks:
         with Pipeline.from_bundle(bundle, parallel=2, chunk=chunk, n_ctx=o.n_ctx, n_threads=threads,
-                                  verify_hash=False) as pipe:
+                                  verify_hash=False, llm_quant=o.llm_quant) as pipe:
             pipe.encode_image(image)  # the vision run is not the engine's: only the prefill is measured
             rows = []
             for _ in range(o.repeats):
@@ -226,7 +226,8 @@ def run(o: Options) -> dict:
         log.info("memory")
         r["memory"] = measure_memory(bundle, photos[0], o, threads)
     if {"throughput", "shared_image"} & set(o.sections):
-        with Pipeline.from_bundle(bundle, parallel=4, n_ctx=o.n_ctx, n_threads=threads, verify_hash=False) as pipe:
+        with Pipeline.from_bundle(bundle, parallel=4, n_ctx=o.n_ctx, n_threads=threads, verify_hash=False,
+                                  llm_quant=o.llm_quant) as pipe:
             r["settings"].update(gguf=pipe.llm_artifact.file, image_tokens=pipe.n_image_tokens)
             if "throughput" in o.sections:
                 log.info("throughput")
@@ -294,6 +295,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=d.out, help=f"results folder (default {d.out})")
     p.add_argument("--bundle", type=Path, help="measure this bundle (default: the tiny one, built under --work)")
     p.add_argument("--work", type=Path, default=d.work, help=f"where the tiny bundle is kept (default {d.work})")
+    p.add_argument("--llm-quant", help="GGUF type when the bundle has several")
     p.add_argument("--n-ctx", type=int, default=d.n_ctx, help="positions per sequence")
     p.add_argument("--threads", type=int, help="llama.cpp threads (default: cores / 2)")
     p.add_argument("--repeats", type=int, default=d.repeats)
@@ -307,8 +309,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
-    o = Options(out=a.out, bundle=a.bundle, work=a.work, n_ctx=a.n_ctx, threads=a.threads, repeats=a.repeats,
-                tokens=a.tokens, quick=a.quick, sections=tuple(a.only.split(",")))
+    o = Options(out=a.out, bundle=a.bundle, llm_quant=a.llm_quant, work=a.work, n_ctx=a.n_ctx, threads=a.threads,
+                repeats=a.repeats, tokens=a.tokens, quick=a.quick, sections=tuple(a.only.split(",")))
     unknown = set(o.sections) - set(SECTIONS)
     if unknown:
         print(f"batching: error: --only {a.only} | unknown {', '.join(sorted(unknown))}; expected some of "
