@@ -52,6 +52,7 @@ from .textstream import TextStream
 log = logging.getLogger("mra.runtime.engine")
 
 PREFILL, DECODE, DONE = "prefill", "decode", "done"
+MULTI_SEQUENCE_CHUNK = 128  # the default prefill chunk with several sequences (see Engine)
 
 
 def common_prefix(a: Sequence[Hashable], b: Sequence[Hashable], limit: int) -> int:
@@ -186,7 +187,11 @@ class _Batch:
 class Engine:
     """A GGUF model serving up to ``parallel`` sequences at once (see the module docstring).
 
-    ``n_ctx``: positions per sequence. ``chunk``: rows per prefill step (default ``n_batch``).
+    ``n_ctx``: positions per sequence. ``chunk``: rows per prefill step, also llama.cpp's
+    ``n_ubatch`` (default: ``n_batch`` for one sequence, as a single session has it; 128 for
+    several: a running stream then waits at most one 128-row chunk for a new prompt, and the
+    compute buffer, which holds ``n_ubatch`` x all ``parallel x n_ctx`` KV cells of attention
+    scores, stays small; measured: no slower prefill than 512 on the CPU).
     The other arguments are :class:`~mra.runtime.llm.LlamaSession`'s."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, parallel: int = 1,
@@ -195,15 +200,16 @@ class Engine:
                  extra_buffers: bool | None = None):
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 < chunk <= n_batch):
             raise MraError(f"chunk | got {chunk!r}, expected an integer from 1 to n_batch ({n_batch})")
+        chunk = chunk or (n_batch if parallel == 1 else min(MULTI_SEQUENCE_CHUNK, n_batch))
         self.session = LlamaSession(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                                     kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn,
-                                    extra_buffers=extra_buffers, n_seq_max=parallel)
+                                    extra_buffers=extra_buffers, n_seq_max=parallel, n_ubatch=chunk)
         s = self.session
         self._lib, self.ctx, self.memory = s._lib, s.ctx, s.memory
         self.parallel = parallel
         self.n_ctx = s.n_ctx // parallel  # per sequence (llama.cpp may round the total up)
         self.n_batch = s.n_batch
-        self.chunk = chunk or self.n_batch
+        self.chunk = chunk
         self.path, self.n_embd, self.n_vocab, self.n_ctx_train = s.path, s.n_embd, s.n_vocab, s.n_ctx_train
         self.vocab, self.bos, self.eos = s.vocab, s.bos, s.eos
         self.evaluated_total = 0  # positions run through the model, ever (tests check re-use with it)

@@ -147,7 +147,8 @@ class LlamaSession:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", n_batch: int = 512,
-                 flash_attn: bool | None = None, extra_buffers: bool | None = None, n_seq_max: int = 1):
+                 flash_attn: bool | None = None, extra_buffers: bool | None = None, n_seq_max: int = 1,
+                 n_ubatch: int | None = None):
         lib = self._lib = llama_lib()
         self.path = Path(path)
         self.model = self.ctx = None
@@ -184,7 +185,9 @@ class LlamaSession:
         threads, threads_batch = default_threads()
         cp = lib.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq_max
-        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_batch = n_batch
+        # rows per compute graph: its attention scores take n_ubatch x (all KV cells) x heads floats
+        cp.n_ubatch = min(n_ubatch or n_batch, n_batch)
         cp.n_seq_max = n_seq_max
         cp.kv_unified = True
         cp.n_threads = n_threads or threads
