@@ -52,7 +52,7 @@ def request_body(image: Path, question: str, max_tokens: int) -> dict:
 
 def ray_app(bundle: Path, opts, threads: int | None, n_ctx: int):
     from mra.serve.app import ServerSettings
-    from mra.serve.ray_app import build_ray_app
+    from mra.serve.ray import build_ray_app
 
     return build_ray_app(bundle, opts, ServerSettings(), {"n_ctx": n_ctx, "n_threads": threads}, queue=1024,
                          model_id="bench")
@@ -92,7 +92,7 @@ def vision_per_image(max_batch: int, images: int, repeats: int) -> dict:
     from ray import serve
 
     from mra.serve.jobs import ImageInput
-    from mra.serve.ray_app import APP_NAME
+    from mra.serve.ray import APP_NAME
 
     vision = serve.get_deployment_handle("vision", APP_NAME)
     paths = photos()
@@ -134,7 +134,7 @@ def run(bundle: Path, out: Path, quick: bool, threads: int | None, n_ctx: int) -
     from ray import serve
 
     from mra.benchmarks.machine import describe_machine
-    from mra.serve.ray_app import APP_NAME, RayServer
+    from mra.serve.ray import APP_NAME, RayServer
     from mra.serve.ray_options import RayOptions
 
     requests, max_tokens, repeats = (8, 16, 1) if quick else (32, 64, 3)

@@ -1,4 +1,4 @@
-"""`mra-serve --ray`: the options of :mod:`.ray_app` and the server's lifetime (Ctrl-C and
+"""`mra-serve --ray`: the options of :mod:`.ray` and the server's lifetime (Ctrl-C and
 SIGTERM take everything down that this process started)."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def serve_ray(a: argparse.Namespace, settings) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is first imported
     opts = ray_options(a)  # before importing Ray: a bad option fails at once
     try:
-        from .ray_app import RayServer, build_ray_app
+        from .ray import RayServer, build_ray_app
     except ImportError as e:
         raise MraError(f"--ray | Ray Serve is not installed ({e}); install it with `pip install 'mra-edge[ray]'`") \
             from None
