@@ -116,11 +116,11 @@ class Request:
     _next: int = field(init=False, default=-1)
     _text: TextStream | None = field(init=False, default=None)
     _times: dict[str, float] = field(init=False, default_factory=dict)
+    _engine: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.keys = item_keys(self.items)
         self._text = TextStream(stops=self.stops)
-        self._times["submitted"] = time.perf_counter()
 
     # --- the caller's ------------------------------------------------------------------
     def events(self) -> Iterator[tuple]:
@@ -143,8 +143,6 @@ class Request:
                 self._engine._post(lambda: None)  # wake the scheduler
             except Closed:  # the engine is gone, and this request with it
                 pass
-
-    _engine: Any = field(init=False, default=None, repr=False)
 
 
 class _Slot:
@@ -243,6 +241,7 @@ class Engine:
         if not request.keys:
             raise MraError("prompt | empty")
         request._engine = self
+        request._times["submitted"] = time.perf_counter()
         self._post(lambda: self._waiting.append(request))
         return request
 
