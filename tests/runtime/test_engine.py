@@ -164,3 +164,26 @@ def test_logprobs_are_the_log_softmax_of_the_next_token_logits(alone, photo_path
         assert [t for t, _, _ in lp.top] == list(order) and lp.top[0][0] == tokens[k]  # greedy: the top one
         np.testing.assert_allclose([v for _, _, v in lp.top], ref[order], atol=1e-4)
     assert alone.ask(image, q, max_tokens=6, ignore_eos=True) == text  # logprobs change nothing else
+
+
+def test_the_prompt_cache_restores_into_any_sequence_of_a_shared_context(tiny_bundle, alone, photo_paths, tmp_path):
+    image, questions = photo_paths[5], ["What is in the image?", "Describe the colours."]
+    expected = [alone.ask(image, q, max_tokens=8) for q in questions]
+    cache = tmp_path / "cache"
+    with Pipeline.from_bundle(tiny_bundle, parallel=2, prompt_cache=cache, **KW) as p:
+        p.ask(photo_paths[0], "Hi", max_tokens=2)  # sequence 0 busy with something else, then idle
+        assert p.ask(image, questions[0], max_tokens=8) == expected[0]
+        assert (p.timings.prompt_cache_misses, p.timings.prompt_cache_hits) == (1, 0)
+    with Pipeline.from_bundle(tiny_bundle, parallel=2, prompt_cache=cache, **KW) as p:
+        got: list = [None, None]
+
+        def worker(i: int) -> None:
+            got[i] = p.ask(image, questions[i], max_tokens=8)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert got == expected  # restored (or copied from the sequence it was restored into)
+        assert p.encoder.cache.get(p.encoder.key(image)) is None  # the vision encoder never ran
