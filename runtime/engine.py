@@ -12,9 +12,10 @@ events from a queue; the scheduler runs steps, and in each step
   any other sequence (running, or finished and kept as a cache slot) is copied with
   ``llama_memory_seq_cp`` instead of being evaluated again; a saved prompt-cache state is
   restored into the sequence with ``llama_state_seq_set_data``;
-- evaluates one prefill chunk of the oldest request still prefilling (at most ``chunk`` rows,
-  tokens or image-embedding rows: one ``llama_batch`` holds one kind), so a long image prefill
-  never freezes the streams already running for more than one chunk;
+- evaluates at most one chunk (``chunk`` rows) of the prompts still prefilling, oldest first:
+  token runs of several requests, or image-embedding rows of one (one ``llama_batch`` holds one
+  kind), so a long image prefill never freezes the streams already running for more than one
+  chunk;
 - packs the next token of every generating sequence (and, when the chunk is tokens, that
   chunk too) into one ``llama_decode``: one ``llama_batch`` row per token with its own
   ``seq_id`` and logits flag, each row sampled with the request's own sampler chain
@@ -420,31 +421,38 @@ class Engine:
         return 0
 
     def _step(self) -> None:
-        decoding = [r for r in self._active if r.state == DECODE]
-        pre = next((r for r in self._active if r.state == PREFILL), None)
         rows: list[tuple[int, int, Request, bool]] = []  # (token, pos, request, ends its prompt)
-        for r in decoding:
-            rows.append((r._next, len(r._slot.keys), r, True))
-        if pre is not None:
-            run = pre._runs[0]
-            pos = len(pre._slot.keys)
-            room = self.chunk if not isinstance(run, list) else min(self.chunk, self.n_batch - len(rows))
-            if pre.save_at > pos:
-                room = min(room, pre.save_at - pos)
+        for r in self._active:
+            if r.state == DECODE:
+                rows.append((r._next, len(r._slot.keys), r, True))
+        # At most one chunk of prompt rows per step, oldest requests first: token runs of several
+        # requests share the decode batch, one image run goes as its own batch.
+        budget, image_done = self.chunk, False
+        for r in [r for r in self._active if r.state == PREFILL]:
+            run, pos = r._runs[0], len(r._slot.keys)
+            room = budget if r.save_at <= pos else min(budget, r.save_at - pos)
             if isinstance(run, list):
+                room = min(room, self.n_batch - len(rows))
+                if room <= 0:
+                    break
                 part, rest = run[:room], run[room:]
                 if rest:
-                    pre._runs[0] = rest
+                    r._runs[0] = rest
                 else:
-                    pre._runs.popleft()
-                last = not pre._runs
-                rows.extend((t, pos + i, pre, last and i == len(part) - 1) for i, t in enumerate(part))
-            else:
-                self._prefill_embeddings(pre, run, room)
+                    r._runs.popleft()
+                last = not r._runs
+                rows.extend((t, pos + i, r, last and i == len(part) - 1) for i, t in enumerate(part))
+                budget -= len(part)
+            elif not image_done:
+                image_done = True
+                budget -= self._prefill_embeddings(r, run, room)
+            if budget <= 0:
+                break
         if rows:
             self._decode_tokens(rows)
 
-    def _prefill_embeddings(self, r: Request, run: tuple[Embeddings, int], room: int) -> None:
+    def _prefill_embeddings(self, r: Request, run: tuple[Embeddings, int], room: int) -> int:
+        """Evaluate up to ``room`` rows of the image run; returns how many."""
         emb, first = run
         if r.resolve is not None and getattr(emb, "image", None) is not None:  # a placeholder: its rows now
             emb = r.resolve(emb)
@@ -467,9 +475,10 @@ class Engine:
             self._decode(b, n, [r])
         except MraError as e:
             self._fail(r, e)
-            return
+            return n
         slot.keys.extend((emb.key, first + i) for i in range(n))
         self._after_chunk(r, n - 1 if last else None)
+        return n
 
     def _decode_tokens(self, rows: list[tuple[int, int, Request, bool]]) -> None:
         b, n = self._tok, len(rows)
