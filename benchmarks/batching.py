@@ -17,6 +17,12 @@ Four measurements on one bundle (default: the tiny one, 576 image rows):
   (its prefix copied by ``llama_memory_seq_cp``) against a cold image, under the same running
   stream, alternating. Target: shared <= 10 % of cold.
 
+- **peers**: mra-serve ``--parallel C`` against llama-cpp-python's own OpenAI server
+  (``llama_cpp.server``, extra ``bench-peers``) on the same GGUF, threads and context, text-only
+  greedy requests of ``--tokens`` tokens each (EOS forbidden) from C = 1, 4, 8 client threads:
+  aggregate completion tokens/s and latency p50 / p99, the two servers alternating. llama.cpp's ``llama-server`` is not built here (see
+  the result's ``llama_server`` note).
+
   python -m mra.benchmarks.batching --quick        tiny bundle, one run each: a smoke test
   python -m mra.benchmarks.batching --bundle B     a real bundle
 
@@ -41,7 +47,7 @@ from mra.core.files import atomic_write_text
 
 log = logging.getLogger("mra.benchmarks")
 
-SECTIONS = ("memory", "throughput", "fairness", "shared_image")
+SECTIONS = ("memory", "throughput", "fairness", "shared_image", "peers")
 TARGETS = {"memory_gguf_share": 0.6, "throughput_ratio": 2.0, "shared_ttft_ratio": 0.10}
 
 
@@ -56,6 +62,7 @@ class Options:
     repeats: int = 3
     tokens: int = 64
     chunks: tuple[int, ...] = (64, 128, 512)
+    clients: tuple[int, ...] = (1, 4, 8)
     quick: bool = False
     sections: tuple[str, ...] = SECTIONS
 
@@ -209,6 +216,124 @@ def measure_shared_image(pipe, images: list[Path], o: Options) -> dict:
             "target_ratio": TARGETS["shared_ttft_ratio"], "within_target": shared / cold <= TARGETS["shared_ttft_ratio"]}
 
 
+# --- peers: the same GGUF behind another OpenAI-compatible server -----------------------------
+LLAMA_SERVER_NOTE = ("llama.cpp's llama-server is not measured: building it from the llama.cpp sources vendored in "
+                     "llama-cpp-python's sdist takes a CMake build of llama.cpp (tens of minutes on the 2 shared "
+                     "cores this ran on); llama_cpp.server stands in as the peer on the same llama.cpp build")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _ServerProcess:
+    """A server subprocess on 127.0.0.1, up once ``ready_path`` answers 200."""
+
+    def __init__(self, args: list[str], port: int, ready_path: str):
+        import tempfile
+
+        import httpx
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server would block on a full one
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(self.url + ready_path, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                why = self.log.read()[-2000:]
+                self.close()
+                raise RuntimeError(f"{args[:3]} did not start: {why}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        self.log.close()
+
+
+def _load(url: str, clients: int, requests: int, tokens: int, no_eos: dict) -> dict:
+    """``requests`` greedy text-only chat completions of ``tokens`` tokens (``no_eos``: the
+    server's way to forbid an early end) from ``clients`` threads."""
+    import concurrent.futures
+
+    import httpx
+
+    def one(i: int) -> tuple[float, int]:
+        body = {"model": "m", "max_tokens": tokens, "temperature": 0, **no_eos,
+                "messages": [{"role": "user", "content": f"Tell me a long story about the number {i}."}]}
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return time.perf_counter() - t0, int(r.json()["usage"]["completion_tokens"])
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    lat = sorted(d[0] for d in done)
+    pct = lambda q: lat[min(len(lat) - 1, round(q / 100 * (len(lat) - 1)))]  # noqa: E731
+    return {"clients": clients, "requests": requests, "completion_tokens": sum(d[1] for d in done), "wall_s": wall,
+            "tokens_per_s": sum(d[1] for d in done) / wall, "latency_p50_s": pct(50), "latency_p99_s": pct(99)}
+
+
+def measure_peers(bundle: Path, o: Options, threads: int) -> dict:
+    import importlib.util
+
+    from mra.core.manifest import Manifest
+    from mra.runtime.pipeline import select_llm
+
+    out: dict = {"llama_server": LLAMA_SERVER_NOTE}
+    if importlib.util.find_spec("sse_starlette") is None or importlib.util.find_spec("starlette_context") is None:
+        out["missing"] = "llama_cpp.server needs the bench-peers extra: pip install -e '.[bench-peers]'"
+        return out
+    from mra.runtime.llm import LlamaSession
+
+    gguf = bundle / select_llm(Manifest.load(bundle), bundle, o.llm_quant).file
+    with LlamaSession(gguf, n_ctx=256) as s:
+        eos = s.eos
+    no_eos = {"mra-serve": {"ignore_eos": True}, "llama_cpp.server": {"logit_bias": {str(eos): -1e9}}}
+    bin_dir = Path(sys.executable).parent
+    rows = []
+    for i, c in enumerate(o.clients):
+        requests = c if o.quick else 2 * c
+        sides = ("mra-serve", "llama_cpp.server") if i % 2 == 0 else ("llama_cpp.server", "mra-serve")
+        for side in sides:
+            port = _free_port()
+            if side == "mra-serve":
+                args = [str(bin_dir / "mra-serve"), "--bundle", str(bundle), "--port", str(port), "--parallel", str(c),
+                        "--threads", str(threads), "--n-ctx", str(o.n_ctx), "--no-hash"]
+                args += ["--llm-quant", o.llm_quant] if o.llm_quant else []
+                server = _ServerProcess(args, port, "/health")
+            else:  # one context of n_ctx, as each of mra-serve's sequences has
+                server = _ServerProcess([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
+                                         "127.0.0.1", "--port", str(port), "--n_ctx", str(o.n_ctx), "--n_threads",
+                                         str(threads), "--n_threads_batch", str(threads), "--n_batch", "512",
+                                         "--verbose", "False"],
+                                        port, "/v1/models")
+            try:
+                rows.append({"server": side, **_load(server.url, c, requests, o.tokens, no_eos[side])})
+            finally:
+                server.close()
+    out["runs"] = rows
+    return out
+
+
 def run(o: Options) -> dict:
     from mra.benchmarks.machine import describe_machine
     from mra.benchmarks.serve_bench import tiny_bundle
@@ -217,7 +342,7 @@ def run(o: Options) -> dict:
     from mra.runtime.llm import default_threads
 
     if o.quick:
-        o.repeats, o.tokens, o.chunks = 1, 16, (64, 512)
+        o.repeats, o.tokens, o.chunks, o.clients = 1, 16, (64, 512), (1, 2)
     bundle = o.bundle or tiny_bundle(o.work)
     threads = o.threads or default_threads()[0]
     photos = photo_paths()[:2]
@@ -241,6 +366,9 @@ def run(o: Options) -> dict:
     if "fairness" in o.sections:
         log.info("fairness")
         r["fairness"] = measure_fairness(bundle, photos[1], o, threads)
+    if "peers" in o.sections:
+        log.info("peers")
+        r["peers"] = measure_peers(bundle, o, threads)
     return r
 
 
@@ -279,6 +407,18 @@ def to_markdown(r: dict) -> str:
         lines += [f"Shared image: TTFT {ms(sh['shared_ttft_s'])} about the image a running sequence holds vs "
                   f"{ms(sh['cold_ttft_s'])} cold = {sh['ratio']:.1%} (target <= {sh['target_ratio']:.0%}: "
                   f"{ok(sh['within_target'])}).", ""]
+    if "peers" in r:
+        pe = r["peers"]
+        if "runs" in pe:
+            lines += ["| clients | server | completion tokens/s | latency p50 | latency p99 | requests |",
+                      "|---|---|---|---|---|---|"]
+            for row in pe["runs"]:
+                lines.append(f"| {row['clients']} | {row['server']} | {row['tokens_per_s']:.1f} | "
+                             f"{ms(row['latency_p50_s'])} | {ms(row['latency_p99_s'])} | {row['requests']} |")
+            lines.append("")
+        else:
+            lines += [f"Peers: not measured: {pe['missing']}.", ""]
+        lines += [f"Note: {pe['llama_server']}.", ""]
     return "\n".join(lines)
 
 
