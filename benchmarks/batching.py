@@ -20,8 +20,8 @@ Four measurements on one bundle (default: the tiny one, 576 image rows):
 - **peers**: mra-serve ``--parallel C`` against llama-cpp-python's own OpenAI server
   (``llama_cpp.server``, extra ``bench-peers``) on the same GGUF, threads and context, text-only
   greedy requests of ``--tokens`` tokens each (EOS forbidden) from C = 1, 4, 8 client threads:
-  aggregate completion tokens/s and latency p50 / p99, the two servers alternating. llama.cpp's ``llama-server`` is not built here (see
-  the result's ``llama_server`` note).
+  aggregate completion tokens/s and latency p50 / p99, the two servers alternating.
+  llama.cpp's ``llama-server`` is not built here (see the result's ``llama_server`` note).
 
   python -m mra.benchmarks.batching --quick        tiny bundle, one run each: a smoke test
   python -m mra.benchmarks.batching --bundle B     a real bundle
@@ -80,7 +80,8 @@ bundle, parallel, n_ctx, threads, image = sys.argv[1], int(sys.argv[2]), int(sys
 with Pipeline.from_bundle(bundle, parallel=parallel, n_ctx=n_ctx, n_threads=threads, verify_hash=False,
                           llm_quant=sys.argv[6] or None) as p:
     gguf = str((Path(bundle) / p.llm_artifact.file).resolve())
-    ts = [threading.Thread(target=p.ask, args=(image, f"Question {i}?"), kwargs={"max_tokens": 8}) for i in range(parallel)]
+    ts = [threading.Thread(target=p.ask, args=(image, f"Question {i}?"), kwargs={"max_tokens": 8})
+          for i in range(parallel)]
     [t.start() for t in ts]; [t.join() for t in ts]
     mapped = 0
     for line in open("/proc/self/maps"):
@@ -91,7 +92,8 @@ with Pipeline.from_bundle(bundle, parallel=parallel, n_ctx=n_ctx, n_threads=thre
     status = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
     kb = lambda k: int(status[k].split()[0]) * 1024
     print(json.dumps({"parallel": parallel, "peak_rss": kb("VmHWM"), "rss": kb("VmRSS"), "gguf_mapped": mapped,
-                      "gguf_size": Path(gguf).stat().st_size, "kv_per_sequence": p.llm.session.kv_bytes(p.llm.n_ctx, "f16")}))
+                      "gguf_size": Path(gguf).stat().st_size,
+                      "kv_per_sequence": p.llm.session.kv_bytes(p.llm.n_ctx, "f16")}))
 """
 
 
@@ -213,7 +215,8 @@ def measure_shared_image(pipe, images: list[Path], o: Options) -> dict:
             t.join()
     shared, cold = statistics.median(runs["shared"]), statistics.median(runs["cold"])
     return {"runs": runs, "shared_ttft_s": shared, "cold_ttft_s": cold, "ratio": shared / cold,
-            "target_ratio": TARGETS["shared_ttft_ratio"], "within_target": shared / cold <= TARGETS["shared_ttft_ratio"]}
+            "target_ratio": TARGETS["shared_ttft_ratio"],
+            "within_target": shared / cold <= TARGETS["shared_ttft_ratio"]}
 
 
 # --- peers: the same GGUF behind another OpenAI-compatible server -----------------------------
@@ -346,7 +349,8 @@ def run(o: Options) -> dict:
     bundle = o.bundle or tiny_bundle(o.work)
     threads = o.threads or default_threads()[0]
     photos = photo_paths()[:2]
-    r = {"benchmark": "batching", "mode": o.mode, "command": " ".join(["python -m mra.benchmarks.batching", *sys.argv[1:]]),
+    r = {"benchmark": "batching", "mode": o.mode,
+         "command": " ".join(["python -m mra.benchmarks.batching", *sys.argv[1:]]),
          "machine": describe_machine(threads), "machine_loaded": True,
          "settings": {"bundle": str(bundle), "n_ctx": o.n_ctx, "threads": threads, "repeats": o.repeats,
                       "tokens": o.tokens}}
@@ -386,7 +390,8 @@ def to_markdown(r: dict) -> str:
         one, four = me["runs"]["1"], me["runs"]["4"]
         lines += ["| memory | parallel 1 | parallel 4 |", "|---|---|---|",
                   f"| peak RSS | {mb(one['peak_rss'])} | {mb(four['peak_rss'])} |",
-                  f"| GGUF mapped (file {mb(one['gguf_size'])}) | {mb(one['gguf_mapped'])} | {mb(four['gguf_mapped'])} |",
+                  f"| GGUF mapped (file {mb(one['gguf_size'])}) | {mb(one['gguf_mapped'])} | "
+                  f"{mb(four['gguf_mapped'])} |",
                   "", f"parallel 4 costs {mb(me['extra_rss'])} over parallel 1; allowed: 3 sequences' KV + 0.6x GGUF = "
                   f"{mb(me['allowed_extra'])}: {ok(me['within_target'])}; GGUF mapped once: "
                   f"{ok(me['gguf_mapped_once'])}.", ""]
@@ -444,7 +449,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per stream of the throughput measurement")
     p.add_argument("--quick", action="store_true", help="one run each, few tokens: a smoke test")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default {','.join(SECTIONS)})")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections (default {','.join(SECTIONS)})")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -414,7 +414,8 @@ class Engine:
             slot.keys[:] = prefix
             r._hit = True
             return len(prefix)
-        logging.getLogger("mra.runtime.prompt_cache").warning("prompt cache | ignored: llama.cpp refused the state (%s); evaluating the prompt", last_error())
+        logging.getLogger("mra.runtime.prompt_cache").warning(
+            "prompt cache | ignored: llama.cpp refused the state (%s); evaluating the prompt", last_error())
         self._clear(slot)
         r._hit = False
         r.save_at = len(prefix)  # evaluated now: saved again

@@ -446,7 +446,8 @@ class Pipeline:
             return prefix + real(items[end:]), prefix, payload
         return real(items), prefix, None
 
-    def _logits(self, conv: Conversation, images: Sequence[ImageLike | Embeddings], t: Timings | None = None) -> np.ndarray:
+    def _logits(self, conv: Conversation, images: Sequence[ImageLike | Embeddings],
+                t: Timings | None = None) -> np.ndarray:
         t = self.timings = t or Timings()
         items = self._prompt_items(conv, images, t, placeholders=self.prompt_cache is not None)
         return self._logits_of(items, t)

@@ -69,8 +69,8 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
         images = job.image_embeddings or [im.open() for im in job.images]
         max_tokens = p.max_tokens or pipe.llm.n_ctx
         seed = p.seed if p.seed is not None else random.getrandbits(32)
-        pieces = pipe.answer(conv, images=images, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed,
-                             stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos,
+        pieces = pipe.answer(conv, images=images, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p,
+                             seed=seed, stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos,
                              logprobs=p.logprobs)
     except MraError as e:  # the request cannot run (too long for the context, bad grammar): the client's to fix
         code = "context_length_exceeded" if isinstance(e, ContextOverflow) else None

@@ -23,7 +23,8 @@ def test_quick_run(tiny_bundle, tmp_path):
         assert f["max_gap_s"] > 0 and f["decode_step_s"] > 0 and f["chunks"] >= 1
     assert fa["64"]["chunks"] > fa["512"]["chunks"]  # 576 image rows: 9+ chunks of 64, 2 of 512
     assert sh["shared_ttft_s"] > 0 and sh["cold_ttft_s"] > 0
-    for key in ("peak RSS", "Aggregate decode", "prefill chunk", "Shared image", "shared with other jobs", "llama-server"):
+    for key in ("peak RSS", "Aggregate decode", "prefill chunk", "Shared image", "shared with other jobs",
+                "llama-server"):
         assert key in md
     if "missing" not in pe:  # llama_cpp.server installed (the bench-peers extra): both servers, 1 and 2 clients
         assert [(x["clients"], x["server"]) for x in pe["runs"]] == [
