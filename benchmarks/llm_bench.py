@@ -6,6 +6,7 @@ of the efficiency table, extrapolated to the 7B and 13B models by FLOPs."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mra.llama_shape import LlamaShape
+from mra.runtime.llama_lib import extra_buffers_default
 
 from .flops import llama_prefill_flops
 
@@ -113,6 +115,28 @@ def bare_speed(path: Path, quant: str, threads: int, prompt_tokens: int, decode_
                     statistics.median(dec), path.stat().st_size / 2**20, n_ctx)
 
 
+@contextlib.contextmanager
+def model_params_for_llama_class():
+    """Make ``llama_cpp.Llama`` load with the same extra-buffer choice as the runtime's ``LlamaSession``
+    (it has no argument for it), so the benchmarks' bare llama-cpp-python side runs the same
+    kernels and does not crash where the runtime would not."""
+    import llama_cpp.llama_cpp as low
+
+    orig = low.llama_model_default_params
+    extra = extra_buffers_default()
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = extra
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = orig
+
+
 def bare_llama(path: Path, threads: int, n_ctx: int, n_batch: int = 512, kv_type: str | None = None):
     """llama-cpp-python's high-level ``Llama`` on the same threads, context and batch as the
     runtime; ``kv_type``: also the runtime's KV-cache type and flash-attention choice (None:
@@ -120,7 +144,7 @@ def bare_llama(path: Path, threads: int, n_ctx: int, n_batch: int = 512, kv_type
     import llama_cpp
 
     from mra.runtime.llama_enums import kv_type as kv_type_value
-    from mra.runtime.llm import model_params_for_llama_class, use_flash_attn
+    from mra.runtime.llm import use_flash_attn
 
     kv = {} if kv_type is None else {"type_k": kv_type_value(kv_type), "type_v": kv_type_value(kv_type),
                                      "flash_attn": use_flash_attn(None, kv_type, 0), "n_ubatch": n_batch}
@@ -213,7 +237,7 @@ def decode_overhead(bundle: Path, quant: str, threads: int, tokens: int, repeats
 
 def _cold_ask(pipe, image, tokens: int) -> dict:
     """One call from empty KV and embedding caches, so every part of the TTFT is paid."""
-    pipe.cache.clear()
+    pipe.encoder.cache.clear()
     pipe.llm.reset()
     pipe.ask(image, QUESTION, max_tokens=tokens, ignore_eos=True)
     return pipe.timings.as_dict()

@@ -55,7 +55,7 @@ def request_body(image: Path, question: str, max_tokens: int) -> dict:
 
 def ray_app(bundle: Path, opts, pipeline: dict):
     from mra.serve.app import ServerSettings
-    from mra.serve.ray_app import build_ray_app
+    from mra.serve.ray import build_ray_app
 
     return build_ray_app(bundle, opts, ServerSettings(), pipeline, queue=1024,
                          model_id="bench")
@@ -95,7 +95,7 @@ def vision_per_image(max_batch: int, images: int, repeats: int) -> dict:
     from ray import serve
 
     from mra.serve.jobs import ImageInput
-    from mra.serve.ray_app import APP_NAME
+    from mra.serve.ray import APP_NAME
 
     vision = serve.get_deployment_handle("vision", APP_NAME)
     paths = photos()
@@ -138,7 +138,7 @@ def run(bundle: Path, out: Path, quick: bool, pipeline: dict) -> dict:
     from ray import serve
 
     from mra.benchmarks.machine import describe_machine
-    from mra.serve.ray_app import APP_NAME, RayServer
+    from mra.serve.ray import APP_NAME, RayServer
     from mra.serve.ray_options import RayOptions
 
     requests, max_tokens, repeats = (8, 16, 1) if quick else (32, 64, 3)

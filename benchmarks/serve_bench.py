@@ -166,7 +166,7 @@ def _stream(client, url: str, body: dict) -> dict:
 
 
 def _cold(pipe) -> None:
-    pipe.cache.clear()
+    pipe.encoder.cache.clear()
     pipe.llm.reset()
 
 
@@ -299,8 +299,8 @@ def run(o: Options) -> dict:
     threads = o.pipeline.get("n_threads") or default_threads()[0]
     kwargs = {**o.pipeline, "n_threads": threads}
 
-    def open_pipeline():
-        return Pipeline.from_bundle(bundle, **kwargs)
+    def open_pipeline(parallel: int = 1):
+        return Pipeline.from_bundle(bundle, **kwargs, parallel=parallel)
 
     photos = photo_paths()[:4]
     r = {"benchmark": "serve_bench", "mode": o.mode,

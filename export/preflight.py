@@ -30,7 +30,7 @@ def preflight(opts: ExportOptions) -> None:
         raise MraError(f"--calib-count | got {opts.calib_count}, expected at least 1")
     if opts.llm_quants:
         from mra.export.gguf_convert import LlamaGGUFConverter
-        from mra.runtime.llm import llama_lib
+        from mra.runtime.llama_lib import llama_lib
 
         llama_lib()  # llama-cpp-python importable (it validates every GGUF)
         LlamaGGUFConverter(opts.model)  # config, LLaMA architecture, tokenizer.model: read, not converted

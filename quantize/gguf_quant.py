@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mra.core.errors import MraError
 from mra.core.files import atomic_path, check_free_space
-from mra.runtime.llm import capture_llama_log
+from mra.runtime.llama_lib import capture_llama_log
 
 from mra.runtime.gguf_types import GGUF_TYPES, K_GGML_TYPES, gguf_type
 

@@ -29,6 +29,8 @@ def add_pipeline_args(p: argparse.ArgumentParser, bundle_required: bool = True,
                    help=f"context length, per slot in mra-serve (default: {ctx_default})")
     g.add_argument("--threads", type=positive(int, "--threads"),
                    help="CPU threads, per slot in mra-serve (default: like llama-cpp-python)")
+    g.add_argument("--chunk", type=positive(int, "--chunk"), help="prompt rows per prefill step between two decode "
+                   "steps of running requests (default: the batch size, 512; 128 with several sequences)")
     g.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers to offload to the GPU (-1: all)")
     g.add_argument("--kv-type", choices=tuple(KV_TYPES), default="f16", help="KV cache type (default f16)")
     g.add_argument("--no-hash", action="store_true",
@@ -52,11 +54,11 @@ def pipeline_kwargs(a: argparse.Namespace) -> dict:
             "n_gpu_layers": a.n_gpu_layers, "kv_type": a.kv_type, "verify_hash": not a.no_hash,
             "exif_transpose": a.exif_transpose, "prompt_cache": a.prompt_cache,
             "prompt_cache_bytes": int(a.prompt_cache_gb * (1 << 30)), "max_image_tokens": a.max_image_tokens,
-            "vision_budget_ms": a.vision_budget_ms}
+            "vision_budget_ms": a.vision_budget_ms, "chunk": a.chunk}
 
 
-def open_pipeline(a: argparse.Namespace):
-    """The Pipeline the parsed options describe."""
+def open_pipeline(a: argparse.Namespace, parallel: int = 1):
+    """The Pipeline the parsed options describe, decoding up to ``parallel`` requests at once."""
     from .pipeline import Pipeline
 
-    return Pipeline.from_bundle(a.bundle, **pipeline_kwargs(a))
+    return Pipeline.from_bundle(a.bundle, **pipeline_kwargs(a), parallel=parallel)

@@ -11,8 +11,6 @@ top-p -> seeded draw, the order HF ``generate`` applies them in).
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import ctypes
 import logging
 import os
@@ -24,8 +22,9 @@ import numpy as np
 
 from mra.core.errors import ContextOverflow, LimitExceeded, MraError
 
+from .llama_enums import KV_TYPES, flash_attn_type, kv_type as kv_type_value
+from .llama_lib import extra_buffers_default, last_error, llama_lib
 from .memory_fit import kv_cache_bytes
-from .llama_enums import KV_TYPES, constant, flash_attn_type, kv_type as kv_type_value
 
 log = logging.getLogger("mra.runtime.llama")
 
@@ -39,99 +38,6 @@ def use_flash_attn(flash_attn: bool | None, kv_type: str, n_gpu_layers: int) -> 
     if flash_attn is not None:
         return flash_attn
     return kv_type.startswith("q") or n_gpu_layers != 0
-
-def extra_buffers_default() -> bool:
-    """llama.cpp's extra CPU weight buffers (AMX, repacked layouts) unless this build uses AMX:
-    ``ggml_backend_amx_mul_mat`` segfaults on some Sapphire-Rapids-class CPUs (llama.cpp issue
-    #20824; measured here: every Q8_0 / Q4_0 decode of the tiny model killed the process), and a
-    crashed process is worse than the speed AMX gives. ``MRA_LLAMA_EXTRA_BUFFERS=1|0`` overrides."""
-    env = os.environ.get("MRA_LLAMA_EXTRA_BUFFERS")
-    if env in ("0", "1"):
-        return env == "1"
-    return b"AMX_INT8 = 1" not in llama_lib().llama_print_system_info()
-
-
-@contextlib.contextmanager
-def model_params_for_llama_class():
-    """Make ``llama_cpp.Llama`` load with the same extra-buffer choice as :class:`LlamaSession`
-    (it has no argument for it), so the benchmarks' bare llama-cpp-python side runs the same
-    kernels and does not crash where the runtime would not."""
-    import llama_cpp.llama_cpp as low
-
-    orig = low.llama_model_default_params
-    extra = extra_buffers_default()
-
-    def params():
-        p = orig()
-        p.use_extra_bufts = extra
-        return p
-
-    low.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        low.llama_model_default_params = orig
-
-
-_lib: Any = None
-_recent_errors: collections.deque[str] = collections.deque(maxlen=4)  # ERROR and WARN lines, newest last
-_listeners: list[list[str]] = []  # capture_llama_log() blocks in progress
-_log_callback: Any = None  # kept referenced: llama.cpp calls it for the life of the process
-
-
-def llama_lib():
-    """Import llama_cpp once, route its log to Python logging, init the backend. This is the
-    one owner of llama.cpp's process-wide log callback: code that wants the log lines uses
-    :func:`capture_llama_log` instead of installing its own (which would deafen this one)."""
-    global _lib, _log_callback
-    if _lib is None:
-        try:
-            import llama_cpp
-        except ImportError as e:
-            raise MraError(f"llama-cpp-python | cannot import it ({e}); install it with "
-                           "`pip install 'mra-edge[llm]'` (it compiles llama.cpp)") from None
-        warn, error, cont = (constant(f"GGML_LOG_LEVEL_{n}") for n in ("WARN", "ERROR", "CONT"))
-        last = [0]
-
-        @llama_cpp.llama_log_callback
-        def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-            msg = text.decode("utf-8", "replace")
-            level = last[0] if level == cont else level
-            last[0] = level
-            for lines in list(_listeners):
-                lines.append(msg)
-            msg = msg.strip()
-            if msg and level in (warn, error):  # kept for the MraError message
-                _recent_errors.append(msg)
-            if msg:
-                log.debug("%s", msg)
-
-        _log_callback = _on_log
-        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        _lib = llama_cpp
-    return _lib
-
-
-@contextlib.contextmanager
-def capture_llama_log():
-    """Collect llama.cpp's log lines (all levels) while the block runs, beside the runtime's own
-    error capture."""
-    llama_lib()
-    lines: list[str] = []
-    _listeners.append(lines)
-    try:
-        yield lines
-    finally:
-        _listeners.remove(lines)
-
-
-def _last_error() -> str:
-    """llama.cpp's latest error or warning lines (a failed allocation is logged as a warning)."""
-    if not _recent_errors:
-        return "no message from llama.cpp"
-    return " / ".join(list(_recent_errors)[-2:])
-
 
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation (Linux MemAvailable), None where unknown."""
@@ -238,11 +144,16 @@ class Sampler:
 
 
 class LlamaSession:
-    """One GGUF model and one context with a single, prefix-reusing sequence."""
+    """One GGUF model and one context with a single, prefix-reusing sequence (the methods below).
+    ``n_seq_max`` > 1 makes a context for :class:`~mra.runtime.engine.Engine`, which drives its
+    sequences itself: one unified KV cache of ``n_ctx`` positions per sequence, shared by all of
+    them, so a prefix several sequences hold is stored once and a long conversation may use the
+    room the others do not."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
                  n_gpu_layers: int = 0, kv_type: str = "f16", n_batch: int = 512,
-                 flash_attn: bool | None = None, extra_buffers: bool | None = None):
+                 flash_attn: bool | None = None, extra_buffers: bool | None = None, n_seq_max: int = 1,
+                 n_ubatch: int | None = None):
         lib = self._lib = llama_lib()
         self.path = Path(path)
         self.model = self.ctx = None
@@ -255,6 +166,9 @@ class LlamaSession:
                     continue
                 raise LimitExceeded(f"{name} | got {v}, expected less than {1 << 24}")
             raise MraError(f"{name} | got {v!r}, expected a positive integer")
+        if isinstance(n_seq_max, bool) or not isinstance(n_seq_max, int) or not 1 <= n_seq_max <= min(n_batch, 256):
+            raise MraError(f"parallel | got {n_seq_max!r} sequences, expected an integer from 1 to "
+                           f"{min(n_batch, 256)} (at most n_batch, llama.cpp's limit 256)")
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
             raise MraError(f"n_gpu_layers | got {n_gpu_layers!r}, expected an integer (-1: all)")
         if not self.path.is_file():
@@ -264,7 +178,7 @@ class LlamaSession:
         mp.use_extra_bufts = extra_buffers_default() if extra_buffers is None else extra_buffers
         self.model = lib.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
-            raise MraError(f"{self.path} | llama.cpp cannot load it: {_last_error()}")
+            raise MraError(f"{self.path} | llama.cpp cannot load it: {last_error()}")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_embd = int(lib.llama_model_n_embd(self.model))
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
@@ -281,14 +195,18 @@ class LlamaSession:
         if n_ctx is not None and n_ctx > self.n_ctx_train:
             log.warning("n_ctx %d is past the model's trained context of %d positions: answers may degrade", n_ctx,
                         self.n_ctx_train)
+        n_ctx = n_ctx or self.n_ctx_train
         if n_gpu_layers == 0:
-            self._check_kv_memory(n_ctx or self.n_ctx_train, kv_type)
+            self._check_kv_memory(n_ctx * n_seq_max, kv_type)
 
         threads, threads_batch = default_threads()
         cp = lib.llama_context_default_params()
-        cp.n_ctx = n_ctx or self.n_ctx_train
-        cp.n_batch = cp.n_ubatch = n_batch
-        cp.n_seq_max = 1
+        cp.n_ctx = n_ctx * n_seq_max
+        cp.n_batch = n_batch
+        # rows per compute graph: its attention scores take n_ubatch x (all KV cells) x heads floats
+        cp.n_ubatch = min(n_ubatch or n_batch, n_batch)
+        cp.n_seq_max = n_seq_max
+        cp.kv_unified = True
         cp.n_threads = n_threads or threads
         cp.n_threads_batch = n_threads or threads_batch
         cp.type_k = cp.type_v = kv_type_value(kv_type)
@@ -298,7 +216,7 @@ class LlamaSession:
         if not self.ctx:
             self.close()
             raise MraError(f"{self.path} | llama.cpp cannot create a context (n_ctx={n_ctx}, kv_type={kv_type}): "
-                           f"{_last_error()}")
+                           f"{last_error()}")
         self.n_ctx = int(lib.llama_n_ctx(self.ctx))
         self.n_batch = int(lib.llama_n_batch(self.ctx))
         self.memory = lib.llama_get_memory(self.ctx)
@@ -312,16 +230,20 @@ class LlamaSession:
     def _check_kv_memory(self, n_ctx: int, kv_type: str) -> None:
         """Refuse a KV cache larger than the memory available: llama.cpp allocates and zeroes it
         all at once, so an oversized n_ctx would take the machine's memory (or be OOM-killed)."""
-        lib = self._lib
-        n_layer, n_head = int(lib.llama_model_n_layer(self.model)), int(lib.llama_model_n_head(self.model))
-        n_kv = self.n_embd * int(lib.llama_model_n_head_kv(self.model)) // max(n_head, 1)
-        need = kv_cache_bytes(n_layer, n_kv, n_ctx, kv_type)
+        need = self.kv_bytes(n_ctx, kv_type)
         free = available_memory()
         if free is not None and need > free:
             self.close()
             raise LimitExceeded(f"n_ctx | {n_ctx} positions need a {need / 2**30:.1f} GiB {kv_type} KV cache, "
                                 f"{free / 2**30:.1f} GiB of memory is available; pass a smaller n_ctx (trained: "
                                 f"{self.n_ctx_train}) or a quantized kv_type")
+
+    def kv_bytes(self, n_ctx: int, kv_type: str) -> int:
+        """Bytes of a KV cache of ``n_ctx`` positions of this model."""
+        lib = self._lib
+        n_layer, n_head = int(lib.llama_model_n_layer(self.model)), int(lib.llama_model_n_head(self.model))
+        n_kv = self.n_embd * int(lib.llama_model_n_head_kv(self.model)) // max(n_head, 1)
+        return kv_cache_bytes(n_layer, n_kv, n_ctx, kv_type)
 
     # --- batches ------------------------------------------------------------------
     def _new_batch(self, embd: int):
@@ -345,7 +267,7 @@ class LlamaSession:
         rc = self._lib.llama_decode(self.ctx, batch)
         if rc != 0:
             raise MraError(f"llama_decode | returned {rc} at positions {start}..{start + n - 1} of n_ctx "
-                           f"{self.n_ctx}: {_last_error()}")
+                           f"{self.n_ctx}: {last_error()}")
         self.evaluated_total += n
 
     def eval_token(self, token: int) -> None:
@@ -358,7 +280,7 @@ class LlamaSession:
         rc = self._lib.llama_decode(self.ctx, batch)
         if rc != 0:
             raise MraError(f"llama_decode | returned {rc} at position {len(self.keys)} of n_ctx {self.n_ctx}: "
-                           f"{_last_error()}")
+                           f"{last_error()}")
         self.evaluated_total += 1
         self.keys.append(token)
 
@@ -445,7 +367,7 @@ class LlamaSession:
         buf = (ctypes.c_uint8 * size)()
         got = int(lib.llama_state_seq_get_data(self.ctx, buf, size, 0))
         if got == 0:
-            raise MraError(f"llama_state_seq_get_data | copied nothing of {size} bytes: {_last_error()}")
+            raise MraError(f"llama_state_seq_get_data | copied nothing of {size} bytes: {last_error()}")
         return ctypes.string_at(buf, got)
 
     def load_state(self, data: bytes, keys: Sequence[Hashable]) -> bool:

@@ -5,7 +5,7 @@ on a CPU), and a new process pays it again for an image it has seen. After a pro
 prefix (everything up to and including the image's embedding rows) has been evaluated, its
 KV state is saved with llama.cpp's sequence state API (``llama_state_seq_get_data``); a later
 process asking about the same image loads it (``llama_state_seq_set_data``) and evaluates
-only the question.
+only the question. The engine does both on its sequences; this module owns the files.
 
 The key is the sha256 of everything the state depends on: the GGUF's and the vision graph's
 sha256, the KV type, n_ctx, flash attention, llama-cpp-python's version, and the prefix itself
@@ -38,12 +38,12 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Sequence
 
 from mra.core.errors import MraError
 from mra.core.files import open_regular
 
-from .llm import Embeddings, Item, LlamaSession, PrefillStats
+from .llm import Embeddings, Item
 
 log = logging.getLogger("mra.runtime.prompt_cache")
 
@@ -53,7 +53,7 @@ DEFAULT_MAX_BYTES = 8 << 30
 MAX_HEADER_BYTES = 64 << 10  # an entry's JSON header (key, identity, sizes): a few hundred bytes
 IO_TIMEOUT_S = 10.0  # one cache file operation; past it the request goes on without the cache
 _CHUNK = 1 << 22
-_PARTIAL = re.compile(r"\.[0-9a-f]{64}" + re.escape(SUFFIX) + r"\.[0-9a-f]{8}\.partial")  # what _save writes
+_PARTIAL = re.compile(r"\.[0-9a-f]{64}" + re.escape(SUFFIX) + r"\.[0-9a-f]{8}\.partial")  # what _write writes
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ def image_prefix(items: Sequence[Item]) -> int:
     return 0
 
 
-def _keys(items: Sequence[Item]) -> list[Hashable]:
-    out: list[Hashable] = []
+def item_keys(items: Sequence[Item]) -> list:
+    """What each KV position of ``items`` holds: the token id, or (image key, row)."""
+    out: list = []
     for it in items:
         out.extend([(it.key, r) for r in range(it.rows.shape[0])] if isinstance(it, Embeddings) else [int(it)])
     return out
@@ -138,47 +139,23 @@ class PromptCache:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}{SUFFIX}"
 
-    # --- the Pipeline's hook ------------------------------------------------------------
-    def prefill(self, llm: LlamaSession, items: Sequence[Item],
-                resolve: Callable[[PendingEmbeddings], Embeddings] | None = None) -> tuple[PrefillStats, bool | None]:
-        """``llm.prefill(items)`` through the cache: (stats, True on a hit, False on a miss, None when
-        the cache played no part: no image, or the prefix already in the KV cache). ``resolve``
-        computes the rows of :class:`PendingEmbeddings` that must really be evaluated."""
-        def real(its: Sequence[Item]) -> list[Item]:
-            return [resolve(it) if isinstance(it, PendingEmbeddings) and resolve else it for it in its]
-
-        end = image_prefix(items)
-        if end == 0:
-            return llm.prefill(real(items)), None
-        prefix = list(items[:end])
-        prefix_keys = _keys(prefix)
-        in_kv = llm.keys[:len(prefix_keys)] == prefix_keys
-        if len(items) > end and (in_kv or self._load(llm, self.key(prefix), prefix_keys)):
-            # the image rows are in the KV cache now: only what follows them is evaluated
-            return llm.prefill(list(items[:end]) + real(items[end:])), None if in_kv else True
-        key = self.key(prefix)
-        items = real(items)
-        prefix = items[:end]
-        first = llm.prefill(prefix)
-        self._save(llm, key, len(prefix_keys))
-        rest = llm.prefill(items)
-        return PrefillStats(rest.positions, first.reused, first.evaluated + rest.evaluated), False
-
     # --- entries --------------------------------------------------------------------------
-    def _load(self, llm: LlamaSession, key: str, prefix_keys: list[Hashable]) -> bool:
+    def lookup(self, prefix: Sequence[Item]) -> bytes | None:
+        """The saved KV state of exactly ``prefix`` (checked: magic, header, payload sha256, the
+        key, this model's identity, the position count), or None, with a warning when an entry is
+        there but wrong; a hit marks the entry most recently used."""
+        key = self.key(prefix)
         path = self.path(key)
-        expected = {"key": key, "identity": self.identity, "positions": len(prefix_keys)}
+        expected = {"key": key, "identity": self.identity, "positions": len(item_keys(prefix))}
         payload, why = self._io(self._read, (None, ""), path, expected)  # _io logs why it gave the default
         if payload is not None:
-            if llm.load_state(payload, prefix_keys):
-                if not self.read_only:
-                    self._io(_touch, None, path)  # most recently used
-                return True
-            why = "llama.cpp refused the state"
+            if not self.read_only:
+                self._io(_touch, None, path)  # most recently used
+            return payload
         if why:
             log.warning("prompt cache %s | ignored: %s; evaluating the prompt (the entry will be rewritten)", path,
                         why)
-        return False
+        return None
 
     def _read(self, path: Path, expected: dict) -> tuple[bytes | None, str]:
         """(payload, "") of a sound entry that matches ``expected``; (None, why) otherwise ("" when
@@ -217,12 +194,13 @@ class PromptCache:
                 return None, "its contents are corrupt (sha256 mismatch)"
             return bytes(payload), ""
 
-    def _save(self, llm: LlamaSession, key: str, positions: int) -> None:
+    def store(self, prefix: Sequence[Item], payload: bytes) -> None:
+        """Save ``payload``, the KV state of exactly ``prefix``; a failure to write is a warning."""
         if self.read_only:
             return
-        payload = llm.state_bytes()
-        header = json.dumps({"key": key, "identity": self.identity, "positions": positions, "size": len(payload),
-                             "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+        key = self.key(prefix)
+        header = json.dumps({"key": key, "identity": self.identity, "positions": len(item_keys(prefix)),
+                             "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}).encode()
         total = len(MAGIC) + 8 + len(header) + len(payload)
         if total > self.max_bytes:
             log.warning("prompt cache | an entry of %d bytes exceeds the cache's limit of %d; not saved", total,

@@ -3,7 +3,7 @@
 The seam, for other ways of running the model (Ray Serve):
 
 1. :func:`mra.serve.jobs.parse_chat_request` checks an OpenAI chat-completions body and
-   returns a :class:`~mra.serve.jobs.ChatJob` (messages, the one image's bytes and sha256 key,
+   returns a :class:`~mra.serve.jobs.ChatJob` (messages, the images' bytes and sha256 keys,
    sampling params with the checked, bounded grammar of ``response_format``), or raises
    :class:`~mra.serve.protocol.ApiError`. It knows nothing about how the job runs.
 2. :func:`mra.serve.app.build_app` ``(backend, ServerSettings)`` makes the ASGI app (routes,
@@ -13,9 +13,9 @@ The seam, for other ways of running the model (Ray Serve):
    headers such as ``x-mra-replica``), ``Text`` pieces and one ``Done`` (finish reason,
    token counts, timings). Closing it (``aclose()``) cancels the generation; an ApiError
    raised before the first Text becomes the HTTP status.
-3. :class:`mra.serve.local.LocalBackend` is this process's backend: ``--parallel N`` slots,
-   each a Pipeline with its own llama.cpp context and worker thread, behind a bounded queue
-   (429 with Retry-After when full, 503 until loaded).
+3. :class:`mra.serve.local.LocalBackend` is this process's backend: one Pipeline whose engine
+   decodes ``--parallel N`` sequences in one llama.cpp context, behind a bounded queue (429
+   with Retry-After when full, 503 until loaded).
 
 ``mra.serve`` imports ``mra.runtime``, never torch.
 """

@@ -4,8 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8080)
 
 Routes: ``POST /v1/chat/completions`` (non-streamed, or server-sent events in OpenAI's chunk
-format ending with ``[DONE]``), ``GET /v1/models``, ``GET /health`` (503 until the backend is
-ready), ``GET /metrics`` (Prometheus text). Every error is OpenAI's error JSON with its status.
+format ending with ``[DONE]``), ``POST /v1/mra/encode`` (encode an image ahead: its prompt prefix
+into the cache), ``GET /v1/models``, ``GET /health`` (503 until the backend is ready),
+``GET /metrics`` (Prometheus text). Every error is OpenAI's error JSON with its status.
 The app owns what is HTTP: the API key, the body size cap, the per-request timeout, noticing a
 client that went away (it closes the backend's event stream, which cancels the generation),
 and the metrics; the backend owns running the model.
@@ -32,7 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .jobs import ChatJob, ImagePolicy, RequestLimits, parse_chat_request
+from .jobs import ChatJob, ImagePolicy, RequestLimits, load_image_url, parse_chat_request
 from .metrics import Metrics
 from .protocol import ApiError, Backend, Done, Event, Headers, Text, not_ready
 
@@ -97,6 +98,31 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
                                      headers={**headers, "Cache-Control": "no-cache"})
         return JSONResponse(await run.collect(request), headers=headers)
 
+    async def encode(request: Request) -> Response:
+        """Encode ahead: ``{"image_url": {"url": ...}, "system": optional}`` -> the image's prefix
+        evaluated into the cache, so the first question about it is answered at cached speed."""
+        check_key(request)
+        body = await _read_json(request, settings.max_body_bytes)
+        url = body.get("image_url") if isinstance(body, dict) else None
+        url = url.get("url") if isinstance(url, dict) else url
+        system = body.get("system") if isinstance(body, dict) else None
+        if not isinstance(url, str) or not (system is None or isinstance(system, str)):
+            raise ApiError(400, "encode | expected {\"image_url\": {\"url\": \"data:image/...\"}, \"system\": "
+                           "optional text}", param="image_url")
+        image = await asyncio.to_thread(load_image_url, url, settings.images)
+        if not backend.ready():
+            raise not_ready()
+        run = getattr(backend, "encode", None)
+        if run is None:
+            raise ApiError(501, "encode | this backend does not encode ahead (mra-serve --ray); send the image with "
+                           "the first question", code="not_supported")
+        try:
+            done = await asyncio.wait_for(run(image, system), settings.request_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ApiError(504, "timeout | encoding took longer than the server's --timeout", "server_error",
+                           "timeout") from None
+        return JSONResponse({"object": "mra.image_prefix", **done})
+
     async def api_error(request: Request, e: ApiError) -> Response:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -119,6 +145,7 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
             await backend.stop()
 
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models),
+              Route("/v1/mra/encode", encode, methods=["POST"]),
               Route("/health", health), Route("/metrics", prometheus)]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
@@ -237,17 +264,21 @@ class _Run:
     def _finish(self, status: int, done: Done | None) -> None:
         t = done.timings if done else {}
         self.metrics.finished(status, time.perf_counter() - self.start, self.ttft, t.get("decode_tokens_per_s"),
-                              done.completion_tokens if done else 0, t.get("image_size") if t.get("images_encoded") or
-                              t.get("image_cache_hits") else None)
+                              done.completion_tokens if done else 0, t,
+                              t.get("image_size") if t.get("images_encoded") or t.get("image_cache_hits") else None)
 
     def _usage(self, done: Done) -> dict:
         usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                  "total_tokens": done.prompt_tokens + done.completion_tokens}
-        if "reused" in done.timings:  # positions served from the KV cache (earlier turns, the image prefix)
-            usage["prompt_tokens_details"] = {"cached_tokens": int(done.timings["reused"])}
-        if done.timings.get("image_size"):  # the input size the image's budget chose (docs/resolution.md)
-            usage["image_size"] = int(done.timings["image_size"])
-            usage["image_tokens"] = int(done.timings["image_rows"])
+        t = done.timings
+        if "reused" in t:  # positions served from the KV cache (earlier turns, the image prefix)
+            usage["prompt_tokens_details"] = {"cached_tokens": int(t["reused"])}
+        if "image_rows" in t:  # where the time to first token went, which other servers do not show
+            usage["mra"] = {"image_rows": int(t["image_rows"]), "queued_ms": round(t["queued_s"] * 1e3, 3),
+                            "vision_ms": round(t["vision_s"] * 1e3, 3), "prefill_ms": round(t["prefill_s"] * 1e3, 3)}
+        if t.get("image_size"):  # the input size the image's budget chose (docs/resolution.md)
+            usage["image_size"] = int(t["image_size"])
+            usage["image_tokens"] = int(t["image_rows"])
         return usage
 
     async def collect(self, request: Request) -> dict:
@@ -257,9 +288,12 @@ class _Run:
             async for ev in self._rest():
                 if isinstance(ev, Text):
                     parts.append(ev.text)
+                    logprobs.extend(ev.logprobs or ())
                 elif isinstance(ev, Done):
                     return "".join(parts), ev
             raise AssertionError("unreachable")
+
+        logprobs: list[dict] = []
 
         task = asyncio.ensure_future(gather())
         gone = asyncio.ensure_future(_disconnected(request))
@@ -281,13 +315,15 @@ class _Run:
             await self.close()
         self._finish(200, done)
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None if self.job.params.logprobs is None else {"content": logprobs},
                              "finish_reason": done.finish_reason}],
                 "usage": self._usage(done)}
 
-    def _chunk(self, delta: dict, finish: str | None = None, **extra) -> bytes:
+    def _chunk(self, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None, **extra) -> bytes:
         c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+             "choices": [{"index": 0, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
+                          "finish_reason": finish}], **extra}
         return b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n"
 
     async def sse(self) -> AsyncIterator[bytes]:
@@ -298,7 +334,7 @@ class _Run:
             yield self._chunk({"role": "assistant", "content": ""})
             async for ev in self._rest():
                 if isinstance(ev, Text):
-                    yield self._chunk({"content": ev.text})
+                    yield self._chunk({"content": ev.text}, logprobs=ev.logprobs)
                 elif isinstance(ev, Done):
                     done = ev
                     yield self._chunk({}, ev.finish_reason)

@@ -2,9 +2,9 @@
 how it will run (local slots, Ray Serve). Everything a client can get wrong is an
 :class:`ApiError` here, before any model work.
 
-One image per conversation (LLaVA-HR was trained with one): a second ``image_url`` part is a
-400. The image goes with the user turn that carries it, ``<image>`` first, as LLaVA places it.
-A system message replaces the bundle's system prompt.
+Images: at most one per user message (LLaVA places it first in its turn, ``<image>\n``) and
+at most ``MAX_IMAGES`` per conversation, each with the user turn that carries it, in order;
+more is a 400. A system message replaces the bundle's system prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mra.runtime.constraint import Grammar, json_object_grammar, json_schema_gra
 from .protocol import ApiError
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_IMAGES = 8  # per conversation: each is decoded, encoded and fills its rows of the context
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ImageInput:
 class Message:
     role: str  # "system" | "user" | "assistant"
     text: str
-    image: bool = False  # this user turn carries the conversation's image
+    image: bool = False  # this user turn carries an image (the job's next one)
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     grammar: Grammar | None = None  # response_format json_object / json_schema, checked and bounded
     ignore_eos: bool = False  # llama.cpp server's extension: generate exactly max_tokens (benchmarks)
+    logprobs: int | None = None  # None: off; k: each token's log-probability and k alternatives (top_logprobs)
 
 
 @dataclass(frozen=True)
 class ChatJob:
     """One chat completion to run: what the backend needs and nothing about HTTP."""
     messages: tuple[Message, ...]
-    image: ImageInput | None
+    images: tuple[ImageInput, ...]  # in the order of the user turns that carry them
     params: SamplingParams
     model: str = ""
     stream: bool = False
@@ -90,6 +92,12 @@ class ChatJob:
     meta: dict[str, Any] = field(default_factory=dict)  # free for backends (e.g. a routing hint)
     detail: str | None = None  # the image's image_url.detail: low | high | auto (docs/resolution.md)
     max_image_tokens: int | None = None  # extension field: the image's row budget
+    image_embeddings: tuple[Any, ...] | None = None  # the images already encoded elsewhere (runtime Embeddings)
+
+    @property
+    def image(self) -> ImageInput | None:
+        """The conversation's first image (its follow-ups carry it too: a routing key)."""
+        return self.images[0] if self.images else None
 
     @property
     def system(self) -> str | None:
@@ -155,8 +163,6 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy(),
     n = body.get("n", 1)
     if n is not None and (type(n) is not int or n != 1):
         raise bad(f"n | got {_show(n)}, only n=1 is supported", "n")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise bad("logprobs | not supported by mra-serve; leave it unset", "logprobs")
     if body.get("tools") or body.get("functions"):
         raise bad("tools | function calling is not supported; use response_format json_schema", "tools")
     if body.get("logit_bias"):
@@ -174,7 +180,7 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy(),
     params = _sampling(body, limits)  # the cheap checks (and the bounded grammar compile) before any image
 
     messages: list[Message] = []
-    image: ImageInput | None = None
+    images: list[ImageInput] = []
     chars = 0
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
@@ -191,13 +197,13 @@ def parse_chat_request(body: Any, policy: ImagePolicy = ImagePolicy(),
             raise bad(f"messages | more than {limits.max_text_chars} characters of text, the bound of one request; "
                       "shorten the prompt", "messages", "context_length_exceeded")
         if found is not None:
-            if image is not None:
-                raise bad(f"{where} | a second image; LLaVA-HR takes one image per conversation: start a new "
-                          "conversation for another image", "messages", "too_many_images")
-            image = found
+            if len(images) == MAX_IMAGES:
+                raise bad(f"{where} | image {MAX_IMAGES + 1}; a conversation takes at most {MAX_IMAGES}: start a new "
+                          "conversation", "messages", "too_many_images")
+            images.append(found)
         messages.append(Message(role, text, found is not None))
     _check_order(messages)
-    return ChatJob(tuple(messages), image, params, str(body.get("model") or ""),
+    return ChatJob(tuple(messages), tuple(images), params, str(body.get("model") or ""),
                    _flag(body, "stream"), _flag(options or {}, "include_usage", "stream_options.include_usage"),
                    detail=_detail(raw), max_image_tokens=_max_image_tokens(body))
 
@@ -267,8 +273,8 @@ def _content(content: Any, where: str, role: str, policy: ImagePolicy,
             if role != "user":
                 raise bad(f"{where}.content[{j}] | images go in user messages", "messages")
             if image is not None:
-                raise bad(f"{where}.content[{j}] | a second image; LLaVA-HR takes one image per conversation",
-                          "messages", "too_many_images")
+                raise bad(f"{where}.content[{j}] | a second image in one message; LLaVA places one image first in "
+                          "its user turn: put the next image in a later user message", "messages", "too_many_images")
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
@@ -452,7 +458,21 @@ def _sampling(body: dict, limits: RequestLimits = RequestLimits()) -> SamplingPa
     if ignore_eos and max_tokens is None:
         raise bad("ignore_eos | needs max_tokens (it generates exactly that many tokens)", "ignore_eos")
     return SamplingParams(max_tokens, temperature, top_p, seed, stops, _grammar(body.get("response_format")),
-                          ignore_eos)
+                          ignore_eos, _logprobs(body))
+
+
+def _logprobs(body: dict) -> int | None:
+    from mra.runtime.pipeline import MAX_TOP_LOGPROBS
+
+    on = _flag(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if on else None
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad(f"top_logprobs | got {_show(top)}, expected an integer from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
+    if not on:
+        raise bad("top_logprobs | needs logprobs: true", "top_logprobs")
+    return top
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:

@@ -1,12 +1,14 @@
-"""The in-process backend: ``--parallel N`` slots, each a Pipeline with its own llama.cpp
-context, behind a bounded queue.
+"""The in-process backend: one Pipeline whose engine serves ``--parallel N`` sequences in one
+llama.cpp context (one copy of the weights), behind a bounded queue.
 
-A slot serves one request at a time, in a worker thread (llama.cpp calls release the GIL, so
-N slots decode in parallel); it goes back to the free list only when its thread has finished,
-so no two requests ever share a context. A request waits for a free slot (at most ``queue``
-may wait: the next gets 429); closing its event stream sets a flag the worker checks between
-tokens, which stops the generation. A conversation is sent to the free slot that saw its
-image last, so a follow-up turn finds its prefix in that slot's KV cache.
+A slot is the right to run one request: N slots for the N sequences, each request read in a
+worker thread while the engine's scheduler decodes every running sequence in one batch; a slot
+goes back to the free list only when its thread has finished. A request waits for a free slot
+(at most ``queue`` may wait: the next gets 429); closing its event stream sets a flag the
+worker checks between tokens, which cancels the request: its sequence is freed and its KV
+cleared between two engine steps. The engine gives each request the sequence whose KV cache
+shares the longest prefix with it (or copies that prefix from another sequence), so a
+follow-up turn finds its image and history cached.
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ log = logging.getLogger("mra.serve")
 @dataclass
 class Slot:
     index: int
-    pipe: Any  # a mra.runtime.Pipeline
-    last_image: str | None = None  # content key of the image its KV cache holds
+    pipe: Any  # the mra.runtime.Pipeline all slots share
 
 
 def conversation(job: ChatJob, template) -> Conversation:
@@ -50,6 +51,13 @@ def conversation(job: ChatJob, template) -> Conversation:
     return conv
 
 
+def logprob_entry(lp) -> dict:
+    """A runtime TokenLogprob as an item of OpenAI's ``logprobs.content``."""
+    def one(piece: bytes, logprob: float) -> dict:
+        return {"token": piece.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(piece)}
+    return {**one(lp.piece, lp.logprob), "top_logprobs": [one(b, v) for _, b, v in lp.top]}
+
+
 def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: threading.Event) -> None:
     """Generate one job on one Pipeline (in a worker thread), emitting Text pieces then Done;
     a request without a seed samples with a random one, as OpenAI does. Any backend that owns a
@@ -57,32 +65,41 @@ def run_job(pipe, job: ChatJob, emit: Callable[[Event], None], cancelled: thread
     p = job.params
     try:
         conv = conversation(job, pipe.template)
-        # issue 16: the Ray backend sends the image already embedded by its vision deployment
-        image = job.meta.get("image_embeddings") or (job.image.open() if job.image is not None else None)
+        # the Ray backend sends the images already embedded by its vision deployment
+        images = job.image_embeddings or [im.open() for im in job.images]
         max_tokens = p.max_tokens or pipe.llm.n_ctx
         if max_tokens > pipe.llm.n_ctx:
             raise ContextOverflow(f"max_tokens | got {max_tokens}, the context holds {pipe.llm.n_ctx} positions in "
                                   "all; ask for fewer")
         seed = p.seed if p.seed is not None else random.getrandbits(32)
-        pieces = pipe.answer(conv, image, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, seed=seed,
-                             stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos,
-                             max_image_tokens=job.max_image_tokens, detail=job.detail)
+        pieces = pipe.answer(conv, images=images, max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p,
+                             seed=seed, stop=p.stop, stream=True, grammar=p.grammar, ignore_eos=p.ignore_eos,
+                             logprobs=p.logprobs, max_image_tokens=job.max_image_tokens, detail=job.detail)
     except MraError as e:  # the request cannot run (too long for the context, bad grammar): the client's to fix
         raise client_error(e) from None
+    sent = 0  # logprob entries emitted
+
+    def entries() -> list[dict] | None:
+        nonlocal sent
+        if p.logprobs is None:
+            return None
+        new, sent = pieces.logprobs[sent:], len(pieces.logprobs)
+        return [logprob_entry(lp) for lp in new]
     try:
         for piece in pieces:
             if cancelled.is_set():
                 break
-            emit(Text(piece))
+            emit(Text(piece, entries()))
     except MraError as e:  # a bound met while generating (a grammar's per-token budget): the request's
         raise client_error(e) from None
     finally:
         pieces.close()
-    t = pipe.timings
-    tokens = pipe.last_tokens
-    ended = bool(tokens) and pipe.llm.is_eog(tokens[-1]) and not p.ignore_eos
-    length = not ended and (t.generated >= max_tokens or pipe.llm.full)
-    emit(Done("length" if length else "stop", t.prompt_positions, t.generated, t.as_dict()))
+    rest = entries()
+    if rest:  # tokens whose text was held back (a stop string's start) or was whitespace
+        emit(Text("", rest))
+    r = pieces.result
+    emit(Done("length" if r.finish_reason == "length" else "stop", r.prompt_tokens, r.completion_tokens,
+              r.timings.as_dict()))
 
 
 def client_error(e: MraError) -> ApiError:
@@ -91,9 +108,10 @@ def client_error(e: MraError) -> ApiError:
 
 
 class LocalBackend:
-    """N Pipelines loaded in this process (see the module docstring)."""
+    """One Pipeline of ``parallel`` sequences, loaded in this process (see the module docstring).
+    ``open_pipeline(parallel)`` opens it."""
 
-    def __init__(self, open_pipeline: Callable[[], Any], parallel: int = 1, queue: int = 8, model_id: str = "mra",
+    def __init__(self, open_pipeline: Callable[[int], Any], parallel: int = 1, queue: int = 8, model_id: str = "mra",
                  on_failure: Callable[[str], None] | None = None):
         if parallel < 1 or queue < 0:
             raise MraError(f"serve | parallel={parallel}, queue={queue}; expected parallel >= 1 and queue >= 0")
@@ -117,12 +135,10 @@ class LocalBackend:
 
     async def _load(self) -> None:
         try:
-            for i in range(self.parallel):
-                pipe = await asyncio.to_thread(self.open_pipeline)
-                slot = Slot(i, pipe)
-                self.slots.append(slot)
-                self._free.append(slot)
-            log.info("mra-serve: %d slot(s) ready", self.parallel)
+            pipe = await asyncio.to_thread(self.open_pipeline, self.parallel)
+            self.slots = [Slot(i, pipe) for i in range(self.parallel)]
+            self._free = list(self.slots)
+            log.info("mra-serve: %d sequence(s) ready", self.parallel)
         except Exception as e:  # without on_failure the app keeps answering 503 and /health says why
             self.error = str(e) if isinstance(e, MraError) else f"{type(e).__name__}: {e}"
             if self.on_failure is not None:
@@ -136,8 +152,8 @@ class LocalBackend:
         if self._loader is not None:
             self._loader.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        for s in self.slots:
-            s.pipe.close()
+        if self.slots:
+            self.slots[0].pipe.close()
         self.slots, self._free = [], []
 
     def gauges(self) -> dict[str, float]:
@@ -145,7 +161,7 @@ class LocalBackend:
                 "slots": len(self.slots), "ready": int(self.ready())}
 
     # --- requests ---------------------------------------------------------------------------
-    async def _acquire(self, job: ChatJob) -> Slot:
+    async def _acquire(self) -> Slot:
         if not self.ready():
             raise not_ready(f"loading failed: {self.error}" if self.error else "the model is still loading")
         if not self._free and self._waiting >= self.queue:
@@ -154,10 +170,7 @@ class LocalBackend:
         try:
             async with self._wakeup:
                 await self._wakeup.wait_for(lambda: bool(self._free))
-                key = job.image.key if job.image is not None else None
-                slot = next((s for s in self._free if s.last_image == key), self._free[0])
-                self._free.remove(slot)
-                return slot
+                return self._free.pop(0)
         finally:
             self._waiting -= 1
 
@@ -166,8 +179,23 @@ class LocalBackend:
             self._free.append(slot)
             self._wakeup.notify()
 
+    async def encode(self, image, system: str | None = None) -> dict:
+        """Encode ahead (:meth:`Pipeline.prefill_image`): the image's prefix into the KV cache
+        (and the prompt cache); queued like a request."""
+        slot = await self._acquire()
+        try:
+            t = await asyncio.to_thread(slot.pipe.prefill_image, image.open(), system)
+        except MraError as e:
+            raise ApiError(400, str(e), code="context_length_exceeded" if isinstance(e, ContextOverflow) else None) \
+                from None
+        finally:
+            await self._release(slot)
+        return {"key": image.key, "image_rows": t.image_rows, "prefix_tokens": t.prompt_positions,
+                "cached_tokens": t.reused, "vision_ms": round(t.vision_s * 1e3, 3),
+                "prefill_ms": round(t.prefill_s * 1e3, 3)}
+
     async def generate(self, job: ChatJob) -> AsyncIterator[Event]:
-        slot = await self._acquire(job)
+        slot = await self._acquire()
         loop = asyncio.get_running_loop()
         pending: collections.deque = collections.deque()  # filled by the worker, drained here
         ready = asyncio.Event()
@@ -183,9 +211,7 @@ class LocalBackend:
         def work() -> None:
             try:
                 run_job(slot.pipe, job, emit, cancelled)
-                slot.last_image = job.image.key if job.image is not None else None
             except BaseException as e:  # handed to the request; the slot stays usable
-                slot.last_image = None
                 emit(e if isinstance(e, Exception) else RuntimeError(repr(e)))
 
         future = loop.run_in_executor(self._pool, work)
@@ -200,10 +226,11 @@ class LocalBackend:
                 while pending:
                     ev = pending.popleft()
                     if isinstance(ev, Text):  # pieces that piled up while the client was sent the last
-                        parts = [ev.text]     # go out as one chunk: a slow reader never slows the slot
+                        parts = [ev]          # go out as one chunk: a slow reader never slows the slot
                         while pending and isinstance(pending[0], Text):
-                            parts.append(pending.popleft().text)
-                        ev = Text("".join(parts))
+                            parts.append(pending.popleft())
+                        lps = None if ev.logprobs is None else [e for t in parts for e in t.logprobs or ()]
+                        ev = Text("".join(t.text for t in parts), lps)
                     if isinstance(ev, ApiError):
                         raise ev
                     if isinstance(ev, Exception):

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Where a request's time to first token went, from the Pipeline's timings (seconds).
+STAGES = {"queued_s": ("mra_queue_seconds", "waiting for a free sequence"),
+          "vision_s": ("mra_vision_seconds", "vision encoder (0: the image's embeddings were cached)"),
+          "prefill_s": ("mra_prefill_seconds", "prompt prefill (tokens and image rows) in the engine")}
 
 
 @dataclass
@@ -50,12 +55,17 @@ class Metrics:
         self.decode = Histogram(TOKENS_PER_S_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.image_sizes: collections.Counter[int] = collections.Counter()  # images by the input size chosen
+        self.stages = {k: Histogram(STAGE_BUCKETS) for k in STAGES}
 
     def finished(self, status: int, latency_s: float | None = None, ttft_s: float | None = None,
-                 decode_tokens_per_s: float | None = None, tokens: int = 0, image_size: int | None = None) -> None:
+                 decode_tokens_per_s: float | None = None, tokens: int = 0, timings: dict | None = None,
+                 image_size: int | None = None) -> None:
         with self._lock:
             if image_size:
                 self.image_sizes[int(image_size)] += 1
+            for k, h in self.stages.items():
+                if timings and k in timings:
+                    h.observe(float(timings[k]))
             self.requests[status] += 1
             self.tokens += tokens
             if latency_s is not None:
@@ -77,6 +87,8 @@ class Metrics:
                                    "first token)"), ("mra_decode_tokens_per_second", self.decode, "decode speed"),
                                   ("mra_request_seconds", self.latency, "request latency")):
                 lines += [f"# HELP {name} {unit}", f"# TYPE {name} histogram", *h.lines(name)]
+            for k, (name, unit) in STAGES.items():
+                lines += [f"# HELP {name} {unit}", f"# TYPE {name} histogram", *self.stages[k].lines(name)]
         for k, v in sorted(gauges.items()):
             lines += [f"# TYPE mra_{k} gauge", f"mra_{k} {v}"]
         return "\n".join(lines) + "\n"

@@ -49,8 +49,10 @@ class Headers:
 
 @dataclass
 class Text:
-    """A piece of the answer."""
+    """A piece of the answer; with ``logprobs`` asked for, the entries (OpenAI's
+    ``choices[].logprobs.content`` items) of the tokens sampled since the last Text."""
     text: str
+    logprobs: list[dict] | None = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`mra-serve --ray`: the options of :mod:`.ray_app` and the server's lifetime (Ctrl-C and
+"""`mra-serve --ray`: the options of :mod:`.ray` and the server's lifetime (Ctrl-C and
 SIGTERM take everything down that this process started)."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def serve_ray(a: argparse.Namespace, settings) -> int:
     opts = ray_options(a)  # before importing Ray: a bad option fails at once
     pipeline = ray_pipeline_kwargs(a)
     try:
-        from .ray_app import RayServer, build_ray_app
+        from .ray import RayServer, build_ray_app
     except ImportError as e:
         raise MissingDependency(f"--ray | Ray Serve is not installed ({e}); install it with "
                                 "`pip install 'mra-edge[ray]'`") from None

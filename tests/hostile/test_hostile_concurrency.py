@@ -1,4 +1,4 @@
-"""One Pipeline shared by threads: serialised, never corrupted; llama.cpp's
+"""One Pipeline shared by threads: each call its own engine request, never corrupted; llama.cpp's
 own error text reaches the user, also after the quantizer captured its log (case 9)."""
 
 from __future__ import annotations
@@ -28,23 +28,22 @@ def test_threads_asking_greedily_get_the_answer_each_would_get_alone(pipe, photo
         t.start()
     for t in threads:
         t.join(timeout=300)
-    # Streams may be made stale by the other thread's calls: that is a clear MraError, never a crash.
-    assert all(isinstance(e, MraError) and "another call" in str(e) for e in errors), errors
+    assert not errors  # every call, streamed or not, is its own request: no call disturbs another
     for i in (0, 1):
         assert results[i] and all(r == alone[i] for r in results[i])
 
 
 def test_an_open_stream_and_another_call_do_not_corrupt_each_other(pipe, photo_paths):
     expected = pipe.ask(photo_paths[1], "What colour?", max_tokens=8)
+    described = pipe.ask(photo_paths[0], "Describe it.", max_tokens=8)
     stream = pipe.ask(photo_paths[0], "Describe it.", max_tokens=8, stream=True)
-    next(stream, None)
+    first = next(stream, "")
     got = {}
     t = threading.Thread(target=lambda: got.setdefault("a", pipe.ask(photo_paths[1], "What colour?", max_tokens=8)))
     t.start()
     t.join(timeout=300)
     assert got["a"] == expected
-    with pytest.raises(MraError, match="another call"):
-        list(stream)
+    assert first + "".join(stream) == described  # the open stream read on, undisturbed
 
 
 def test_a_closed_pipeline_refuses_calls(tiny_bundle, photo_paths):

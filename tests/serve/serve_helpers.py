@@ -63,7 +63,7 @@ def local_app(bundle, parallel: int = 2, queue: int = 64, api_key: str | None = 
     from mra.runtime import Pipeline
     from mra.serve import LocalBackend, ServerSettings, build_app
 
-    backend = LocalBackend(lambda: Pipeline.from_bundle(bundle, **PIPE_KW), parallel, queue, "tiny")
+    backend = LocalBackend(lambda n: Pipeline.from_bundle(bundle, parallel=n, **PIPE_KW), parallel, queue, "tiny")
     return build_app(backend, ServerSettings(api_key=api_key, **settings)), backend
 
 

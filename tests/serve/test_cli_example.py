@@ -3,6 +3,8 @@ run against it on the tiny bundle; one-line errors for bad arguments."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from serve_helpers import free_port
+from serve_helpers import data_url, free_port
 
 BIN = Path(sys.executable).parent
 EXAMPLE = Path(__file__).parents[2] / "examples" / "openai_client.py"
@@ -23,12 +25,11 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("prompt-cache")
 
 
-@pytest.fixture(scope="module")
-def served(tiny_bundle, cache_dir):
+@contextlib.contextmanager
+def mra_serve(*args: str):
+    """A running ``mra-serve ARGS`` on a free port: (url, process)."""
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "mra-serve"), "--bundle", str(tiny_bundle), "--port", str(port),
-                             "--api-key", "k3y", "--threads", "1", "--n-ctx", "2048", "--prompt-cache",
-                             str(cache_dir)],
+    proc = subprocess.Popen([str(BIN / "mra-serve"), "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -41,10 +42,40 @@ def served(tiny_bundle, cache_dir):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
             time.sleep(0.1)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle, cache_dir):
+    with mra_serve("--bundle", str(tiny_bundle), "--api-key", "k3y", "--threads", "1", "--n-ctx", "2048",
+                   "--prompt-cache", str(cache_dir)) as (url, _):
+        yield url
+
+
+def test_parallel_4_maps_the_gguf_once_and_answers_4_at_once(tiny_bundle, reference, photo_paths):
+    gguf = next(tiny_bundle.glob("*.gguf"))
+    with mra_serve("--bundle", str(tiny_bundle), "--threads", "1", "--n-ctx", "2048", "--parallel", "4") as (url, p):
+        mapped = 0
+        for line in Path(f"/proc/{p.pid}/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5] == str(gguf.resolve()):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                mapped += hi - lo
+        size = gguf.stat().st_size
+        assert 0 < mapped < size + 2 * 4096  # one mapping of the file, not one per sequence
+
+        questions = ["What is in the image?", "Describe it.", "What colour is it?", "Count the objects."]
+        bodies = [{"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(photo_paths[i % 2])}},
+            {"type": "text", "text": q}]}], "max_tokens": 12, "temperature": 0} for i, q in enumerate(questions)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/chat/completions", json=b, timeout=120).json(),
+                                    bodies))
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        assert a["choices"][0]["message"]["content"] == reference.ask(photo_paths[i % 2], q, max_tokens=12)
 
 
 def test_example_client(served, reference, photo_paths, cache_dir):

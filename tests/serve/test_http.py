@@ -47,7 +47,8 @@ def test_malformed_requests(server, photo):
     error_of(post(url, {"messages": [{"role": "assistant", "content": "hi"}]}), 400)
     error_of(post(url, {"messages": [user_message("hi")], "max_tokens": 0}), 400)
     error_of(post(url, {"messages": [user_message("hi")], "stop": ["a", "b", "c", "d", "e"]}), 400)
-    error_of(post(url, {"messages": [user_message("hi")], "logprobs": True}), 400)
+    error_of(post(url, {"messages": [user_message("hi")], "top_logprobs": 2}), 400)  # needs logprobs: true
+    error_of(post(url, {"messages": [user_message("hi")], "logprobs": True, "top_logprobs": 21}), 400)
     assert error_of(post(url, {"messages": [image_message("data:image/png;base64,@@@@")]}), 400)["code"] == "bad_image"
     not_an_image = "data:image/png;base64," + base64.b64encode(b"just some text, not a PNG").decode()
     assert error_of(post(url, {"messages": [image_message(not_an_image)]}), 400)["code"] == "bad_image"
@@ -78,9 +79,9 @@ def test_503_until_loaded(tiny_bundle, photo):
 
     gate = threading.Event()
 
-    def slow_open():
+    def slow_open(parallel):
         assert gate.wait(120)
-        return Pipeline.from_bundle(tiny_bundle, **PIPE_KW)
+        return Pipeline.from_bundle(tiny_bundle, parallel=parallel, **PIPE_KW)
 
     backend = LocalBackend(slow_open, 1, 4, "tiny")
     with ServerThread(build_app(backend, ServerSettings())) as s:
@@ -136,7 +137,7 @@ def test_queue_full_is_429_with_retry_after(tiny_bundle, photo):
                               "temperature": 0})
 
     async def scenario():
-        backend = LocalBackend(lambda: Pipeline.from_bundle(tiny_bundle, **PIPE_KW), parallel=1, queue=1)
+        backend = LocalBackend(lambda n: Pipeline.from_bundle(tiny_bundle, parallel=n, **PIPE_KW), parallel=1, queue=1)
         await backend.start()
         while not backend.ready():
             await asyncio.sleep(0.02)
@@ -164,6 +165,53 @@ async def _collect(events) -> list:
     out = [ev async for ev in events]
     assert isinstance(out[-1], Done)
     return out
+
+
+def _metric(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_usage_and_metrics_say_where_the_time_went(server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    url, backend = server
+    path = tmp_path / "drawn.png"  # drawn here: no earlier request has cached its embeddings
+    Image.fromarray(np.random.default_rng(21).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(path)
+    before = httpx.get(f"{url}/metrics").text
+    body = {"messages": [image_message(data_url(path))], "max_tokens": 2, "temperature": 0}
+    cold, warm = post(url, body).json()["usage"]["mra"], post(url, body).json()["usage"]["mra"]
+    n = backend.slots[0].pipe.n_image_tokens
+    assert cold["image_rows"] == warm["image_rows"] == n
+    assert cold["vision_ms"] > 0 and warm["vision_ms"] == 0  # the second found the embeddings cached
+    assert cold["prefill_ms"] > 0 and cold["queued_ms"] >= 0
+    after = httpx.get(f"{url}/metrics").text
+    for name in ("mra_vision_seconds", "mra_prefill_seconds", "mra_queue_seconds"):
+        assert _metric(after, f"{name}_count") == _metric(before, f"{name}_count") + 2
+    vision = _metric(after, "mra_vision_seconds_sum") - _metric(before, "mra_vision_seconds_sum")
+    assert abs(vision - cold["vision_ms"] / 1e3) < 1e-3
+
+
+def test_encode_ahead_makes_the_first_question_a_cached_one(server, reference, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    url, backend = server
+    path = tmp_path / "ahead.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(path)
+    r = httpx.post(f"{url}/v1/mra/encode", json={"image_url": {"url": data_url(path)}}, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    ahead = r.json()
+    n = backend.slots[0].pipe.n_image_tokens
+    assert ahead["image_rows"] == n and ahead["vision_ms"] > 0 and ahead["prefix_tokens"] > n
+    body = {"messages": [image_message(data_url(path), "What is it?")], "max_tokens": 6, "temperature": 0}
+    first = post(url, body).json()
+    usage = first["usage"]
+    assert usage["mra"]["vision_ms"] == 0  # encoded ahead: embeddings cached
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= ahead["prefix_tokens"] - 1  # the prefix was in the KV
+    assert first["choices"][0]["message"]["content"] == reference.ask(path, "What is it?", max_tokens=6)
+    assert error_of(httpx.post(f"{url}/v1/mra/encode", json={"image_url": 3}, headers=AUTH), 400)
+    assert error_of(httpx.post(f"{url}/v1/mra/encode", json={"image_url": {"url": data_url(path)}}), 401)
 
 
 def test_metrics(server):

@@ -61,12 +61,19 @@ def test_files_only_inside_the_allowed_folder(tmp_path):
         413, "image_too_large")
 
 
-def test_one_image_per_conversation():
-    url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    assert status({"messages": [msg(url), {"role": "assistant", "content": "ok"}, msg(url)]}) == (
-        400, "too_many_images")
-    two = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 2}
+def test_one_image_per_user_message_and_a_bounded_number_per_conversation():
+    from mra.serve.jobs import MAX_IMAGES
+
+    urls = ["data:image/png;base64," + base64.b64encode(png_bytes(i)).decode() for i in range(MAX_IMAGES + 1)]
+    job = parse_chat_request({"messages": [msg(urls[0]), {"role": "assistant", "content": "ok"}, msg(urls[1])]})
+    assert [im.data for im in job.images] == [png_bytes(0), png_bytes(1)]  # in the order of their turns
+    assert [m.image for m in job.turns] == [True, False, True] and job.image == job.images[0]
+    two = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[0]}}] * 2}
     assert status({"messages": [two]}) == (400, "too_many_images")
+    many = []
+    for u in urls:
+        many += [msg(u), {"role": "assistant", "content": "ok"}]
+    assert status({"messages": many[:-1]}) == (400, "too_many_images")
 
 
 def test_response_format_becomes_a_grammar():

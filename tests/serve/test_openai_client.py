@@ -72,6 +72,49 @@ def test_follow_up_turn_reuses_the_kv_cache_and_equals_a_chat(client, reference,
     assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_are_the_log_softmax_of_the_pipelines_logits(client, reference, photo, stream):
+    import numpy as np
+
+    image, q = photo("chelsea.png"), "Describe the animal in detail."
+    answer = reference.ask(image, q, max_tokens=8, stream=True, logprobs=2)
+    text = "".join(answer)
+    x = reference.next_token_logits(image, q).astype(np.float64)
+    first = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    r = client.chat.completions.create(model="tiny", messages=[user_message(q, image)], max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=2, stream=stream)
+    if stream:
+        chunks = list(r)
+        got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        content = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    else:
+        got, content = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert got == text and len(content) == len(answer.logprobs) > 0
+    assert abs(content[0].logprob - first[answer.result.tokens[0]]) < 1e-4  # the Pipeline's own logits
+    for e, lp in zip(content, answer.logprobs):
+        assert bytes(e.bytes) == lp.piece and abs(e.logprob - lp.logprob) < 1e-5
+        assert [abs(a.logprob - v) < 1e-5 and bytes(a.bytes) == b for a, (_, b, v) in zip(e.top_logprobs, lp.top)] \
+            == [True, True]
+    plain = client.chat.completions.create(model="tiny", messages=[user_message(q, image)], max_tokens=2,
+                                           temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_two_images_in_one_conversation_equal_the_pipeline(client, reference, photo):
+    a, b = photo("astronaut.png"), photo("coffee.png")
+    conv = Conversation(reference.template)
+    conv.add_user("Who is this?", with_image=True)
+    conv.set_answer("A person.")
+    conv.add_user("And what is this?", with_image=True)
+    expected = reference.answer(conv, images=[a, b], max_tokens=8)
+    t = reference.timings
+    r = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=[
+        user_message("Who is this?", a), {"role": "assistant", "content": "A person."},
+        user_message("And what is this?", b)])
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == t.prompt_positions > 2 * reference.n_image_tokens  # both images' rows
+
+
 def test_system_message_replaces_the_system_prompt(client, reference, photo):
     import dataclasses
 
@@ -127,7 +170,7 @@ def test_errors_are_openai_errors(client, server, photo):
         wrong.chat.completions.create(model="tiny", messages=[user_message("Hi")], max_tokens=4)
     two = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": user_message("", photo(n))[
         "content"][0]["image_url"]["url"]}} for n in ("coffee.png", "chelsea.png")]}
-    with pytest.raises(openai.BadRequestError, match="one image per conversation"):
+    with pytest.raises(openai.BadRequestError, match="a second image in one message"):
         client.chat.completions.create(model="tiny", messages=[two], max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="context holds 2048") as e:
         client.chat.completions.create(model="tiny", messages=[user_message("word " * 2500)], max_tokens=4)

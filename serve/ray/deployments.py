@@ -1,4 +1,4 @@
-"""mra-serve on Ray Serve: the same OpenAI app, spread over one machine or a cluster.
+"""mra-serve on Ray Serve, its deployments: the same OpenAI app, spread over one machine or a cluster.
 
     HTTP -> Ray Serve proxy -> ingress: mra.serve.app.build_app(RayBackend)
               -> vision deployment (M replicas): the bundle's vision backend behind serve.batch,
@@ -32,10 +32,10 @@ from ray.serve.handle import DeploymentHandle
 
 from mra.core.errors import MraError
 
-from .fingerprint import BundleFingerprint
-from .jobs import ChatJob, ImageInput
-from .protocol import ApiError, Event, Headers, queue_full
-from .ray_options import RayOptions
+from ..fingerprint import BundleFingerprint
+from ..jobs import ChatJob, ImageInput
+from ..protocol import ApiError, Event, Headers, queue_full
+from ..ray_options import RayOptions
 
 log = logging.getLogger("mra.serve.ray")
 
@@ -59,14 +59,16 @@ class VisionReplica:
     def __init__(self, bundle: str, fingerprint: BundleFingerprint, vision: str = "auto",
                  providers: list[str] | None = None, threads: int | None = None, max_batch: int = 4,
                  batch_wait_s: float = 0.01, cache: int = 64):
-        from mra.runtime.pipeline import EmbeddingCache
+        from mra.runtime.vision_encoder import EmbeddingCache, VisionEncoder
         from mra.runtime.vision_select import select_vision
+        from mra.runtime.vision_sizes import VisionSizes
 
         manifest = fingerprint.check_manifest(bundle)
         self.choice = select_vision(manifest, bundle, vision, providers)
         fingerprint.check_artifact(bundle, self.choice.artifact)
-        self.runner = self.choice.open(bundle, threads=threads)
-        self.size, self.n, self.d = int(manifest.image_size), int(manifest.num_image_tokens), int(manifest.embed_dim)
+        # runs the bundle's largest input size (budgets are chosen by the local server only)
+        self.encoder = VisionEncoder(self.choice, VisionSizes(manifest, bundle, self.choice, threads=threads), manifest,
+                                     cache=0)
         # Names the embeddings' origin in their key: the LLM's KV and prompt caches never mix graphs.
         self.label = f"{self.choice.artifact.file}:{self.choice.artifact.sha256[:16]}"
         self.cache = EmbeddingCache(cache)
@@ -81,9 +83,7 @@ class VisionReplica:
         rows = self.cache.get(key)
         if rows is not None:
             return key, rows, 0
-        from mra.runtime.preprocess import preprocess_image
-
-        x = await asyncio.to_thread(lambda: preprocess_image(image.open(), self.size))
+        x = await asyncio.to_thread(lambda: self.encoder.preprocess(image.open()))
         rows, batch = await self._infer_batch(x)
         self.cache.put(key, rows)
         return key, rows, batch
@@ -91,12 +91,9 @@ class VisionReplica:
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def _infer_batch(self, xs: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(self.runner.infer, np.stack(xs))
+        out = await asyncio.to_thread(self.encoder.infer_batch, np.stack(xs))
         self.batches.append((len(xs), time.perf_counter() - t0))
-        if out.shape != (len(xs), self.n, self.d):
-            raise MraError(f"vision {self.choice.artifact.file} | output shape {tuple(out.shape)}, expected "
-                           f"{(len(xs), self.n, self.d)}; re-export the bundle")
-        return [(np.ascontiguousarray(o, dtype=np.float32), len(xs)) for o in out]
+        return [(o, len(xs)) for o in out]
 
     def stats(self) -> dict:
         """Every batch this replica ran, (images, seconds): what the benchmark reads."""
@@ -112,25 +109,26 @@ class VisionReplica:
 
 @serve.deployment(name="llm")
 class LlmReplica:
-    """One llama.cpp context: a one-slot :class:`~mra.serve.local.LocalBackend` on an LLM-only
-    Pipeline, fed the image embeddings the vision deployment computed."""
+    """One engine: a :class:`~mra.serve.local.LocalBackend` on an LLM-only Pipeline (one llama.cpp
+    context), fed the image embeddings the vision deployment computed."""
 
     async def __init__(self, bundle: str, fingerprint: BundleFingerprint, pipeline: dict[str, Any]):
-        from .local import LocalBackend
+        from ..local import LocalBackend
 
         self.name = replica_name()
-        self.local = LocalBackend(lambda: llm_pipeline(bundle, fingerprint, **pipeline), parallel=1, queue=1)
+        self.local = LocalBackend(lambda n: llm_pipeline(bundle, fingerprint, parallel=n, **pipeline), parallel=1,
+                                  queue=1)
         await self.local.start()
         while not self.local.ready():  # Ray counts the replica healthy when __init__ returns
             if self.local.error:
                 raise MraError(self.local.error)  # names the node and the file
             await asyncio.sleep(0.02)
 
-    async def generate(self, job: ChatJob, image: tuple[str, np.ndarray] | None) -> AsyncIterator[Event]:
+    async def generate(self, job: ChatJob, images: list[tuple[str, np.ndarray]]) -> AsyncIterator[Event]:
         from mra.runtime.llm import Embeddings
 
-        if image is not None:
-            job = dataclasses.replace(job, meta={**job.meta, "image_embeddings": Embeddings(*image)})
+        if images:
+            job = dataclasses.replace(job, image_embeddings=tuple(Embeddings(*im) for im in images))
         yield Headers({"x-mra-replica": self.name})
         async for ev in self.local.generate(job):
             yield ev
@@ -145,35 +143,20 @@ class LlmReplica:
 
 
 def llm_pipeline(bundle: str | Path, fingerprint: BundleFingerprint, llm_quant: str | None = None,
-                 n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 kv_type: str = "f16", flash_attn: bool | None = None, prompt_cache: str | Path | None = None,
-                 prompt_cache_bytes: int | None = None):
-    """A Pipeline with the bundle's LLM and no vision backend: images arrive as Embeddings whose
-    keys name the vision graph that made them (so the KV and prompt caches never mix graphs)."""
-    from mra.core.manifest import Artifact
+                 prompt_cache_bytes: int | None = None, **pipeline):
+    """A Pipeline with the bundle's LLM and no vision encoder, once this node's bundle matches the
+    driver's: images arrive as Embeddings whose keys name the vision graph that made them (so
+    the KV and prompt caches never mix graphs). ``pipeline``: :meth:`Pipeline.from_bundle`'s
+    arguments (n_ctx, n_threads, kv_type, prompt_cache, parallel, ...)."""
     from mra.runtime import Pipeline
-    from mra.runtime.llm import LlamaSession, use_flash_attn
-    from mra.runtime.pipeline import prompt_cache_identity, select_llm
-    from mra.runtime.prompt_cache import DEFAULT_MAX_BYTES, PromptCache
+    from mra.runtime.pipeline import select_llm
 
     bundle = Path(bundle)
     manifest = fingerprint.check_manifest(bundle)
-    art = select_llm(manifest, bundle, llm_quant)
-    fingerprint.check_artifact(bundle, art)
-    llm = LlamaSession(bundle / art.file, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                       kv_type=kv_type, flash_attn=flash_attn)
-    if llm.n_embd != manifest.embed_dim or manifest.num_image_tokens >= llm.n_ctx:
-        llm.close()
-        raise MraError(f"{bundle / art.file} | n_embd {llm.n_embd} (projector: {manifest.embed_dim}), n_ctx "
-                       f"{llm.n_ctx} (one image: {manifest.num_image_tokens} tokens); re-export the bundle or "
-                       "raise --n-ctx")
-    cache = None
-    if prompt_cache is not None:
-        remote = Artifact("vision deployment", "vision", "ray", "", 0, "named in each image's key")
-        cache = PromptCache(prompt_cache, prompt_cache_identity(remote, art, kv_type, llm.n_ctx,
-                                                                use_flash_attn(flash_attn, kv_type, n_gpu_layers)),
-                            prompt_cache_bytes or DEFAULT_MAX_BYTES)
-    return Pipeline(manifest, bundle, None, None, llm, art, prompt_cache=cache)
+    fingerprint.check_artifact(bundle, select_llm(manifest, bundle, llm_quant))
+    if prompt_cache_bytes:
+        pipeline["prompt_cache_bytes"] = prompt_cache_bytes
+    return Pipeline.from_bundle(bundle, llm_quant=llm_quant, with_vision=False, verify_hash=False, **pipeline)
 
 
 class RayBackend:
@@ -200,13 +183,14 @@ class RayBackend:
         self.in_flight += 1
         stream, ended = None, False
         try:
-            image = None
-            if job.image is not None:
-                key, rows, batch = await self.vision.embed.remote(job.image)
-                image = (key, rows)
-                yield Headers({"x-mra-vision-batch": str(batch)})
-                job = dataclasses.replace(job, image=ImageInput(b"", job.image.key))  # the LLM needs no pixels
-            stream = self.llm.options(session_id=route_key(job)).generate.remote(job, image)
+            images = []
+            if job.images:
+                done = await asyncio.gather(*(self.vision.embed.remote(im) for im in job.images))
+                images = [(key, rows) for key, rows, _ in done]
+                yield Headers({"x-mra-vision-batch": str(max(batch for _, _, batch in done))})
+                # the LLM needs no pixels
+                job = dataclasses.replace(job, images=tuple(ImageInput(b"", im.key) for im in job.images))
+            stream = self.llm.options(session_id=route_key(job)).generate.remote(job, images)
             async for ev in stream:
                 yield ev
             ended = True
@@ -220,7 +204,7 @@ class RayBackend:
 
 
 def route_key(job: ChatJob) -> str:
-    """The conversation's image (its follow-ups carry the same one), else its first user turn."""
+    """The conversation's first image (its follow-ups carry the same one), else its first user turn."""
     if job.image is not None:
         return job.image.key
     first = next((m.text for m in job.turns if m.role == "user"), "")
@@ -257,7 +241,7 @@ class Ingress:
         self.backend, self.settings = RayBackend(vision, llm, model_id), settings
 
     def __serve_build_asgi_app__(self):
-        from .app import build_app
+        from ..app import build_app
 
         return build_app(self.backend, self.settings)
 
@@ -289,115 +273,3 @@ def build_ray_app(bundle: str | Path, opts: RayOptions, settings, pipeline: dict
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(vision, llm, settings, model_id)
 
 
-class RayServer:
-    """Ray started (or joined) and the app deployed; :meth:`close` takes down what it started:
-    a local instance entirely (no Ray process is left once it returns), on a cluster only this app."""
-
-    def __init__(self, opts: RayOptions, host: str = "127.0.0.1", port: int = 8080, after_init=None):
-        self.opts, self.host, self.port = opts, host, port
-        self.after_init = after_init  # called once Ray is up (Ray's core installs its own signal handlers)
-        self.started_ray = False
-        self.children_before: set[int] = set()
-
-    def start(self, app) -> None:
-        import psutil
-        import ray
-
-        if self.opts.address is None:
-            # A private instance (on 127.0.0.1 when started through mra-serve, see ray_cli), with
-            # enough logical CPUs for the replicas asked for.
-            lo, hi = self.opts.autoscale or (self.opts.replicas, self.opts.replicas)
-            need = hi * self.opts.llm_cpus + self.opts.vision_replicas * self.opts.vision_cpus
-            self.children_before = {p.pid for p in psutil.Process().children()}
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))),
-                     include_dashboard=False, _node_ip_address="127.0.0.1")
-            self.started_ray = True
-        else:
-            ray.init(address=self.opts.address)
-        if self.after_init is not None:
-            self.after_init()
-        try:
-            serve.start(http_options={"host": self.host, "port": self.port})
-            self.deploy(app)
-        except Exception as e:
-            err = e if isinstance(e, MraError) else deployment_failed(e)
-            self.close()
-            raise err from None
-
-    def deploy(self, app) -> None:
-        """Deploy ``app``, or replace the running one in place on the same instance (the Ray
-        benchmark's configurations: a new instance for each costs more than the measurement)."""
-        try:
-            serve.run(app, name=APP_NAME, route_prefix="/")
-        except Exception as e:
-            raise deployment_failed(e) from None
-
-    def close(self) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            return
-        ours = self.ray_processes() if self.started_ray else []
-        try:
-            if self.started_ray:
-                serve.shutdown()
-            else:
-                serve.delete(APP_NAME)
-        finally:
-            ray.shutdown()
-            reap(ours)
-
-    def ray_processes(self) -> list:
-        """The processes of the instance this server started: the children Ray's start added
-        to this process (GCS, raylet, ...) and everything below them (the replicas' workers)."""
-        import psutil
-
-        roots = [p for p in psutil.Process().children() if p.pid not in self.children_before]
-        return roots + [c for p in roots for c in _descendants(p)]
-
-    def __enter__(self) -> "RayServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _descendants(p) -> list:
-    import psutil
-
-    try:
-        return p.children(recursive=True)
-    except psutil.Error:  # gone already
-        return []
-
-
-def reap(procs: list, grace_s: float = 10.0) -> None:
-    """Wait for ``procs`` to exit after ``ray.shutdown()`` (workers notice their raylet's death
-    only after a while, later still on a busy machine), then kill what is left."""
-    import psutil
-
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
-def deployment_failed(e: Exception) -> MraError:
-    return MraError(f"mra-serve --ray | the deployment failed: {replica_error(e)}")
-
-
-def replica_error(e: Exception) -> str:
-    """The failing replica's own MraError line (from Serve's status, which keeps the replica's
-    traceback), else the last line of Serve's report."""
-    reports = [str(e)]
-    try:
-        for d in serve.status().applications[APP_NAME].deployments.values():
-            reports.append(d.message or "")
-    except Exception:  # noqa: BLE001 (the status is a best-effort detail of an error being reported)
-        pass
-    lines = [ln.strip() for r in reports for ln in r.splitlines() if ln.strip()]
-    ours = [ln.split("MraError: ", 1)[1] for ln in lines if "MraError: " in ln]
-    return ours[-1] if ours else (lines[0] if lines else type(e).__name__)

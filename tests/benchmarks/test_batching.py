@@ -1,0 +1,32 @@
+"""benchmarks/batching.py in quick mode: every measurement is there and consistent (the GGUF
+mapped once with parallel 4; gaps, steps and TTFTs positive). Speeds are reported, not
+asserted (a benchmark, not a timed test)."""
+
+from __future__ import annotations
+
+import json
+
+from mra.benchmarks.batching import main
+
+
+def test_quick_run(tiny_bundle, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--quick", "--out", str(out), "--bundle", str(tiny_bundle), "--work", str(tmp_path / "work")]) == 0
+    r = json.loads((out / "batching-quick.json").read_text())
+    md = (out / "batching-quick.md").read_text()
+    me, th, fa, sh, pe = r["memory"], r["throughput"], r["fairness"], r["shared_image"], r["peers"]
+    assert me["gguf_mapped_once"] and me["runs"]["4"]["gguf_mapped"] > 0
+    assert me["runs"]["1"]["gguf_size"] == me["runs"]["4"]["gguf_size"] > 0
+    assert th["one_stream_tokens_per_s"] > 0 and th["four_streams_tokens_per_s"] > 0
+    assert set(fa) == {"64", "512"}
+    for f in fa.values():
+        assert f["max_gap_s"] > 0 and f["decode_step_s"] > 0 and f["chunks"] >= 1
+    assert fa["64"]["chunks"] > fa["512"]["chunks"]  # 576 image rows: 9+ chunks of 64, 2 of 512
+    assert sh["shared_ttft_s"] > 0 and sh["cold_ttft_s"] > 0
+    for key in ("peak RSS", "Aggregate decode", "prefill chunk", "Shared image", "shared with other jobs",
+                "llama-server"):
+        assert key in md
+    if "missing" not in pe:  # llama_cpp.server installed (the bench-peers extra): both servers, 1 and 2 clients
+        assert [(x["clients"], x["server"]) for x in pe["runs"]] == [
+            (1, "mra-serve"), (1, "llama_cpp.server"), (2, "llama_cpp.server"), (2, "mra-serve")]
+        assert all(x["completion_tokens"] == x["requests"] * 16 for x in pe["runs"])  # EOS forbidden on both

@@ -1,0 +1,53 @@
+"""The public vision encoder: images that threads submit while the backend runs go through it
+together as one batch over the graph's batch axis, each getting the rows it gets alone."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from mra.core.manifest import Manifest
+from mra.runtime.vision_encoder import VisionEncoder
+
+
+class _Recording:
+    """The real runner, recording batch sizes; its first run waits until ``release`` is set."""
+
+    def __init__(self, runner):
+        self.runner, self.batches, self.release, self.entered = runner, [], threading.Event(), threading.Event()
+
+    def infer(self, x):
+        self.batches.append(len(x))
+        if len(self.batches) == 1:
+            self.entered.set()
+            assert self.release.wait(60)
+        return self.runner.infer(x)
+
+    def __exit__(self, *exc):
+        return self.runner.__exit__(*exc)
+
+
+def test_concurrent_images_run_as_one_batch_with_the_rows_each_gets_alone(tiny_bundle, photo_paths):
+    manifest = Manifest.load(tiny_bundle)
+    enc = VisionEncoder.from_bundle(manifest, tiny_bundle, threads=1, cache=0)
+    try:
+        alone = [enc.encode(p).rows for p in photo_paths[:3]]
+        size = enc.sizes.largest.size
+        rec = enc.sizes.runners[size] = _Recording(enc.sizes.runners[size])
+        got: dict[int, np.ndarray] = {}
+        threads = [threading.Thread(target=lambda i=i: got.setdefault(i, enc.encode(photo_paths[i]).rows))
+                   for i in range(3)]
+        threads[0].start()
+        assert rec.entered.wait(60)  # image 0 is running alone; 1 and 2 arrive meanwhile
+        threads[1].start(), threads[2].start()
+        while len(enc._waiting) < 2:
+            threading.Event().wait(0.01)
+        rec.release.set()
+        for t in threads:
+            t.join(60)
+        assert rec.batches == [1, 2]
+        for i in range(3):
+            np.testing.assert_allclose(got[i], alone[i], rtol=0, atol=1e-5)
+    finally:
+        enc.close()
