@@ -88,7 +88,7 @@ def child_peak_rss(bundle: str, sizes: list[int], threads: int) -> dict:
     from mra.runtime import Pipeline
 
     with Pipeline.from_bundle(bundle, n_threads=threads, n_ctx=2048) as p:
-        rows = {s.size: s.rows for s in p.sizes.sizes}
+        rows = {s.size: s.rows for s in p.encoder.sizes.sizes}
         for s in sizes:
             p.encode_image(_photo(), max_image_tokens=rows[s], detail="low" if s == min(rows) else None)
             assert p.timings.image_size == s, (p.timings.image_size, s)
@@ -108,14 +108,14 @@ def _peak_rss(bundle: Path, sizes: list[int], threads: int) -> int:
 
 def _budget_for(p, size: int) -> dict:
     """The budget that makes ``p`` choose ``size``: its rows, or detail low for the smallest size."""
-    table = p.sizes.sizes
+    table = p.encoder.sizes.sizes
     if size == table[0].size and any(s.rows == table[0].rows and s.size > size for s in table):
         return {"detail": "low"}
     return {"max_image_tokens": next(s.rows for s in table if s.size == size)}
 
 
 def _cold_ask(p, budget: dict) -> tuple[float, float, int]:
-    p.cache.clear()
+    p.encoder.cache.clear()
     p.llm.reset()
     p.ask(_photo(), QUESTION, max_tokens=1, **budget)
     t = p.timings

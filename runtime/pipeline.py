@@ -88,7 +88,8 @@ class Timings:
 
     def summary(self) -> str:
         ms = lambda s: f"{s * 1e3:.0f} ms"  # noqa: E731
-        return (f"preprocess {ms(self.preprocess_s)} | vision {ms(self.vision_s)} | prefill {ms(self.prefill_s)} "
+        size = f"image {self.image_size} ({self.image_rows} rows) | " if self.image_size else ""
+        return (f"{size}preprocess {ms(self.preprocess_s)} | vision {ms(self.vision_s)} | prefill {ms(self.prefill_s)} "
                 f"({self.prefilled} new, {self.reused} cached) | ttft {ms(self.ttft_s)} | "
                 f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated} tokens)")
 
@@ -324,6 +325,7 @@ class Pipeline:
     def _embed(self, image: ImageLike | Embeddings, t: Timings) -> Embeddings:
         if isinstance(image, Embeddings):
             return image
+        self._engine()  # a closed pipeline says so
         if self.encoder is None:
             raise MraError("pipeline | has no vision encoder (opened with with_vision=False); pass Embeddings")
         return self.encoder.encode(image, t)

@@ -102,7 +102,7 @@ def build_app(backend: Backend, settings: ServerSettings = ServerSettings()) -> 
         """Encode ahead: ``{"image_url": {"url": ...}, "system": optional}`` -> the image's prefix
         evaluated into the cache, so the first question about it is answered at cached speed."""
         check_key(request)
-        body = await _read_json(request, settings.max_body_bytes)
+        body = await _read_json(request, settings.max_body_bytes, settings.limits)
         url = body.get("image_url") if isinstance(body, dict) else None
         url = url.get("url") if isinstance(url, dict) else url
         system = body.get("system") if isinstance(body, dict) else None

@@ -15,17 +15,15 @@ DEFAULT_BUDGET = 576  # the server-wide default: 768 (576 rows) unless a request
 Q = "What is in the image?"
 
 
-def open_pipeline(bundle):
-    p = Pipeline.from_bundle(bundle, **PIPE_KW)
-    p.default_budget = (DEFAULT_BUDGET, None)
-    return p
+def open_pipeline(bundle, parallel: int = 1):
+    return Pipeline.from_bundle(bundle, **PIPE_KW, parallel=parallel, max_image_tokens=DEFAULT_BUDGET)
 
 
 @pytest.fixture(scope="module")
 def server3(tiny_sizes_bundle):
     from mra.serve import LocalBackend, ServerSettings, build_app
 
-    backend = LocalBackend(lambda: open_pipeline(tiny_sizes_bundle), 1, 8, "tiny3")
+    backend = LocalBackend(lambda n: open_pipeline(tiny_sizes_bundle, parallel=n), 1, 8, "tiny3")
     with ServerThread(build_app(backend, ServerSettings(api_key=API_KEY))) as s:
         wait_ready(s.url)
         yield s.url
