@@ -11,5 +11,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[export,llm,serve,test,bench,examples,ray]"
+.venv/bin/pip install -q -e ".[export,llm,serve,test,bench,examples,video,ray]"
 .venv/bin/python -c "import torch, onnxruntime, llama_cpp, mra.runtime, mra.serve; print('mra-edge installed: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, '| llama-cpp-python', llama_cpp.__version__)"
