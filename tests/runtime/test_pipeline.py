@@ -140,3 +140,25 @@ def test_runtime_answers_without_importing_torch(tiny_bundle, photo):
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code, str(tiny_bundle), str(photo("astronaut.png"))], check=True,
                    timeout=120)
+
+
+def test_two_images_in_one_conversation_match_torch(pipe, photo, torch_llava, hf_tokenizer):
+    """Each image's rows at its own turn's <image> place, in order, as the reference's
+    prepare_inputs_labels_for_multimodal splices several images."""
+    first, second = photo("astronaut.png"), photo("coffee.png")
+    chat = pipe.chat(first)
+    answer1 = chat.ask("What is in the image?", max_tokens=N_TOKENS)
+    logits = chat.next_token_logits("And in this one?", image=second)
+    assert pipe.timings.image_rows == 2 * pipe.n_image_tokens
+    answer2 = chat.ask("And in this one?", image=second, max_tokens=N_TOKENS)
+    tokens2 = list(pipe.last_tokens)
+
+    conv = Conversation(pipe.template)
+    conv.add_user("What is in the image?", with_image=True)
+    conv.set_answer(answer1)
+    conv.add_user("And in this one?", with_image=True)
+    ref_logits, ref_tokens = _reference(torch_llava, hf_tokenizer, conv, [first, second])
+    assert compare(logits, ref_logits)["rel_err"] < 1e-3
+    swapped, _ = _reference(torch_llava, hf_tokenizer, conv, [second, first])
+    assert compare(logits, swapped)["rel_err"] > 1e-2  # the order matters, and it is the turns' order
+    assert tokens2 == ref_tokens and chat.history[-1] == ("ASSISTANT", answer2)
