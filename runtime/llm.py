@@ -359,7 +359,7 @@ class LlamaSession:
     def reset(self) -> None:
         self.truncate(0)
 
-    # --- issue 12: sequence state, for the persistent prompt cache (prompt_cache.py) ---
+    # --- sequence state, for the persistent prompt cache (prompt_cache.py) ---
     def state_bytes(self) -> bytes:
         """The sequence's KV state as bytes (llama.cpp's sequence state API)."""
         lib = self._lib
@@ -383,7 +383,6 @@ class LlamaSession:
             return False
         self.keys[:] = keys
         return True
-    # --- end issue 12 ---
 
     # --- outputs ------------------------------------------------------------------
     def logits(self) -> np.ndarray:

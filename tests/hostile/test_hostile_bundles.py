@@ -134,7 +134,7 @@ def test_a_config_that_is_not_an_object_is_a_checkpoint_error(tiny_ckpt, tmp_pat
     assert issubclass(CheckpointError, MraError)
 
 
-# --- every recorded hash checked; the manifest against the files' own headers (issue 25, case 9) ----
+# --- every recorded hash checked; the manifest against the files' own headers --------------------
 def _external(bundle: Path) -> Path:
     """The bundle's vision graph re-saved with its weights in `<graph>.data`, the manifest updated
     as the exporter records such a graph: what a 7B export looks like."""

@@ -1,7 +1,7 @@
 """Hostile prompt-cache folders: FIFOs, links to /dev/zero, huge junk and lying headers are
 skipped at constant cost; a read-only folder is used read-only; partial files of killed writers
 are removed at start and counted against the size bound; a server with a FIFO in its cache
-answers and stops on SIGTERM or SIGINT (issue 25, cases 6, 7, 8)."""
+answers and stops on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def test_typed_pipeline_results_are_unchanged_for_valid_input(pipe, photo_paths)
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
 
 
-# --- POOR cases of issue 25: MraError where the README promises it, the real bound named ----------
+# --- MraError where the README promises it, the real bound named ----------
 def test_reading_a_stream_after_close_is_closed_not_attribute_error(tiny_bundle):
     from mra.core.errors import Closed
     from mra.runtime import Pipeline

@@ -1,7 +1,7 @@
 """Hostile images and image URLs against a real mra-serve process: decompression bombs are refused
 from their header (400 fast, the server's memory flat), no request byte ever reaches Ghostscript,
 formats mra-run refuses are refused the same way, and a URL that trickles bytes is cut at the
-fetch deadline (issue 25, cases 3, 4, 5)."""
+fetch deadline."""
 
 from __future__ import annotations
 
