@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.core.files import atomic_write_text
+from mra.benchmarks.report import write_results
 
 log = logging.getLogger("mra.benchmarks")
 
@@ -428,12 +428,7 @@ def to_markdown(r: dict) -> str:
 
 
 def write(r: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"batching-{r['mode']}"
-    js, md = out / f"{stem}.json", out / f"{stem}.md"
-    atomic_write_text(js, json.dumps(r, indent=2) + "\n")
-    atomic_write_text(md, to_markdown(r))
-    return js, md
+    return write_results(out, f"batching-{r['mode']}", r, to_markdown(r))
 
 
 def parser() -> argparse.ArgumentParser:

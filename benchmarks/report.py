@@ -3,6 +3,9 @@ measurement. Pure formatting: every number comes from the results dict."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 def _table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -293,3 +296,14 @@ def update_readme(path, results: dict, results_dir: str = "benchmarks/results") 
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, text)
+
+
+def write_results(out: Path, stem: str, r: dict, markdown: str) -> tuple[Path, Path]:
+    """``out/STEM.json`` (``r``) and ``out/STEM.md`` (``markdown``), each written atomically."""
+    from mra.core.files import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / f"{stem}.json", out / f"{stem}.md"
+    atomic_write_text(js, json.dumps(r, indent=2) + "\n")
+    atomic_write_text(md, markdown)
+    return js, md

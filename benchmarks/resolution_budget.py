@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.core.files import atomic_write_text
+from mra.benchmarks.report import write_results
 
 QUESTION = "What is in the image?"
 
@@ -207,12 +207,7 @@ def to_markdown(r: dict) -> str:
 
 
 def write(r: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"resolution_budget-{r['settings']['mode']}"
-    js, md = out / f"{stem}.json", out / f"{stem}.md"
-    atomic_write_text(js, json.dumps(r, indent=2) + "\n")
-    atomic_write_text(md, to_markdown(r))
-    return js, md
+    return write_results(out, f"resolution_budget-{r['settings']['mode']}", r, to_markdown(r))
 
 
 def parser() -> argparse.ArgumentParser:

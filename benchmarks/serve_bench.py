@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mra.core.errors import MraError, cli_main
-from mra.core.files import atomic_write_text
 from mra.core.names import MANIFEST_FILE
 from mra.runtime.cli_options import add_pipeline_args, pipeline_kwargs
+from mra.benchmarks.report import write_results
 
 log = logging.getLogger("mra.benchmarks")
 
@@ -364,12 +364,7 @@ def to_markdown(r: dict) -> str:
 
 
 def write(r: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"serve_bench-{r['mode']}"
-    js, md = out / f"{stem}.json", out / f"{stem}.md"
-    atomic_write_text(js, json.dumps(r, indent=2) + "\n")
-    atomic_write_text(md, to_markdown(r))
-    return js, md
+    return write_results(out, f"serve_bench-{r['mode']}", r, to_markdown(r))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -135,16 +135,9 @@ class VisionEncoder:
     def encode(self, image: ImageLike, t: "Timings | None" = None) -> Embeddings:
         """The image's embedding rows (read-only) at the call's input size, from the cache or the
         vision backend."""
-        size = self.size(t)
-        if t is not None:
-            t.image_size = size.size
-        key = self.key(image, size)
-        with self._lock:
-            rows = self.cache.get(key)
-        if rows is not None:
-            if t is not None:
-                t.image_cache_hits += 1
-            return Embeddings(key, rows)
+        size, key, cached = self._lookup(image, t)
+        if cached is not None:
+            return cached
         t0 = time.perf_counter()
         x = self.preprocess(image, size.size)
         t1 = time.perf_counter()
@@ -160,18 +153,25 @@ class VisionEncoder:
     def placeholder(self, image: ImageLike, t: "Timings | None" = None) -> Embeddings:
         """The cached embeddings, else a placeholder that :meth:`encode` resolves only if the rows
         must really be evaluated (a prefix loaded from the prompt cache needs no vision run)."""
+        size, key, cached = self._lookup(image, t)
+        if cached is not None:
+            return cached
+        shape = (size.rows, self.embed_dim)
+        return PendingEmbeddings(key, np.broadcast_to(np.zeros((), np.float32), shape), image)
+
+    def _lookup(self, image: ImageLike, t: "Timings | None") -> tuple[ImageSize, str, Embeddings | None]:
+        """(the call's input size, the image's cache key, its cached embeddings or None)."""
         size = self.size(t)
         if t is not None:
             t.image_size = size.size
         key = self.key(image, size)
         with self._lock:
             rows = self.cache.get(key)
-        if rows is not None:
-            if t is not None:
-                t.image_cache_hits += 1
-            return Embeddings(key, rows)
-        shape = (size.rows, self.embed_dim)
-        return PendingEmbeddings(key, np.broadcast_to(np.zeros((), np.float32), shape), image)
+        if rows is None:
+            return size, key, None
+        if t is not None:
+            t.image_cache_hits += 1
+        return size, key, Embeddings(key, rows)
 
     def preprocess(self, image: ImageLike, size: int | None = None) -> np.ndarray:
         """float32 [3, S, S]: the image as the vision graph of input size S (default: the largest) takes it."""
