@@ -18,10 +18,11 @@ Four measurements on one bundle (default: the tiny one, 576 image rows):
   stream, alternating. Target: shared <= 10 % of cold.
 
 - **peers**: mra-serve ``--parallel C`` against llama-cpp-python's own OpenAI server
-  (``llama_cpp.server``, extra ``bench-peers``) on the same GGUF, threads and context, text-only
-  greedy requests of ``--tokens`` tokens each (EOS forbidden) from C = 1, 4, 8 client threads:
-  aggregate completion tokens/s and latency p50 / p99, the two servers alternating.
-  llama.cpp's ``llama-server`` is not built here (see the result's ``llama_server`` note).
+  (``llama_cpp.server``, extra ``bench-peers``) and llama.cpp's ``llama-server`` (built by
+  ``benchmarks/build_llama_server.sh``; ``--llama-server PATH``), each where present, on the
+  same GGUF, threads and context per sequence, text-only greedy requests of ``--tokens`` tokens
+  each (EOS forbidden) from C = 1, 4, 8 client threads: aggregate completion tokens/s and
+  latency p50 / p99, the servers' order alternating.
 
   python -m mra.benchmarks.batching --quick        tiny bundle, one run each: a smoke test
   python -m mra.benchmarks.batching --bundle B     a real bundle
@@ -65,6 +66,7 @@ class Options:
     clients: tuple[int, ...] = (1, 4, 8)
     quick: bool = False
     sections: tuple[str, ...] = SECTIONS
+    llama_server: Path | None = None  # the llama-server binary of the peer comparison (None: not measured)
 
     @property
     def mode(self) -> str:
@@ -220,9 +222,10 @@ def measure_shared_image(pipe, images: list[Path], o: Options) -> dict:
 
 
 # --- peers: the same GGUF behind another OpenAI-compatible server -----------------------------
-LLAMA_SERVER_NOTE = ("llama.cpp's llama-server is not measured: building it from the llama.cpp sources vendored in "
-                     "llama-cpp-python's sdist takes a CMake build of llama.cpp (tens of minutes on the 2 shared "
-                     "cores this ran on); llama_cpp.server stands in as the peer on the same llama.cpp build")
+LLAMA_SERVER = Path.home() / ".cache" / "mra-bench" / "llama-server" / "llama-server"  # build_llama_server.sh's
+LLAMA_SERVER_NOTE = ("llama.cpp's llama-server, built by benchmarks/build_llama_server.sh from the llama.cpp sources "
+                     "vendored in llama-cpp-python's sdist (the llama.cpp the runtime links): -c n_ctx x clients, "
+                     "--parallel clients (continuous batching), the same threads")
 
 
 def _free_port() -> int:
@@ -296,41 +299,57 @@ def _load(url: str, clients: int, requests: int, tokens: int, no_eos: dict) -> d
 
 
 def measure_peers(bundle: Path, o: Options, threads: int) -> dict:
+    """mra-serve against each peer server found on the same GGUF, threads and per-sequence
+    context, the sides alternated from one client count to the next."""
     import importlib.util
 
     from mra.core.manifest import Manifest
-    from mra.runtime.pipeline import select_llm
-
-    out: dict = {"llama_server": LLAMA_SERVER_NOTE}
-    if importlib.util.find_spec("sse_starlette") is None or importlib.util.find_spec("starlette_context") is None:
-        out["missing"] = "llama_cpp.server needs the bench-peers extra: pip install -e '.[bench-peers]'"
-        return out
     from mra.runtime.llm import LlamaSession
+    from mra.runtime.pipeline import select_llm
 
     gguf = bundle / select_llm(Manifest.load(bundle), bundle, o.llm_quant).file
     with LlamaSession(gguf, n_ctx=256) as s:
         eos = s.eos
-    no_eos = {"mra-serve": {"ignore_eos": True}, "llama_cpp.server": {"logit_bias": {str(eos): -1e9}}}
     bin_dir = Path(sys.executable).parent
+
+    def mra_serve(port: int, c: int) -> list[str]:
+        return [str(bin_dir / "mra-serve"), "--bundle", str(bundle), "--port", str(port), "--parallel", str(c),
+                "--threads", str(threads), "--n-ctx", str(o.n_ctx), "--no-hash",
+                *(["--llm-quant", o.llm_quant] if o.llm_quant else [])]
+
+    def llama_cpp_server(port: int, c: int) -> list[str]:  # one context of n_ctx, as each sequence has
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
+                str(port), "--n_ctx", str(o.n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                "--n_batch", "512", "--verbose", "False"]
+
+    def llama_server(port: int, c: int) -> list[str]:  # c slots of n_ctx each
+        return [str(o.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c",
+                str(o.n_ctx * c), "--parallel", str(c), "-t", str(threads), "-tb", str(threads), "-b", "512"]
+
+    # (command, readiness path, the server's way to forbid an early end)
+    servers = {"mra-serve": (mra_serve, "/health", {"ignore_eos": True})}
+    out: dict = {"llama_server": LLAMA_SERVER_NOTE, "missing": []}
+    if importlib.util.find_spec("sse_starlette") and importlib.util.find_spec("starlette_context"):
+        servers["llama_cpp.server"] = (llama_cpp_server, "/v1/models", {"logit_bias": {str(eos): -1e9}})
+    else:
+        out["missing"].append("llama_cpp.server needs the bench-peers extra: pip install -e '.[bench-peers]'")
+    if o.llama_server is not None and Path(o.llama_server).is_file():
+        servers["llama-server"] = (llama_server, "/health", {"ignore_eos": True})
+    else:
+        out["missing"].append("llama-server: " + ("not built" if o.llama_server is None else f"no {o.llama_server}")
+                              + "; bash benchmarks/build_llama_server.sh builds it")
+    out["servers"] = list(servers)
+    if len(servers) == 1:
+        return out
     rows = []
     for i, c in enumerate(o.clients):
         requests = c if o.quick else 2 * c
-        sides = ("mra-serve", "llama_cpp.server") if i % 2 == 0 else ("llama_cpp.server", "mra-serve")
-        for side in sides:
+        for side in (out["servers"] if i % 2 == 0 else out["servers"][::-1]):
+            command, ready, no_eos = servers[side]
             port = _free_port()
-            if side == "mra-serve":
-                args = [str(bin_dir / "mra-serve"), "--bundle", str(bundle), "--port", str(port), "--parallel", str(c),
-                        "--threads", str(threads), "--n-ctx", str(o.n_ctx), "--no-hash"]
-                args += ["--llm-quant", o.llm_quant] if o.llm_quant else []
-                server = _ServerProcess(args, port, "/health")
-            else:  # one context of n_ctx, as each of mra-serve's sequences has
-                server = _ServerProcess([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
-                                         "127.0.0.1", "--port", str(port), "--n_ctx", str(o.n_ctx), "--n_threads",
-                                         str(threads), "--n_threads_batch", str(threads), "--n_batch", "512",
-                                         "--verbose", "False"],
-                                        port, "/v1/models")
+            server = _ServerProcess(command(port, c), port, ready)
             try:
-                rows.append({"server": side, **_load(server.url, c, requests, o.tokens, no_eos[side])})
+                rows.append({"server": side, **_load(server.url, c, requests, o.tokens, no_eos)})
             finally:
                 server.close()
     out["runs"] = rows
@@ -414,6 +433,7 @@ def to_markdown(r: dict) -> str:
                   f"{ok(sh['within_target'])}).", ""]
     if "peers" in r:
         pe = r["peers"]
+        lines += [f"Peers: not measured: {m}." for m in pe["missing"]] + ([""] if pe["missing"] else [])
         if "runs" in pe:
             lines += ["| clients | server | completion tokens/s | latency p50 | latency p99 | requests |",
                       "|---|---|---|---|---|---|"]
@@ -421,8 +441,6 @@ def to_markdown(r: dict) -> str:
                 lines.append(f"| {row['clients']} | {row['server']} | {row['tokens_per_s']:.1f} | "
                              f"{ms(row['latency_p50_s'])} | {ms(row['latency_p99_s'])} | {row['requests']} |")
             lines.append("")
-        else:
-            lines += [f"Peers: not measured: {pe['missing']}.", ""]
         lines += [f"Note: {pe['llama_server']}.", ""]
     return "\n".join(lines)
 
@@ -444,6 +462,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--tokens", type=int, default=d.tokens, help="tokens per stream of the throughput measurement")
     p.add_argument("--quick", action="store_true", help="one run each, few tokens: a smoke test")
+    p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER if LLAMA_SERVER.is_file() else None,
+                   help="llama.cpp's llama-server binary for the peer comparison (default: the one "
+                   "benchmarks/build_llama_server.sh built, if any)")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections (default {','.join(SECTIONS)})")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -454,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     o = Options(out=a.out, bundle=a.bundle, llm_quant=a.llm_quant, work=a.work, n_ctx=a.n_ctx, threads=a.threads,
-                repeats=a.repeats, tokens=a.tokens, quick=a.quick, sections=tuple(a.only.split(",")))
+                repeats=a.repeats, tokens=a.tokens, quick=a.quick, sections=tuple(a.only.split(",")),
+                llama_server=a.llama_server)
     unknown = set(o.sections) - set(SECTIONS)
     if unknown:
         print(f"batching: error: --only {a.only} | unknown {', '.join(sorted(unknown))}; expected some of "

@@ -558,11 +558,11 @@ class Pipeline:
             for ev in req.events():
                 if self.llm is None:
                     raise Closed("stream | the pipeline was closed; open a new one")
-                if ev[0] == "token":
-                    last = time.perf_counter()
+                if ev[0] == "token":  # timed when the engine sampled it, not when this reader got to it
+                    last = ev[3]
                     if first is None:
                         first = last
-                        t.ttft_s = t.stamp()
+                        t.ttft_s = last - t.start
                     tokens.append(ev[1])
                     t.generated += 1
                     piece = ev[2]
