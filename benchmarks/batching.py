@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -370,7 +371,7 @@ def run(o: Options) -> dict:
     photos = photo_paths()[:2]
     r = {"benchmark": "batching", "mode": o.mode,
          "command": " ".join(["python -m mra.benchmarks.batching", *sys.argv[1:]]),
-         "machine": describe_machine(threads), "machine_loaded": True,
+         "machine": describe_machine(threads), "load_average_1min": round(os.getloadavg()[0], 2),
          "settings": {"bundle": str(bundle), "n_ctx": o.n_ctx, "threads": threads, "repeats": o.repeats,
                       "tokens": o.tokens}}
     if "memory" in o.sections:
@@ -395,14 +396,23 @@ def run(o: Options) -> dict:
     return r
 
 
+def _load_note(r: dict, cores: int) -> str:
+    load = r.get("load_average_1min")
+    if load is None:  # results written before the load was recorded: those ran beside other jobs
+        return "the machine was shared with other jobs while this ran (timings are noisy; ratios are side by side)"
+    busy = load > 0.5 * cores
+    return (f"load average {load:.2f} when it started: " + ("other jobs shared the machine (timings are noisy; "
+            "ratios are measured side by side)" if busy else "a quiet machine"))
+
+
 def to_markdown(r: dict) -> str:
     ms = lambda x: f"{x * 1e3:.1f} ms"  # noqa: E731
     mb = lambda x: f"{x / 2**20:.1f} MB"  # noqa: E731
     ok = lambda b: "met" if b else "NOT met"  # noqa: E731
     s, m = r["settings"], r["machine"]
     lines = [f"# The batching engine ({r['mode']})", "", f"`{r['command']}`", "",
-             f"- Machine: {m['cpu']}, {m['usable_cores']} usable cores, {s['threads']} threads; the machine was "
-             "shared with other jobs while this ran (timings are noisy; ratios are measured side by side)",
+             f"- Machine: {m['cpu']}, {m['usable_cores']} usable cores, {s['threads']} threads; "
+             + _load_note(r, m["usable_cores"]),
              f"- n_ctx {s['n_ctx']} per sequence, median of {s['repeats']} runs", ""]
     if "memory" in r:
         me = r["memory"]

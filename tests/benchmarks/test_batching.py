@@ -23,7 +23,7 @@ def test_quick_run(tiny_bundle, tmp_path):
         assert f["max_gap_s"] > 0 and f["decode_step_s"] > 0 and f["chunks"] >= 1
     assert fa["64"]["chunks"] > fa["512"]["chunks"]  # 576 image rows: 9+ chunks of 64, 2 of 512
     assert sh["shared_ttft_s"] > 0 and sh["cold_ttft_s"] > 0
-    for key in ("peak RSS", "Aggregate decode", "prefill chunk", "Shared image", "shared with other jobs",
+    for key in ("peak RSS", "Aggregate decode", "prefill chunk", "Shared image", "load average",
                 "llama-server"):
         assert key in md
     sides = pe["servers"]  # mra-serve and the peers found (llama_cpp.server: the bench-peers extra; llama-server)
