@@ -164,6 +164,18 @@ class Manifest:
         rows[self.image_size] = self.num_image_tokens
         return {s: rows[s] for s in self.sizes if s in rows}
 
+    def at_size(self, image_size: int) -> "Manifest":
+        """The manifest as a one-size bundle of ``image_size`` would read: that size's vision
+        artifacts (and every other one), its image size and rows. A one-size bundle: itself."""
+        if len(self.sizes) == 1:
+            return self
+        rows = self.image_rows()
+        if image_size not in rows:
+            raise BadBundle(f"image size | got {image_size}, the bundle has {self.sizes}")
+        keep = [a for a in self.artifacts if a.kind != "vision" or a.info.image_size == image_size]
+        return dataclasses.replace(self, image_size=image_size, num_image_tokens=rows[image_size], image_sizes=[],
+                                   artifacts=keep)
+
     def vision_at(self, image_size: int) -> list[Artifact]:
         """The vision graphs and engines of one input size (a one-size bundle: all of them)."""
         if len(self.sizes) == 1:

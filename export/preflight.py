@@ -16,10 +16,6 @@ def preflight(opts: ExportOptions) -> None:
     if opts.llm_only and not opts.llm_quants:
         raise MraError("--llm-only | with --llm-quant none there is nothing to export")
     if not opts.llm_only:
-        sizes = opts.image_sizes()
-        if opts.target == "trt" and sizes is not None and len(sizes) > 1:
-            raise MraError(f"--image-size {','.join(map(str, sizes))} | several sizes are exported for onnxruntime "
-                           "only so far; pass --target onnx, or one size for --target trt")
         if not opts.precisions:
             raise MraError("--precision | empty; expected one or more of fp32, fp16, int8")
         if "int8" in opts.precisions and opts.calib_images is not None:

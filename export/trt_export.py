@@ -20,7 +20,7 @@ import numpy as np
 from mra.core.errors import MraError
 from mra.core.files import atomic_path
 from mra.core.manifest import Artifact, Manifest, describe_file, verify_artifact
-from mra.core.names import INPUT_NAME, OUTPUT_NAME, trt_engine_file
+from mra.core.names import INPUT_NAME, OUTPUT_NAME, sized_vision_file, trt_engine_file
 from mra.runtime.compare import compare
 from mra.runtime.trt_backend import TrtRunner, engine_tag
 
@@ -114,8 +114,24 @@ def reference_embeddings(bundle: Path, manifest: Manifest, pixels: np.ndarray) -
 # --- the bundle step -----------------------------------------------------------------
 def export_engines(work: Path, manifest: Manifest, precisions: Sequence[str], options: EngineOptions, *,
                    bars: VisionBars, calib_images: Path | None) -> list[Artifact]:
-    """Build, validate and add to ``manifest`` one engine per precision in ``precisions``; the
-    engine files appear in ``work`` only when all of them passed."""
+    """Build, validate and add to ``manifest`` one engine per precision in ``precisions`` and
+    per input size of the bundle (a bundle of several sizes: ``vision.S.*.plan``, each from that
+    size's graph and validated at that size); the engine files appear in ``work`` only when all
+    of them passed."""
+    sizes = manifest.sizes
+    built: list[Artifact] = []
+    for s in sizes:
+        part = manifest.at_size(s)
+        built += _export_engines_at(work, part, precisions, options, bars, calib_images,
+                                    sized=len(sizes) > 1)
+    for a in built:
+        manifest.add(a)
+    return built
+
+
+def _export_engines_at(work: Path, manifest: Manifest, precisions: Sequence[str], options: EngineOptions,
+                       bars: VisionBars, calib_images: Path | None, sized: bool) -> list[Artifact]:
+    """The engines of one input size (``manifest``: one size's view), not yet in the manifest."""
     env = require_tensorrt()
     work = Path(work)
     plans = [plan_engine(manifest, work, p, env.weakly_typed, dla=options.dla_core is not None) for p in precisions]
@@ -132,7 +148,8 @@ def export_engines(work: Path, manifest: Manifest, precisions: Sequence[str], op
     built: list[Artifact] = []
     with contextlib.ExitStack() as stack:  # every engine renamed into place only if all pass
         for plan in plans:
-            path = work / trt_engine_file(plan.precision, tag)
+            name = trt_engine_file(plan.precision, tag)
+            path = work / (sized_vision_file(name, manifest.image_size) if sized else name)
             tmp = stack.enter_context(atomic_path(path))
             log.info("TensorRT %s: building %s", env.version, plan.describe())
             t0 = time.perf_counter()
@@ -162,8 +179,6 @@ def export_engines(work: Path, manifest: Manifest, precisions: Sequence[str], op
                       "build_seconds": build_s, "layers": layers, "latency_ms": latency},
                 validation={**numbers, "reference": "onnxruntime fp32 (CPU)", "images": names,
                             "threshold": threshold.to_dict(), "passed": True}))
-    for a in built:
-        manifest.add(a)
     return built
 
 
@@ -171,6 +186,7 @@ def _engine_info(env: TrtEnv, plan: EnginePlan, options: EngineOptions, tag: str
     s = manifest.image_size
     mn, opt, mx = options.batch
     return {
+        "image_size": s, "N": manifest.num_image_tokens,  # the size this engine takes, its image rows
         "tensorrt_version": env.version, "gpu_name": env.gpu.name,
         "compute_capability": env.gpu.compute_capability, "gpu_tag": tag,
         "profile": {"input": INPUT_NAME, "min": [mn, 3, s, s], "opt": [opt, 3, s, s], "max": [mx, 3, s, s]},

@@ -93,8 +93,38 @@ def test_cli_sizes_and_one_size_manifest(tiny_bundle, tiny_ckpt, tmp_path, capsy
     assert main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "x"), "--image-size", "384,100",
                  "--llm-quant", "none", "-q"]) != 0
     assert "100" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    capsys.readouterr()
     assert main(["--model", str(tiny_ckpt), "--out", str(tmp_path / "y"), "--image-size", "384,1024",
                  "--target", "trt", "--llm-quant", "none", "-q"]) != 0
+    err = capsys.readouterr().err  # several sizes are fine for TensorRT: only its absence here stops it, at once
+    assert "tensorrt" in err.lower() and "size" not in err.lower() and not (tmp_path / "y").exists()
+
+
+def test_tensorrt_engines_per_size(tiny_sizes_bundle):
+    """What --target trt builds from a bundle of several sizes, checked without a GPU: each size's
+    view holds that size's graphs, rows and image size (the engine is built and validated from
+    it), and the runtime's size table picks each size's engine by its recorded image_size."""
+    from mra.core.manifest import Artifact
+    from mra.core.names import sized_vision_file, trt_engine_file
+    from mra.runtime.vision_select import VisionChoice
+    from mra.runtime.vision_sizes import size_table
+
+    m = Manifest.load(tiny_sizes_bundle)
+    rows = m.image_rows()
+    for s in m.sizes:
+        part = m.at_size(s)
+        assert (part.image_size, part.num_image_tokens, part.sizes) == (s, rows[s], [s])
+        assert [a.file for a in part.find("vision", "onnx", "fp32")] == [f"vision.{s}.onnx"]
+        assert part.find("llm") == m.find("llm")
+    engines = m.at_size(384)
+    assert engines.at_size(384) is engines  # a one-size view (or bundle) is its own
+    for s in m.sizes:  # the entries export_engines adds: sized file names, the size and rows in info
+        m.add(Artifact(file=sized_vision_file(trt_engine_file("fp16", "sm89-trt10"), s), kind="vision", format="trt",
+                       precision="fp16", size=1, sha256="0" * 64, info={"image_size": s, "N": rows[s]}))
+    trt = next(a for a in m.find("vision", "trt") if a.info.image_size == m.image_size)
+    table = size_table(m, VisionChoice(trt, "tensorrt", []))
+    assert [(t.size, t.rows, t.artifact.file) for t in table] == [
+        (s, rows[s], f"vision.{s}.fp16.sm89-trt10.plan") for s in m.sizes]
 
 
 def test_damaged_manifests_are_named(tiny_sizes_bundle, tmp_path):

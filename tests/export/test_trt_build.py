@@ -257,3 +257,33 @@ def test_plan_memory_sizes_a_real_bundle(onnx_bundle):
     vision, act = b.lines[3], b.lines[4]
     assert vision.bytes == Manifest.load(onnx_bundle).find("vision", "onnx", "int8")[0].size
     assert act.bytes > 0 and "largest tensor of vision.int8.onnx" in act.how
+
+
+@pytest.mark.gpu
+def test_engines_of_a_bundle_of_several_sizes(tiny_sizes_bundle, tmp_path):
+    """--target trt on a bundle of several sizes: one engine per size, each validated at its
+    size, and the Pipeline runs the size a budget chooses on its engine."""
+    import shutil
+
+    import numpy as np
+
+    from mra.core.manifest import Manifest
+    from mra.runtime import Pipeline
+
+    bundle = tmp_path / "sizes"
+    shutil.copytree(tiny_sizes_bundle, bundle)
+    r = mra_export("--bundle", bundle, "--target", "trt", "--precision", "fp16", "-q")
+    assert r.returncode == 0, r.stderr
+    m = Manifest.load(bundle)
+    engines = {a.info.image_size: a for a in m.find("vision", "trt")}
+    assert sorted(engines) == m.sizes
+    for s, a in engines.items():
+        assert a.file.startswith(f"vision.{s}.fp16.") and a.info["N"] == m.image_rows()[s] and a.validation["passed"]
+    with Pipeline.from_bundle(bundle, vision="tensorrt", n_ctx=2048) as p, \
+            Pipeline.from_bundle(bundle, vision="onnx:fp32", n_ctx=2048) as ref:
+        x = np.zeros((64, 64, 3), np.uint8)
+        for s in m.sizes:
+            budget = {"max_image_tokens": m.image_rows()[s]} if s != min(m.sizes) else {"detail": "low"}
+            got, want = p.encode_image(x, **budget), ref.encode_image(x, **budget)
+            assert p.timings.image_size == s and got.shape == want.shape
+            assert float(np.dot(got.ravel(), want.ravel()) / np.linalg.norm(got) / np.linalg.norm(want)) > 0.99
