@@ -39,7 +39,8 @@ def ray_pipeline_kwargs(a: argparse.Namespace) -> dict:
         raise MraError("--exif-transpose | not applied by the Ray vision deployment; turn photos upright before "
                        "sending them, or serve without --ray")
     if a.max_image_tokens is not None or a.vision_budget_ms is not None:
-        raise MraError("--max-image-tokens / --vision-budget-ms | the Ray vision deployment runs the bundle's largest "
-                       "size; serve without --ray to choose sizes by budget")
+        raise MraError("--max-image-tokens / --vision-budget-ms | not a server-wide default under --ray: each "
+                       "request's image_url.detail or max_image_tokens chooses its size; serve without --ray for a "
+                       "default budget")
     return {k: v for k, v in pipeline_kwargs(a).items()
             if k not in ("verify_hash", "exif_transpose", "max_image_tokens", "vision_budget_ms")}

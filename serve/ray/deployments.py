@@ -66,7 +66,7 @@ class VisionReplica:
         manifest = fingerprint.check_manifest(bundle)
         self.choice = select_vision(manifest, bundle, vision, providers)
         fingerprint.check_artifact(bundle, self.choice.artifact)
-        # runs the bundle's largest input size (budgets are chosen by the local server only)
+        # every input size of the bundle: a request's budget chooses one (embed)
         self.encoder = VisionEncoder(self.choice, VisionSizes(manifest, bundle, self.choice, threads=threads), manifest,
                                      cache=0)
         # Names the embeddings' origin in their key: the LLM's KV and prompt caches never mix graphs.
@@ -75,25 +75,35 @@ class VisionReplica:
         self.set_batching(max_batch, batch_wait_s)
         self.batches: collections.deque[tuple[int, float]] = collections.deque(maxlen=10_000)  # (images, s)
 
-    async def embed(self, image: ImageInput) -> tuple[str, np.ndarray, int]:
+    async def embed(self, image: ImageInput, max_image_tokens: int | None = None,
+                    detail: str | None = None) -> tuple[str, np.ndarray, int]:
         """(embeddings key, float32 [N, D], size of the batch that ran it: 0 from the cache) of one
-        image; decoded and preprocessed per request, so a bad image fails alone, then run with the
-        other images that arrive within the batch wait."""
-        key = f"{image.key}/{self.label}"
+        image, at the input size its budget chooses (a bundle of several sizes); decoded and
+        preprocessed per request, so a bad image fails alone, then run with the other images that
+        arrive within the batch wait."""
+        size = self.encoder.sizes.choose(max_image_tokens, None, detail).size
+        at = f"@{size}" if len(self.encoder.sizes.sizes) > 1 else ""
+        key = f"{image.key}{at}/{self.label}"
         rows = self.cache.get(key)
         if rows is not None:
             return key, rows, 0
-        x = await asyncio.to_thread(lambda: self.encoder.preprocess(image.open()))
-        rows, batch = await self._infer_batch(x)
+        x = await asyncio.to_thread(lambda: self.encoder.preprocess(image.open(), size))
+        rows, batch = await self._infer_batch((x, size))
         self.cache.put(key, rows)
         return key, rows, batch
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def _infer_batch(self, xs: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+    async def _infer_batch(self, items: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, int]]:
+        """Preprocessed images (and their input sizes) as one batch: each size's graph runs once."""
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(self.encoder.infer_batch, np.stack(xs))
-        self.batches.append((len(xs), time.perf_counter() - t0))
-        return [(o, len(xs)) for o in out]
+        out: list = [None] * len(items)
+        for size in dict.fromkeys(s for _, s in items):
+            idx = [i for i, (_, s) in enumerate(items) if s == size]
+            rows = await asyncio.to_thread(self.encoder.infer_batch, np.stack([items[i][0] for i in idx]), size)
+            for i, r in zip(idx, rows):
+                out[i] = r
+        self.batches.append((len(items), time.perf_counter() - t0))
+        return [(o, len(items)) for o in out]
 
     def stats(self) -> dict:
         """Every batch this replica ran, (images, seconds): what the benchmark reads."""
@@ -185,7 +195,8 @@ class RayBackend:
         try:
             images = []
             if job.images:
-                done = await asyncio.gather(*(self.vision.embed.remote(im) for im in job.images))
+                done = await asyncio.gather(*(self.vision.embed.remote(im, job.max_image_tokens, job.detail)
+                                              for im in job.images))
                 images = [(key, rows) for key, rows, _ in done]
                 yield Headers({"x-mra-vision-batch": str(max(batch for _, _, batch in done))})
                 # the LLM needs no pixels
