@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -140,7 +141,7 @@ def run(o: Options) -> dict:
     multi = o.bundle or _export(model, model.parent / f"{model.name}-sizes", sizes, o.llm_quant)
     single = {s: _export(model, model.parent / f"{model.name}-size-{s}", [s], o.llm_quant) for s in sizes}
     largest = sizes[-1]
-    r: dict = {"settings": {"mode": o.mode, "machine": "shared 2-core machine, other test runs beside it",
+    r: dict = {"settings": {"mode": o.mode, "load_average_1min": round(os.getloadavg()[0], 2),
                             "sizes": sizes, "llm_quant": o.llm_quant, "repeats": o.repeats, "threads": o.threads,
                             "model": str(model)}}
     r["size"] = {"sizes_bytes": vision_bytes(multi), "largest_only_bytes": vision_bytes(single[largest])}
