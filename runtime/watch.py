@@ -390,6 +390,9 @@ class Watch:
             for r in {reader, self._reader}:  # a reader opened by a reconnect the consumer left at
                 r.stop()
             self._count(reader)
+            # A frame read but neither skipped nor asked about was dropped; counted from the
+            # totals because Ctrl-C may land between taking a frame and judging it
+            s.dropped = s.frames_read - s.unchanged - s.too_soon - s.asked
             s.ended = s.ended or "closed"
             s.seconds = time.monotonic() - self._start
         yield s

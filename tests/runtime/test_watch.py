@@ -245,6 +245,28 @@ def test_a_watch_reads_once_and_opencv_loads_lazily(pipe, tmp_path):
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_ctrl_c_while_a_frame_is_judged_counts_it_as_dropped(pipe, tmp_path, monkeypatch):
+    import mra.runtime.watch as watch
+
+    spec = write_video(tmp_path / "v.avi", seconds=1, fps=10, scenes=1, moving_scene=-1)
+    judged = []
+
+    def interrupted_on_the_fourth(bgr):  # Ctrl-C lands after the frame is taken, before it is judged
+        judged.append(1)
+        if len(judged) == 4:
+            raise KeyboardInterrupt
+        return real(bgr)
+
+    real = watch.small_grey
+    monkeypatch.setattr(watch, "small_grey", interrupted_on_the_fourth)
+    w = pipe.watch(spec.path, Q, max_tokens=2)
+    with pytest.raises(KeyboardInterrupt):
+        list(w)
+    s = w.summary
+    # the reader may have read ahead of the fourth frame: those count as dropped too
+    assert (s.asked, s.unchanged, s.too_soon) == (1, 2, 0) and s.frames_read >= 4 and accounted(s)
+
+
 def test_mra_run_video_ctrl_c_prints_the_summary(tiny_bundle):
     import json
     import signal
