@@ -1,6 +1,6 @@
 """The batching engine: one model, N conversations.
 
-Four measurements on one bundle (default: the tiny one, 576 image rows):
+Measurements on one bundle (default: the tiny one, 576 image rows):
 
 - **memory**: a fresh process per setting opens the bundle with ``parallel`` 1 and 4 and answers
   one request per sequence at once: peak RSS (VmHWM), bytes of the GGUF mapped (from
@@ -9,6 +9,10 @@ Four measurements on one bundle (default: the tiny one, 576 image rows):
 - **throughput**: aggregate decode tokens/s of 4 concurrent text-only streams against one
   stream, on one engine of 4 sequences, the two sides alternating: tokens sampled while all
   streams decode, over that window (the engine's clock). Target: 4 streams >= 2x.
+- **image_prefill**: the LLaVA v1 prompt with the bundle's image rows as embeddings against
+  the same number of positions as token ids, prefilled from an empty cache on an engine of 1
+  and of 4 sequences (each with its default chunk), alternating. Target: image rows within
+  3 % of token rows.
 - **fairness**: the longest gap between two tokens of a running stream while another
   request's image prefill (576 rows, embeddings already cached) is admitted, per prefill chunk
   size, against one (the largest) chunk plus one decode step, both measured in the same run
@@ -27,7 +31,8 @@ Four measurements on one bundle (default: the tiny one, 576 image rows):
   python -m mra.benchmarks.batching --quick        tiny bundle, one run each: a smoke test
   python -m mra.benchmarks.batching --bundle B     a real bundle
 
-Writes batching-MODE.json and .md into --out (default benchmarks/results).
+Writes batching-MODE.json and .md into --out (default benchmarks/results); MODE: quick, tiny or the
+bundle folder's name, followed by the sections when --only names some of them.
 """
 
 from __future__ import annotations
@@ -49,8 +54,8 @@ from mra.benchmarks.report import write_results
 
 log = logging.getLogger("mra.benchmarks")
 
-SECTIONS = ("memory", "throughput", "fairness", "shared_image", "peers")
-TARGETS = {"memory_gguf_share": 0.6, "throughput_ratio": 2.0, "shared_ttft_ratio": 0.10}
+SECTIONS = ("memory", "throughput", "image_prefill", "fairness", "shared_image", "peers")
+TARGETS = {"memory_gguf_share": 0.6, "throughput_ratio": 2.0, "image_prefill_ratio": 1.03, "shared_ttft_ratio": 0.10}
 
 
 @dataclass
@@ -71,7 +76,9 @@ class Options:
 
     @property
     def mode(self) -> str:
-        return "quick" if self.quick else (self.bundle.name if self.bundle else "tiny")
+        mode = "quick" if self.quick else (self.bundle.name if self.bundle else "tiny")
+        # a run of some sections writes its own files, never over a whole run's
+        return mode if set(self.sections) == set(SECTIONS) else "-".join((mode, *self.sections))
 
 
 # --- memory: one process per setting --------------------------------------------------------
@@ -143,6 +150,40 @@ def measure_throughput(pipe, o: Options) -> dict:
     one, four = statistics.median(runs["1"]), statistics.median(runs["4"])
     return {"runs": runs, "one_stream_tokens_per_s": one, "four_streams_tokens_per_s": four, "ratio": four / one,
             "target_ratio": TARGETS["throughput_ratio"], "within_target": four / one >= TARGETS["throughput_ratio"]}
+
+
+# --- image prefill: image rows against token rows ------------------------------------------------
+def _prefill_seconds(engine, items: list) -> float:
+    """Prefill ``items`` from an empty cache (a request without a sampler: the logits after it)."""
+    from mra.runtime.engine import Request
+
+    engine.reset()
+    t0 = time.perf_counter()
+    for _ in engine.submit(Request(items)).events():
+        pass
+    return time.perf_counter() - t0
+
+
+def measure_image_prefill(bundle: Path, o: Options, threads: int) -> dict:
+    from mra.benchmarks.llm_bench import v1_prompt_ids, v1_prompt_items
+    from mra.runtime import Pipeline
+
+    out = {}
+    for parallel in (1, 4):
+        with Pipeline.from_bundle(bundle, parallel=parallel, n_ctx=o.n_ctx, n_threads=threads, verify_hash=False,
+                                  llm_quant=o.llm_quant, with_vision=False) as pipe:
+            engine = pipe.llm
+            items, ids = v1_prompt_items(engine, pipe.n_image_tokens), v1_prompt_ids(engine, pipe.n_image_tokens)
+            _prefill_seconds(engine, items)  # warm-up: pages the weights in, allocates the buffers
+            runs: dict[str, list[float]] = {"image": [], "tokens": []}
+            for i in range(max(3, o.repeats)):
+                for kind in ("image", "tokens") if i % 2 == 0 else ("tokens", "image"):
+                    runs[kind].append(_prefill_seconds(engine, items if kind == "image" else ids))
+            image, tokens = statistics.median(runs["image"]), statistics.median(runs["tokens"])
+            out[str(parallel)] = {"chunk": engine.chunk, "positions": len(ids), "image_rows": pipe.n_image_tokens,
+                                  "runs": runs, "image_s": image, "tokens_s": tokens, "ratio": image / tokens,
+                                  "within_target": image / tokens <= TARGETS["image_prefill_ratio"]}
+    return out
 
 
 # --- fairness and shared image: a running stream, another request admitted ----------------------
@@ -387,6 +428,9 @@ def run(o: Options) -> dict:
             if "shared_image" in o.sections:
                 log.info("shared image")
                 r["shared_image"] = measure_shared_image(pipe, photos, o)
+    if "image_prefill" in o.sections:
+        log.info("image prefill")
+        r["image_prefill"] = measure_image_prefill(bundle, o, threads)
     if "fairness" in o.sections:
         log.info("fairness")
         r["fairness"] = measure_fairness(bundle, photos[1], o, threads)
@@ -429,6 +473,14 @@ def to_markdown(r: dict) -> str:
         lines += [f"Aggregate decode: 1 stream {th['one_stream_tokens_per_s']:.1f} tokens/s, 4 streams "
                   f"{th['four_streams_tokens_per_s']:.1f} tokens/s: {th['ratio']:.2f}x (target >= "
                   f"{th['target_ratio']}x: {ok(th['within_target'])}).", ""]
+    if "image_prefill" in r:
+        lines += ["| sequences | chunk | prompt | image rows as embeddings | as token ids | ratio | within 3 % |",
+                  "|---|---|---|---|---|---|---|"]
+        for parallel, p in r["image_prefill"].items():
+            lines.append(f"| {parallel} | {p['chunk']} rows | {p['positions']} positions ({p['image_rows']} image "
+                         f"rows) | {ms(p['image_s'])} | {ms(p['tokens_s'])} | {p['ratio']:.4f} | "
+                         f"{ok(p['within_target'])} |")
+        lines.append("")
     if "fairness" in r:
         lines += ["| prefill chunk | longest token gap of a running stream | decode step | image prefill | "
                   "largest chunk + one step | within 25 % |", "|---|---|---|---|---|---|"]

@@ -427,11 +427,18 @@ class Engine:
             if r.state == DECODE:
                 rows.append((r._next, len(r._slot.keys), r, True))
         # At most one chunk of prompt rows per step, oldest requests first: token runs of several
-        # requests share the decode batch, one image run goes as its own batch.
+        # requests share the decode batch, one image run goes as its own batch. A run that must
+        # be cut is cut at a multiple of `chunk` positions, as a token prompt's chunks are:
+        # attention spans the used KV cells rounded up, so a full chunk straddling a boundary
+        # pays for more of them (measured: 512 rows at positions 1-512 cost 5.6 % more than at
+        # 0-511); a run that fits is not cut, which would only add a step.
         budget, image_done = self.chunk, False
         for r in [r for r in self._active if r.state == PREFILL]:
             run, pos = r._runs[0], len(r._slot.keys)
             room = budget if r.save_at <= pos else min(budget, r.save_at - pos)
+            left = len(run) if isinstance(run, list) else run[0].rows.shape[0] - run[1]
+            if left > room:
+                room = min(room, self.chunk - pos % self.chunk)
             if isinstance(run, list):
                 room = min(room, self.n_batch - len(rows))
                 if room <= 0:

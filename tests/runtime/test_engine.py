@@ -187,3 +187,24 @@ def test_the_prompt_cache_restores_into_any_sequence_of_a_shared_context(tiny_bu
             t.join(timeout=300)
         assert got == expected  # restored (or copied from the sequence it was restored into)
         assert p.encoder.cache.get(p.encoder.key(image)) is None  # the vision encoder never ran
+
+
+def test_a_prompt_run_that_must_be_cut_is_cut_on_a_multiple_of_the_chunk(tiny_bundle):
+    # as a token prompt's chunks are: a chunk straddling a boundary attends over more KV cells;
+    # a run that fits what is left of the chunk goes whole
+    from mra.runtime.engine import Engine
+    from mra.runtime.llm import Embeddings
+
+    gguf = next(tiny_bundle.glob("llm.*.gguf"))
+    with Engine(gguf, n_ctx=512, chunk=64, n_threads=1) as e:
+        batches = []
+        decode = e._decode
+        e._decode = lambda b, n, reqs: (batches.append((int(b.pos[0]), n)), decode(b, n, reqs))
+        rows = Embeddings(("rows",), np.random.default_rng(0).standard_normal((110, e.n_embd), dtype=np.float32))
+        lead = [e.bos, *e.tokenize(" first part of the prompt")]
+        question = e.tokenize(" and the question is about the picture on the wall over there")
+        for _ in e.submit(Request([*lead, rows, *question])).events():
+            pass
+    n, q = len(lead), len(question)
+    assert 1 < n <= 18 and 110 + n + q > 128  # the question crosses a boundary
+    assert batches == [(0, n), (n, 64 - n), (64, 46 + n), (110 + n, q)]
