@@ -9,6 +9,10 @@ Measurements on one bundle (default: the tiny one, 576 image rows):
 - **throughput**: aggregate decode tokens/s of 4 concurrent text-only streams against one
   stream, on one engine of 4 sequences, the two sides alternating: tokens sampled while all
   streams decode, over that window (the engine's clock). Target: 4 streams >= 2x.
+- **single_stream**: one greedy stream of ``--tokens`` tokens through the Pipeline (one
+  sequence, cold caches, a LLaVA prompt with its image rows) against bare llama-cpp-python
+  (``Llama.generate``) decoding at the same KV depth, alternating
+  (``mra.benchmarks.llm_bench.decode_overhead``). Target: within 3 %.
 - **image_prefill**: the LLaVA v1 prompt with the bundle's image rows as embeddings against
   the same number of positions as token ids, prefilled from an empty cache on an engine of 1
   and of 4 sequences (each with its default chunk), alternating. Target: image rows within
@@ -54,7 +58,7 @@ from mra.benchmarks.report import write_results
 
 log = logging.getLogger("mra.benchmarks")
 
-SECTIONS = ("memory", "throughput", "image_prefill", "fairness", "shared_image", "peers")
+SECTIONS = ("memory", "throughput", "single_stream", "image_prefill", "fairness", "shared_image", "peers")
 TARGETS = {"memory_gguf_share": 0.6, "throughput_ratio": 2.0, "image_prefill_ratio": 1.03, "shared_ttft_ratio": 0.10}
 
 
@@ -150,6 +154,18 @@ def measure_throughput(pipe, o: Options) -> dict:
     one, four = statistics.median(runs["1"]), statistics.median(runs["4"])
     return {"runs": runs, "one_stream_tokens_per_s": one, "four_streams_tokens_per_s": four, "ratio": four / one,
             "target_ratio": TARGETS["throughput_ratio"], "within_target": four / one >= TARGETS["throughput_ratio"]}
+
+
+# --- single stream: the engine against bare llama-cpp-python ---------------------------------------
+def measure_single_stream(bundle: Path, image: Path, o: Options, threads: int) -> dict:
+    from mra.benchmarks.llm_bench import decode_overhead
+    from mra.core.manifest import Manifest
+    from mra.runtime.pipeline import select_llm
+
+    quant = select_llm(Manifest.load(bundle), bundle, o.llm_quant).precision
+    d = decode_overhead(bundle, quant, threads, o.tokens, max(3, o.repeats), image, n_ctx=o.n_ctx)
+    return {"gguf": quant, "prompt_positions": d["settings"]["prompt_positions"], **d["decode_tokens_per_s"],
+            "runs": {k: [run["decode_tokens_per_s"] for run in v] for k, v in d["runs"].items()}}
 
 
 # --- image prefill: image rows against token rows ------------------------------------------------
@@ -428,6 +444,9 @@ def run(o: Options) -> dict:
             if "shared_image" in o.sections:
                 log.info("shared image")
                 r["shared_image"] = measure_shared_image(pipe, photos, o)
+    if "single_stream" in o.sections:
+        log.info("single stream")
+        r["single_stream"] = measure_single_stream(bundle, photos[0], o, threads)
     if "image_prefill" in o.sections:
         log.info("image prefill")
         r["image_prefill"] = measure_image_prefill(bundle, o, threads)
@@ -473,6 +492,11 @@ def to_markdown(r: dict) -> str:
         lines += [f"Aggregate decode: 1 stream {th['one_stream_tokens_per_s']:.1f} tokens/s, 4 streams "
                   f"{th['four_streams_tokens_per_s']:.1f} tokens/s: {th['ratio']:.2f}x (target >= "
                   f"{th['target_ratio']}x: {ok(th['within_target'])}).", ""]
+    if "single_stream" in r:
+        ss = r["single_stream"]
+        lines += [f"One stream ({ss['gguf']}, prompt {ss['prompt_positions']} positions): engine "
+                  f"{ss['runtime']:.1f} tokens/s, bare llama-cpp-python {ss['bare_llama_cpp_python']:.1f}: "
+                  f"{ss['ratio']:.3f} (target >= {ss['target_ratio']}: {ok(ss['within_target'])}).", ""]
     if "image_prefill" in r:
         lines += ["| sequences | chunk | prompt | image rows as embeddings | as token ids | ratio | within 3 % |",
                   "|---|---|---|---|---|---|---|"]

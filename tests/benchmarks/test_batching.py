@@ -23,12 +23,15 @@ def test_quick_run(tiny_bundle, tmp_path):
         assert f["max_gap_s"] > 0 and f["decode_step_s"] > 0 and f["chunks"] >= 1
     assert fa["64"]["chunks"] > fa["512"]["chunks"]  # 576 image rows: 9+ chunks of 64, 2 of 512
     assert sh["shared_ttft_s"] > 0 and sh["cold_ttft_s"] > 0
+    ss = r["single_stream"]
+    assert ss["runtime"] > 0 and ss["bare_llama_cpp_python"] > 0 and len(ss["runs"]["bare"]) == 3
+    assert ss["ratio"] == ss["runtime"] / ss["bare_llama_cpp_python"]
     ip = r["image_prefill"]  # the same positions both ways, each engine with its default chunk
     assert {k: v["chunk"] for k, v in ip.items()} == {"1": 512, "4": 128}
     for p in ip.values():
         assert p["positions"] > p["image_rows"] == 576 and p["image_s"] > 0 and p["tokens_s"] > 0
         assert p["ratio"] == p["image_s"] / p["tokens_s"]
-    for key in ("peak RSS", "Aggregate decode", "image rows as embeddings", "prefill chunk", "Shared image", "load average",
+    for key in ("peak RSS", "Aggregate decode", "One stream", "image rows as embeddings", "prefill chunk", "Shared image", "load average",
                 "llama-server"):
         assert key in md
     sides = pe["servers"]  # mra-serve and the peers found (llama_cpp.server: the bench-peers extra; llama-server)
