@@ -59,7 +59,7 @@ def serve_ray(a: argparse.Namespace, settings) -> int:
         raise MissingDependency(f"--ray | Ray Serve is not installed ({e}); install it with "
                                 "`pip install 'mra-edge[ray]'`") from None
     app = build_ray_app(a.bundle, opts, settings, pipeline, queue=a.queue,
-                        model_id=a.model_name or a.bundle.resolve().name)
+                        model_id=a.model_name or a.bundle.resolve().name, parallel=a.parallel)
     stop = threading.Event()
 
     def on_signals() -> None:  # a signal during start-up stops right after it

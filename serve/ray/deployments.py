@@ -3,11 +3,12 @@
     HTTP -> Ray Serve proxy -> ingress: mra.serve.app.build_app(RayBackend)
               -> vision deployment (M replicas): the bundle's vision backend behind serve.batch,
                  so concurrent requests' images run as one batch over the graph's batch axis
-              -> llm deployment (N replicas): one llama.cpp context each (a one-slot LocalBackend),
-                 routed by the conversation's image key so that its follow-ups find their KV prefix
+              -> llm deployment (N replicas): one llama.cpp context each (a LocalBackend of
+                 --parallel sequences, batched), routed by the conversation's image key so that its
+                 follow-ups find their KV prefix
 
-MRA makes the vision side heavy and batchable and the LLM side one sequence per context, so
-they scale apart. Every replica checks its node's bundle against the driver's
+MRA makes the vision side heavy and batchable and the LLM side light per request, so they
+scale apart. Every replica checks its node's bundle against the driver's
 (:mod:`.fingerprint`) before it turns healthy. A replica that dies mid-request is restarted by
 Ray; the requests it held get a 503 with ``Retry-After`` (never a truncated answer as success).
 """
@@ -120,14 +121,16 @@ class VisionReplica:
 @serve.deployment(name="llm")
 class LlmReplica:
     """One engine: a :class:`~mra.serve.local.LocalBackend` on an LLM-only Pipeline (one llama.cpp
-    context), fed the image embeddings the vision deployment computed."""
+    context of ``parallel`` sequences, decoded in one batch), fed the image embeddings the vision
+    deployment computed."""
 
-    async def __init__(self, bundle: str, fingerprint: BundleFingerprint, pipeline: dict[str, Any]):
+    async def __init__(self, bundle: str, fingerprint: BundleFingerprint, pipeline: dict[str, Any],
+                       parallel: int = 1):
         from ..local import LocalBackend
 
         self.name = replica_name()
-        self.local = LocalBackend(lambda n: llm_pipeline(bundle, fingerprint, parallel=n, **pipeline), parallel=1,
-                                  queue=1)
+        self.local = LocalBackend(lambda n: llm_pipeline(bundle, fingerprint, parallel=n, **pipeline),
+                                  parallel=parallel, queue=1)
         await self.local.start()
         while not self.local.ready():  # Ray counts the replica healthy when __init__ returns
             if self.local.error:
@@ -258,8 +261,9 @@ class Ingress:
 
 
 def build_ray_app(bundle: str | Path, opts: RayOptions, settings, pipeline: dict[str, Any], queue: int = 8,
-                  model_id: str = "mra"):
-    """The bound Serve application; the driver's bundle is read here and becomes the fingerprint."""
+                  model_id: str = "mra", parallel: int = 1):
+    """The bound Serve application; the driver's bundle is read here and becomes the fingerprint.
+    ``parallel``: sequences per LLM replica, each replica taking that many requests at once."""
     from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
     opts.check()
@@ -276,11 +280,11 @@ def build_ray_app(bundle: str | Path, opts: RayOptions, settings, pipeline: dict
                                                       target_ongoing_requests=1)}
              if opts.autoscale else {"num_replicas": opts.replicas})
     llm = LlmReplica.options(
-        **once, max_ongoing_requests=1, max_queued_requests=queue,  # one sequence per context; the router queues
+        **once, max_ongoing_requests=parallel, max_queued_requests=queue,  # a request per sequence; the router queues
         request_router_config=RequestRouterConfig(request_router_class=KEY_ROUTER,
                                                   request_router_kwargs={"num_fallback_replicas": 2}),
         ray_actor_options={"num_cpus": opts.llm_cpus, "num_gpus": opts.llm_gpus}, **scale,
-    ).bind(bundle, fp, llm_kw)
+    ).bind(bundle, fp, llm_kw, parallel)
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(vision, llm, settings, model_id)
 
 
