@@ -444,18 +444,15 @@ def run(o: Options) -> dict:
             if "shared_image" in o.sections:
                 log.info("shared image")
                 r["shared_image"] = measure_shared_image(pipe, photos, o)
-    if "single_stream" in o.sections:
-        log.info("single stream")
-        r["single_stream"] = measure_single_stream(bundle, photos[0], o, threads)
-    if "image_prefill" in o.sections:
-        log.info("image prefill")
-        r["image_prefill"] = measure_image_prefill(bundle, o, threads)
-    if "fairness" in o.sections:
-        log.info("fairness")
-        r["fairness"] = measure_fairness(bundle, photos[1], o, threads)
-    if "peers" in o.sections:
-        log.info("peers")
-        r["peers"] = measure_peers(bundle, o, threads)
+    on_their_own = {  # each opens what it measures
+        "single_stream": lambda: measure_single_stream(bundle, photos[0], o, threads),
+        "image_prefill": lambda: measure_image_prefill(bundle, o, threads),
+        "fairness": lambda: measure_fairness(bundle, photos[1], o, threads),
+        "peers": lambda: measure_peers(bundle, o, threads)}
+    for name, measure in on_their_own.items():
+        if name in o.sections:
+            log.info(name.replace("_", " "))
+            r[name] = measure()
     return r
 
 
