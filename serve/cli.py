@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
                    "folder name)")
     h.add_argument("--parallel", type=positive(int, "--parallel"), default=1,
                    help="requests decoded at once: sequences of one llama.cpp context, one copy of the weights "
-                   "(default 1)")
+                   "(per LLM replica under --ray; default 1)")
     h.add_argument("--queue", type=int, default=8, help="requests that may wait for a slot; more get 429 (default 8)")
     h.add_argument("--timeout", type=positive(float, "--timeout"), default=600.0,
                    help="seconds per request, queue wait included (default 600)")

@@ -277,7 +277,7 @@ def build_ray_app(bundle: str | Path, opts: RayOptions, settings, pipeline: dict
         ray_actor_options={"num_cpus": opts.vision_cpus, "num_gpus": opts.vision_gpus},
     ).bind(bundle, fp, max_batch=opts.max_batch, batch_wait_s=opts.batch_wait_ms / 1e3, **vision_kw)
     scale = ({"autoscaling_config": AutoscalingConfig(min_replicas=opts.autoscale[0], max_replicas=opts.autoscale[1],
-                                                      target_ongoing_requests=1)}
+                                                      target_ongoing_requests=parallel)}
              if opts.autoscale else {"num_replicas": opts.replicas})
     llm = LlmReplica.options(
         **once, max_ongoing_requests=parallel, max_queued_requests=queue,  # a request per sequence; the router queues
