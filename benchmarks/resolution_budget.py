@@ -9,6 +9,10 @@ a size per request costs, against one-size bundles.
 - **ttft**: per size, time to first token of ``Pipeline.ask`` (cold: embedding and KV caches
   emptied) on the several-size bundle with the budget that picks the size, against a one-size
   bundle of that size; the two sides alternate within each repeat (target: within 2 %).
+- **prepacking**: the largest graph of the several-size bundle in two plain onnxruntime
+  sessions, with and without weight prepacking, alternating. The runtime turns prepacking off
+  where sizes share one mapped copy of the weights (each session would otherwise keep its own
+  packed copy): this is what that costs in speed.
 - **sizes**: per size, image rows, FLOPs, the latency the export recorded and the vision time
   measured here.
 
@@ -28,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +112,39 @@ def _peak_rss(bundle: Path, sizes: list[int], threads: int) -> int:
     return json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
 
 
+def prepacking_cost(bundle: Path, size: int, threads: int, repeats: int) -> dict:
+    """Seconds per run of the bundle's graph of ``size`` with weight prepacking and without."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mra.core.manifest import Manifest
+
+    graph = bundle / next(a.file for a in Manifest.load(bundle).vision_at(size)
+                          if a.format == "onnx" and a.precision == "fp32")
+
+    def session(prepack: bool):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        return ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+
+    sessions = {"prepacked": session(True), "not_prepacked": session(False)}
+    feed = {sessions["prepacked"].get_inputs()[0].name:
+            np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)}
+    for s in sessions.values():  # untimed: the first run allocates
+        s.run(None, feed)
+    runs: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(repeats):
+        for name in list(sessions) if i % 2 == 0 else list(sessions)[::-1]:
+            t0 = time.perf_counter()
+            sessions[name].run(None, feed)
+            runs[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"graph": graph.name, "size": size, "runs_s": runs, "prepacked_s": med["prepacked"],
+            "not_prepacked_s": med["not_prepacked"], "ratio": med["not_prepacked"] / med["prepacked"]}
+
+
 def _budget_for(p, size: int) -> dict:
     """The budget that makes ``p`` choose ``size``: its rows, or detail low for the smallest size."""
     table = p.encoder.sizes.sizes
@@ -177,6 +215,7 @@ def run(o: Options) -> dict:
         finally:
             for p in singles.values():
                 p.close()
+    r["prepacking"] = prepacking_cost(multi, largest, o.threads, o.repeats)
     rows = m.image_rows()
     r["sizes"] = []
     for s in sizes:
@@ -198,7 +237,10 @@ def to_markdown(r: dict) -> str:
              f"- vision artifacts: {s['sizes_bytes'] / 1e6:.2f} MB for every size vs "
              f"{s['largest_only_bytes'] / 1e6:.2f} MB for the largest alone: **{s['ratio']:.3f}x**",
              f"- peak RSS, every size used: {mem['sizes_peak_rss_bytes'] / 2**20:.0f} MiB vs the largest-only "
-             f"bundle {mem['largest_only_peak_rss_bytes'] / 2**20:.0f} MiB: **{mem['ratio']:.3f}x**", "",
+             f"bundle {mem['largest_only_peak_rss_bytes'] / 2**20:.0f} MiB: **{mem['ratio']:.3f}x**",
+             *([f"- the {pp['size']} graph without weight prepacking (off where sizes share the weights): "
+                f"{pp['not_prepacked_s'] * 1e3:.0f} ms vs {pp['prepacked_s'] * 1e3:.0f} ms with it: "
+                f"**{pp['ratio']:.3f}x**"] if (pp := r.get("prepacking")) else []), "",
              "| size | image rows | vision GFLOPs | vision ms (export) | vision ms (here) | TTFT ms | one-size TTFT ms "
              "| ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["sizes"]:

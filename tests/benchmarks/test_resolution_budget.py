@@ -23,5 +23,8 @@ def test_quick_run(tiny_ckpt, tiny_sizes_bundle, tmp_path):
     for x in r["sizes"]:
         assert len(x["runs_s"]["sizes"]) == len(x["runs_s"]["single"]) == 1
         assert x["ttft_ms"] > 0 and x["single_ttft_ms"] > 0 and x["vision_gflops"] > 0
+    pp = r["prepacking"]
+    assert pp["size"] == 1024 and pp["graph"] == "vision.1024.onnx" and len(pp["runs_s"]["prepacked"]) == 1
+    assert pp["ratio"] == pp["not_prepacked_s"] / pp["prepacked_s"] and pp["prepacked_s"] > 0
     md = (out / "resolution_budget-quick.md").read_text()
-    assert "peak RSS" in md and "| 1024 | 1024 |" in md
+    assert "peak RSS" in md and "| 1024 | 1024 |" in md and "prepacking" in md
