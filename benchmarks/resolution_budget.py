@@ -17,8 +17,10 @@ a size per request costs, against one-size bundles.
   measured here.
 
   python -m mra.benchmarks.resolution_budget --quick                     tiny checkpoint (a smoke test)
+  python -m mra.benchmarks.resolution_budget --preset bench7b --llm-quant Q4_K_M --threads 2 --repeats 3
+                                   the 7B shape (the real vision tower, a two-layer slice of the LLM)
   python -m mra.benchmarks.resolution_budget --model CKPT --sizes 384,768,1024 --llm-quant Q4_K_M
-                                   a real or 7B-shape checkpoint (`mra-export make-tiny --preset 7b`)
+                                   a real checkpoint
 
 Writes resolution_budget-MODE.json and .md into --out (default benchmarks/results).
 """
@@ -52,7 +54,7 @@ class Options:
     repeats: int = 3
     threads: int = 1
     quick: bool = False
-    preset: str = "tiny"  # the checkpoint made in work when no model is given (tiny or medium)
+    preset: str = "tiny"  # the checkpoint made in work when no model is given (tiny, medium or bench7b)
 
     @property
     def mode(self) -> str:
@@ -170,10 +172,13 @@ def run(o: Options) -> dict:
     if model is None:
         from mra.model.tiny import make_checkpoint
 
+        from .bench_model import make_bench_checkpoint
         from .int8_outliers import preset_of
 
         model = o.work / o.preset
-        if not (model / "config.json").is_file():
+        if o.preset == "bench7b":
+            make_bench_checkpoint(model, quick=False)
+        elif not (model / "config.json").is_file():
             make_checkpoint(model, preset_of(o.preset))
     sizes = sorted(o.sizes)
     multi = o.bundle or _export(model, model.parent / f"{model.name}-sizes", sizes, o.llm_quant)
@@ -258,9 +263,11 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny checkpoint, 2 repeats")
     p.add_argument("--model", type=Path, help="checkpoint (default: one of --preset made in --work)")
-    p.add_argument("--preset", choices=("tiny", "medium"), default="tiny",
-                   help="the checkpoint made when --model is not given: tiny (a smoke test) or medium (ViT width 256, "
-                   "ConvNeXt to 512: weights that outweigh the graphs, minutes on 2 cores)")
+    p.add_argument("--preset", choices=("tiny", "medium", "bench7b"), default="tiny",
+                   help="the checkpoint made when --model is not given: tiny (a smoke test), medium (ViT width 256, "
+                   "ConvNeXt to 512: weights that outweigh the graphs, minutes on 2 cores) or bench7b (mra-bench's "
+                   "7B shape: the real LLaVA-HR-7B vision tower, a two-layer slice of the 7B LLM; about 20 minutes "
+                   "of exports on 2 cores, 12 GB of disk)")
     p.add_argument("--bundle", type=Path, help="an existing bundle of the sizes (else exported into --work)")
     p.add_argument("--sizes", default="384,768,1024", help="input sizes (default %(default)s)")
     p.add_argument("--llm-quant", default="F32", help="GGUF type of the exported bundles (default %(default)s)")
