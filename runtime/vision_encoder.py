@@ -3,8 +3,8 @@ runner, and the embedding cache keyed by image content.
 
 Used by the Pipeline and by the Ray vision replica. Thread-safe: images that several threads
 ask for at once run as one batch over the graph's batch axis (the first caller to find the
-runner idle takes every image waiting, up to ``max_batch``), and an image already encoded is a
-cache hit.
+runner idle takes every image waiting, up to ``max_batch``), an image already encoded is a
+cache hit, and one that another thread is encoding is waited for, not encoded twice.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ class VisionEncoder:
         self._lock = threading.Lock()  # the cache and the queue below
         self._waiting: list[tuple[np.ndarray, int, Future]] = []
         self._running = False
+        self._encoding: dict[str, Future] = {}  # cache key -> the rows another thread is computing
 
     @classmethod
     def from_bundle(cls, manifest: Manifest, bundle: Path, vision: str = "auto", providers: list[str] | None = None,
@@ -138,16 +139,39 @@ class VisionEncoder:
         size, key, cached = self._lookup(image, t)
         if cached is not None:
             return cached
-        t0 = time.perf_counter()
-        x = self.preprocess(image, size.size)
-        t1 = time.perf_counter()
-        rows = self.infer(x, size.size)
-        if t is not None:
-            t.preprocess_s += t1 - t0
-            t.vision_s += time.perf_counter() - t1
-            t.images_encoded += 1
+        # An image that another thread is encoding right now (requests about one picture arriving
+        # together) is waited for, not run through the vision graph a second time.
         with self._lock:
-            self.cache.put(key, rows)
+            rows = self.cache.get(key)
+            pending = self._encoding.get(key) if rows is None else None
+            if rows is None and pending is None:
+                self._encoding[key] = mine = Future()
+        if rows is not None:
+            return Embeddings(key, rows)
+        if pending is not None:
+            t0 = time.perf_counter()
+            rows = pending.result()
+            if t is not None:
+                t.vision_s += time.perf_counter() - t0
+            return Embeddings(key, rows)
+        try:
+            t0 = time.perf_counter()
+            x = self.preprocess(image, size.size)
+            t1 = time.perf_counter()
+            rows = self.infer(x, size.size)
+            if t is not None:
+                t.preprocess_s += t1 - t0
+                t.vision_s += time.perf_counter() - t1
+                t.images_encoded += 1
+            with self._lock:
+                self.cache.put(key, rows)
+            mine.set_result(rows)
+        except BaseException as e:  # the threads waiting for this image get the same error
+            mine.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                del self._encoding[key]
         return Embeddings(key, rows)
 
     def placeholder(self, image: ImageLike, t: "Timings | None" = None) -> Embeddings:

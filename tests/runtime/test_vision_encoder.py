@@ -51,3 +51,34 @@ def test_concurrent_images_run_as_one_batch_with_the_rows_each_gets_alone(tiny_b
             np.testing.assert_allclose(got[i], alone[i], rtol=0, atol=1e-5)
     finally:
         enc.close()
+
+
+def test_an_image_being_encoded_is_waited_for_not_encoded_again(tiny_bundle, photo_paths):
+    from mra.runtime.pipeline import Timings
+
+    manifest = Manifest.load(tiny_bundle)
+    enc = VisionEncoder.from_bundle(manifest, tiny_bundle, threads=1, cache=0)  # no cache: only the wait can share
+    try:
+        size = enc.sizes.largest.size
+        rec = enc.sizes.runners[size] = _Recording(enc.sizes.runners[size])
+        got, timings = {}, {i: Timings() for i in range(3)}
+        threads = [threading.Thread(target=lambda i=i: got.setdefault(i, enc.encode(photo_paths[0], timings[i])))
+                   for i in range(3)]
+        threads[0].start()
+        assert rec.entered.wait(60)  # the photo is in the graph; two more requests for it arrive
+        threads[1].start(), threads[2].start()
+        while not all(t.is_alive() for t in threads[1:]):
+            threading.Event().wait(0.01)
+        threading.Event().wait(0.2)
+        rec.release.set()
+        for t in threads:
+            t.join(60)
+        assert rec.batches == [1]  # one run of the graph for three requests
+        assert got[1].rows is got[0].rows and got[2].rows is got[0].rows
+        assert [timings[i].images_encoded for i in range(3)] == [1, 0, 0]
+        assert enc._encoding == {}
+        again = enc.encode(photo_paths[0])  # nothing cached, nothing in flight: encoded anew
+        assert rec.batches == [1, 1] and again.rows is not got[0].rows
+        np.testing.assert_array_equal(again.rows, got[0].rows)
+    finally:
+        enc.close()
