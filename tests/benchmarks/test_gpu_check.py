@@ -107,3 +107,18 @@ def test_gpu_check_sh_parses_and_takes_its_packages_from_gpu_stack():
     for spec in ("tensorrt", "cuda_python", "onnxruntime", "llama_cmake_args"):
         assert f"$(field {spec})" in text, spec  # matched to the driver, not hard-coded
     assert "-m mra.benchmarks.gpu_check run" in text and "--deadline" in text
+
+
+def test_a_stage_killed_at_its_budget_has_no_data_and_an_old_data_file_is_not_taken_for_its_own(tmp_path):
+    from mra.benchmarks.gpu_schedule import run_stage_process
+    from mra.benchmarks.gpu_stages import Stage
+
+    out = tmp_path / "out"
+    old = out / "stages" / "versions.data.json"  # what an earlier run of the stage wrote
+    old.parent.mkdir(parents=True)
+    old.write_text('{"from": "an earlier run"}')
+    beside = out / "stages" / "notes.txt"  # not the stage's own file: left alone
+    beside.write_text("mine")
+    rec = run_stage_process(Stage("versions", 1, "versions"), out, tmp_path / "work", "tiny", timeout_s=0.05)
+    assert rec.status == "timeout" and rec.data == {} and not old.exists()  # killed before writing: rerun next time
+    assert beside.read_text() == "mine"
