@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.benchmarks.report import write_results
+from mra.benchmarks.report import publish
 
 log = logging.getLogger("mra.benchmarks")
 
@@ -528,9 +528,6 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write(r: dict, out: Path) -> tuple[Path, Path]:
-    return write_results(out, f"batching-{r['mode']}", r, to_markdown(r))
-
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mra.benchmarks.batching", description=__doc__,
@@ -566,10 +563,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     r = run(o)
-    js, md = write(r, o.out)
-    print(to_markdown(r))
-    print(f"written: {js}, {md}", file=sys.stderr)
-    return 0
+    return publish(o.out, f"batching-{r['mode']}", r, to_markdown(r))
 
 
 if __name__ == "__main__":

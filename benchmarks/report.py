@@ -4,6 +4,7 @@ measurement. Pure formatting: every number comes from the results dict."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -296,6 +297,15 @@ def update_readme(path, results: dict, results_dir: str = "benchmarks/results") 
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, text)
+
+
+def publish(out: Path, stem: str, r: dict, markdown: str) -> int:
+    """A benchmark's end: its results written (:func:`write_results`), the Markdown on stdout,
+    the files' paths on stderr; 0, the exit status."""
+    js, md = write_results(out, stem, r, markdown)
+    print(markdown)
+    print(f"written: {js}, {md}", file=sys.stderr)
+    return 0
 
 
 def write_results(out: Path, stem: str, r: dict, markdown: str) -> tuple[Path, Path]:

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.benchmarks.report import write_results
+from mra.benchmarks.report import publish
 
 QUESTION = "What is in the image?"
 
@@ -254,9 +254,6 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(r: dict, out: Path) -> tuple[Path, Path]:
-    return write_results(out, f"resolution_budget-{r['settings']['mode']}", r, to_markdown(r))
-
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mra.benchmarks.resolution_budget", description=__doc__,
@@ -290,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     o = Options(out=a.out, work=a.work, model=a.model, bundle=a.bundle, sizes=sizes, llm_quant=a.llm_quant,
                 repeats=a.repeats or (2 if a.quick else 5), threads=a.threads, quick=a.quick, preset=a.preset)
     r = run(o)
-    js, md = write(r, o.out)
-    print(to_markdown(r))
-    print(f"written: {js}, {md}", file=sys.stderr)
-    return 0
+    return publish(o.out, f"resolution_budget-{r['settings']['mode']}", r, to_markdown(r))
 
 
 if __name__ == "__main__":

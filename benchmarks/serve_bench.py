@@ -43,7 +43,7 @@ from pathlib import Path
 from mra.core.errors import MraError, cli_main
 from mra.core.names import MANIFEST_FILE
 from mra.runtime.cli_options import add_pipeline_args, pipeline_kwargs
-from mra.benchmarks.report import write_results
+from mra.benchmarks.report import publish
 
 log = logging.getLogger("mra.benchmarks")
 
@@ -363,9 +363,6 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write(r: dict, out: Path) -> tuple[Path, Path]:
-    return write_results(out, f"serve_bench-{r['mode']}", r, to_markdown(r))
-
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mra.benchmarks.serve_bench", description=__doc__,
@@ -401,10 +398,7 @@ def _main(argv: list[str]) -> int:
         raise MraError(f"--only {a.only} | unknown {', '.join(sorted(unknown))}; expected some of "
                        f"{', '.join(SECTIONS)}")
     r = run(o)
-    js, md = write(r, o.out)
-    print(to_markdown(r))
-    print(f"written: {js}, {md}", file=sys.stderr)
-    return 0
+    return publish(o.out, f"serve_bench-{r['mode']}", r, to_markdown(r))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mra.benchmarks.report import write_results
+from mra.benchmarks.report import publish
 
 log = logging.getLogger("mra.benchmarks")
 
@@ -248,9 +248,6 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write(r: dict, out: Path) -> tuple[Path, Path]:
-    return write_results(out, f"watch_bench-{r['mode']}", r, to_markdown(r))
-
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mra.benchmarks.watch_bench", description=__doc__,
@@ -278,10 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 minutes=a.minutes, fast_fps=a.fast_fps, max_interval=a.max_interval, answer_tokens=a.answer_tokens,
                 quick=a.quick)
     r = run(o)
-    js, md = write(r, o.out)
-    print(to_markdown(r))
-    print(f"written: {js}, {md}", file=sys.stderr)
-    return 0
+    return publish(o.out, f"watch_bench-{r['mode']}", r, to_markdown(r))
 
 
 if __name__ == "__main__":
