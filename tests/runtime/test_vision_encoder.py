@@ -82,3 +82,40 @@ def test_an_image_being_encoded_is_waited_for_not_encoded_again(tiny_bundle, pho
         np.testing.assert_array_equal(again.rows, got[0].rows)
     finally:
         enc.close()
+
+
+class _Broken:
+    def infer(self, x):
+        raise RuntimeError("backend lost")
+
+
+def test_a_failed_encoding_fails_every_request_waiting_for_it_and_is_not_kept(tiny_bundle, photo_paths):
+    manifest = Manifest.load(tiny_bundle)
+    enc = VisionEncoder.from_bundle(manifest, tiny_bundle, threads=1, cache=4)
+    try:
+        size = enc.sizes.largest.size
+        real = enc.sizes.runners[size]
+        rec = enc.sizes.runners[size] = _Recording(real)
+        rec.runner = _Broken()
+        errors = {}
+
+        def ask(i):
+            try:
+                enc.encode(photo_paths[0])
+            except RuntimeError as e:
+                errors[i] = str(e)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        threads[0].start()
+        assert rec.entered.wait(60)
+        threads[1].start()
+        threading.Event().wait(0.2)  # the second request is waiting for the first's rows
+        rec.release.set()
+        for t in threads:
+            t.join(60)
+        assert errors == {0: "backend lost", 1: "backend lost"} and rec.batches == [1]
+        assert enc._encoding == {} and len(enc.cache) == 0
+        enc.sizes.runners[size] = real  # the next request encodes anew
+        assert enc.encode(photo_paths[0]).rows.shape == (enc.sizes.largest.rows, enc.embed_dim)
+    finally:
+        enc.close()
